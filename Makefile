@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv and
+# install into it when missing, so they work on a fresh clone.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
+.PHONY: install demo test test-unit test-integration test-system clean
+
+# torch goes first and pinned: 2.13.0 is the CPU wheel; anything looser pulls a CUDA
+# build of several GB. DeepSpeed's setup imports torch, so it builds without isolation,
+# against the torch just installed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed==0.19.*"
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/scaledl demo $(ARGS)
+
+# Tiers run one after another, so at most one Ray cluster lives at a time.
+test: install test-unit test-integration test-system
+
+test-unit: install
+	$(PYTEST) tests/unit -q
+
+test-integration: install
+	$(PYTEST) tests/integration -q
+
+test-system: install
+	$(PYTEST) tests/system -q
+
+clean:
+	rm -rf $(VENV) .scaledl

@@ -1,0 +1,1 @@
+"""scaledl: settings, CLI, job entrypoints, workloads and the registry facade."""

@@ -1,0 +1,335 @@
+"""The command line: ``scaledl`` / ``python -m app``. Each stage also runs as a Ray job:
+``ray job submit --working-dir . -- python -m app <stage> ...``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.errors import ConfigError, ScaledlError
+from app.settings import Settings, load_settings
+
+cli = typer.Typer(
+    name="scaledl",
+    help="A deep-learning platform on Ray: raw files to a monitored, autoscaled HTTP service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_cli = typer.Typer(help="Ingest raw data into versioned datasets.", no_args_is_help=True)
+models_cli = typer.Typer(help="Registered models and their aliases.", no_args_is_help=True)
+cli.add_typer(data_cli, name="data")
+cli.add_typer(models_cli, name="models")
+
+# Rich assumes 80 columns when output is not a terminal (CI, `ray job logs`): too narrow
+# for the report tables.
+out = Console(width=None if sys.stdout.isatty() else 120)
+
+WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")]
+
+
+@dataclass(frozen=True)
+class _State:
+    config: Path | None
+    verbose: bool
+
+    def settings(self, **overrides: Any) -> Settings:
+        settings = load_settings(self.config, **overrides)
+        settings.storage_root.mkdir(parents=True, exist_ok=True)
+        return settings
+
+
+@cli.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML settings file (or SCALEDL_CONFIG).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs.")] = False,
+) -> None:
+    if not verbose:
+        # MLflow sets its own level when imported; this is the knob it reads.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    ctx.obj = _State(config, verbose)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@data_cli.command("ingest")
+def data_ingest(
+    ctx: typer.Context,
+    workload: WorkloadOpt,
+    source: Annotated[
+        Path | None,
+        typer.Option(help="Raw Parquet file or folder (default: the workload's built-in set)."),
+    ] = None,
+) -> None:
+    """Validate, split and version raw data; bad rows go to quarantine with a reason."""
+    from app.runtime import ray_session
+    from app.workloads import get_workload
+    from data.pipeline import ingest
+    from data.sources import list_source_files
+
+    state: _State = ctx.obj
+    settings = state.settings()
+    wl = get_workload(workload)
+    files = list_source_files(source) if source else None
+    with ray_session(settings, verbose=state.verbose), out.status("ingesting…"):
+        result = ingest(settings, wl, files)
+    print_ingest(result)
+
+
+def print_ingest(result: Any) -> None:
+    m = result.manifest
+    table = Table(title=f"dataset {m.workload} {m.version}" + (" (reused)" if result.reused else ""))
+    for col in ("rows in", "valid", "quarantined", *m.splits, "rows/s"):
+        table.add_column(col, justify="right")
+    rate = "—" if result.reused else f"{result.rows_per_s:,.0f}"
+    table.add_row(
+        f"{m.rows_in:,}", f"{m.rows_valid:,}", f"{m.rows_quarantined:,}",
+        *(f"{n:,}" for n in m.splits.values()), rate,
+    )
+    out.print(table)
+    for rule, n in list(m.quarantine_reasons.items())[:10]:
+        out.print(f"  quarantined {n:>6,}  {rule}")
+    out.print(f"version {m.version} at {result.path}")
+
+
+@data_cli.command("versions")
+def data_versions(ctx: typer.Context, workload: WorkloadOpt) -> None:
+    """List the dataset versions of a workload, newest first."""
+    from app.workloads import get_workload
+    from data.versions import DatasetStore
+
+    settings = ctx.obj.settings()
+    table = Table("version", "created", "rows in", "valid", "quarantined")
+    for m in DatasetStore(settings.datasets_dir).manifests(get_workload(workload).name):
+        table.add_row(
+            m.version, f"{m.created_at:%Y-%m-%d %H:%M}", f"{m.rows_in:,}", f"{m.rows_valid:,}",
+            f"{m.rows_quarantined:,}",
+        )
+    out.print(table)
+
+
+@data_cli.command("show")
+def data_show(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Version id, a prefix of one, or latest.")],
+    workload: WorkloadOpt,
+) -> None:
+    """Print a dataset version's manifest."""
+    from app.workloads import get_workload
+    from data.versions import DatasetStore
+
+    settings = ctx.obj.settings()
+    manifest = DatasetStore(settings.datasets_dir).get(get_workload(workload).name, version)
+    out.print_json(manifest.model_dump_json())
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@cli.command("train")
+def train(
+    ctx: typer.Context,
+    workload: WorkloadOpt,
+    tier: Annotated[str, typer.Option(help="cheap or expensive.")],
+    dataset_version: Annotated[str, typer.Option(help="Dataset version or latest.")] = "latest",
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override train.num_workers.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Ray Train run name.")] = None,
+) -> None:
+    """Train a tier with Ray Train + DeepSpeed, evaluate it on the test split, register it."""
+    from app.runtime import ray_session
+    from app.workloads import get_workload
+    from train.run import train_tier
+
+    from data.versions import DatasetStore
+
+    state: _State = ctx.obj
+    settings = state.settings(train=_drop_none(epochs=epochs, num_workers=workers))
+    wl = get_workload(workload)
+    wl.check_tier(tier)
+    version = DatasetStore(settings.datasets_dir).get(wl.name, dataset_version).version
+    with ray_session(settings, verbose=state.verbose), out.status(f"training {wl.name}-{tier}…"):
+        outcome = train_tier(settings, wl, tier, dataset_ref=version, run_name=run_name)
+    print_training([outcome])
+
+
+def print_training(outcomes: list[Any]) -> None:
+    table = Table("tier", "test acc", "val acc", "ECE", "samples/s", "epochs", "model", "seconds")
+    for o in outcomes:
+        m = o.metrics
+        table.add_row(
+            o.tier, f"{m['test_accuracy']:.4f}", f"{m['val_accuracy']:.4f}",
+            f"{m['test_ece']:.4f}", f"{m['samples_per_s']:,.0f}", f"{m['epochs']:.0f}",
+            o.model.label, f"{o.seconds:.0f}",
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@models_cli.command("list")
+def models_list(ctx: typer.Context, workload: WorkloadOpt) -> None:
+    """Versions of both tiers with their aliases and test accuracy."""
+    from app.registry import Registry
+    from app.workloads import TIERS, get_workload
+
+    settings = ctx.obj.settings()
+    wl = get_workload(workload)
+    registry = Registry(settings.tracking_uri)
+    table = Table("model", "version", "aliases", "dataset", "test acc")
+    for tier in TIERS:
+        for ref, aliases in registry.versions(wl.registered_model_name(tier)):
+            acc = registry.run_metrics(ref).get("test_accuracy")
+            table.add_row(
+                ref.name, ref.version, ", ".join(aliases), ref.tags.get("dataset_version", "?"),
+                f"{acc:.4f}" if acc is not None else "—",
+            )
+    out.print(table)
+
+
+@models_cli.command("promote")
+def models_promote(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Registered model, e.g. digits-cheap.")],
+    version: Annotated[str, typer.Argument(help="Version number or alias, e.g. challenger.")],
+) -> None:
+    """Point the champion alias (what serving loads) at a version."""
+    from app.registry import CHAMPION, Registry
+
+    settings = ctx.obj.settings()
+    registry = Registry(settings.tracking_uri)
+    target = registry.resolve(name, version)
+    previous = registry.promote(name, target.version)
+    out.print(f"{name}: {CHAMPION} -> {target.version} (was {previous or 'unset'})")
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+@cli.command("serve")
+def serve_cmd(
+    ctx: typer.Context,
+    workload: WorkloadOpt,
+    dev: Annotated[
+        bool, typer.Option(help="Development: generate and print an API key if none is set.")
+    ] = False,
+    model_ref: Annotated[str, typer.Option(help="Alias or version both tiers load.")] = "champion",
+    keep: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
+) -> None:
+    """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs."""
+    from app.runtime import ray_session
+    from app.serving import check_models, deploy
+
+    state: _State = ctx.obj
+    settings = state.settings()
+    key = api_key(settings, dev=dev)
+    check_models(settings, workload, model_ref)
+    with ray_session(settings, verbose=state.verbose) as ray_info:
+        with out.status("deploying…"):
+            endpoint = deploy(settings, workload, key, model_ref=model_ref)
+        print_urls(endpoint, ray_info.dashboard_url, key if dev else None)
+        if keep:
+            wait_for_interrupt()
+
+
+def api_key(settings: Settings, *, dev: bool) -> str:
+    if settings.api_key is not None:
+        return settings.api_key.get_secret_value()
+    if dev or settings.dev:
+        return secrets.token_urlsafe(24)
+    raise ConfigError(
+        "no API key: set SCALEDL_API_KEY (or api_key in the config file), or pass --dev to "
+        "generate one for development"
+    )
+
+
+def print_urls(endpoint: Any, dashboard: str | None, shown_key: str | None) -> None:
+    out.print(f"API        {endpoint.predict_url}")
+    out.print(f"OpenAPI    {endpoint.base_url}/docs")
+    if dashboard:
+        out.print(f"dashboard  {dashboard}")
+    if shown_key:
+        out.print(f"API key    {shown_key}   (development key, valid while this runs)")
+        out.print(
+            f"try: curl -s -H 'Authorization: Bearer {shown_key}' -H 'content-type: "
+            f"application/json' -d '{{\"instances\": [[0,0,5,13,9,1,0,0]]}}' {endpoint.predict_url}"
+        )
+
+
+def wait_for_interrupt() -> None:
+    out.print("serving; press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        out.print("stopping")
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@cli.command("demo")
+def demo(
+    ctx: typer.Context,
+    keep: Annotated[bool, typer.Option(help="Keep serving after the report, until Ctrl-C.")] = True,
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs (reduced mode).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Concurrent HTTP clients.")] = 16,
+) -> None:
+    """Ingest digits, train both tiers, serve the cascade, send the test split over HTTP."""
+    from app.demo import run_demo
+
+    state: _State = ctx.obj
+    settings = state.settings(train=_drop_none(epochs=epochs), dev=True)
+    run_demo(settings, out, keep=keep, verbose=state.verbose, concurrency=concurrency)
+
+
+# ---------------------------------------------------------------------------- entry
+
+
+def _drop_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def find_scaledl_error(exc: BaseException) -> ScaledlError | None:
+    """Our error, also when Ray wrapped it (task errors, Train's failure, Data's UDF error)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ScaledlError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+        todo.extend(getattr(e, "worker_failures", {}).values() if hasattr(e, "worker_failures") else [])
+    return None
+
+
+def main() -> None:
+    try:
+        cli()
+    except Exception as exc:  # the one place errors become exit codes
+        found = find_scaledl_error(exc)
+        if found is None:
+            raise
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {found.message}", highlight=False, soft_wrap=True
+        )
+        sys.exit(found.exit_code)

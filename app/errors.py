@@ -1,0 +1,85 @@
+"""The one error hierarchy of scaledl.
+
+Every error a user can cause carries the HTTP status it maps to and a message that says
+what to fix. Only the edges translate them: the CLI prints ``error: <message>`` and exits
+non-zero, the ingress answers ``{"error": <message>}`` with ``status_code``.
+"""
+
+from __future__ import annotations
+
+
+class ScaledlError(Exception):
+    """Base class: an error with a user-facing message and an HTTP status."""
+
+    status_code: int = 500
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ScaledlError):
+    """A setting, flag or config file is wrong or missing."""
+
+    status_code = 400
+    exit_code = 2
+
+
+class InvalidRequest(ScaledlError):
+    """A request body or its tensors do not match what the model accepts."""
+
+    status_code = 400
+
+
+class Unauthorized(ScaledlError):
+    """No credentials, or credentials that match no key."""
+
+    status_code = 401
+
+
+class Forbidden(ScaledlError):
+    """A valid key without the scope the route needs."""
+
+    status_code = 403
+
+
+class NotFound(ScaledlError):
+    """Something named by the user does not exist."""
+
+    status_code = 404
+
+
+class UnknownWorkload(NotFound):
+    """A workload name that is not in the workload registry."""
+
+    exit_code = 2
+
+
+class DatasetVersionNotFound(NotFound):
+    """A dataset version id (or 'latest') that has no manifest under the storage root."""
+
+
+class ModelNotFound(NotFound):
+    """A registered model, version or alias that the registry does not hold."""
+
+
+class DataContractError(ScaledlError):
+    """A data file or run breaks the contract beyond what quarantine may absorb."""
+
+    status_code = 422
+
+
+class PayloadTooLarge(ScaledlError):
+    """A request body over the configured limit."""
+
+    status_code = 413
+
+
+class ServiceUnavailable(ScaledlError):
+    """A dependency (a model tier, the registry) cannot answer right now."""
+
+    status_code = 503

@@ -1,0 +1,77 @@
+"""The on-disk form of a trained tier: plain weights plus what is needed to rebuild it.
+
+Training writes it, the registry stores it, evaluation and serving load it. Weights are a
+``state_dict`` (no pickled code), so loading runs only the workload's own model code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from app.errors import ModelNotFound
+from app.workloads import Workload, get_workload
+
+if TYPE_CHECKING:
+    from torch import nn
+
+WEIGHTS = "weights.pt"
+META = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    workload: str
+    tier: str
+    dataset_version: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model(directory: Path, module: nn.Module, meta: ModelMeta) -> Path:
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), directory / WEIGHTS)
+    (directory / META).write_text(json.dumps(asdict(meta), indent=2))
+    return directory
+
+
+@dataclass
+class LoadedModel:
+    """A tier ready to predict: raw rows in, class probabilities out."""
+
+    module: nn.Module
+    meta: ModelMeta
+    workload: Workload
+
+    def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.module(torch.from_numpy(np.ascontiguousarray(features, np.float32)))
+            return torch.softmax(logits, dim=1).numpy()
+
+    def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        """Raw feature values (n, F), as a request or a raw row carries them."""
+        frame = pd.DataFrame(raw, columns=list(self.workload.feature_columns))
+        return self.predict_proba_features(self.workload.features(frame))
+
+
+def load_model(directory: Path) -> LoadedModel:
+    import torch
+
+    if not (directory / META).is_file() or not (directory / WEIGHTS).is_file():
+        raise ModelNotFound(
+            f"{directory} holds no model ({META} + {WEIGHTS}): register the model again"
+        )
+    meta = ModelMeta(**json.loads((directory / META).read_text()))
+    workload = get_workload(meta.workload)
+    module = workload.build_model(meta.tier)
+    module.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
+    module.eval()
+    return LoadedModel(module, meta, workload)

@@ -1,0 +1,157 @@
+"""The model registry facade over MLflow (a sqlite file by default).
+
+Versions live under ``<workload>-<tier>``; aliases name the ones in use: ``champion`` is
+what serving loads, ``challenger`` is the newest candidate. Stages are deprecated in
+MLflow, so aliases are the only pointers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+EXPERIMENT = "scaledl"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION = "previous-champion"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One registered model version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+class Registry:
+    def __init__(self, tracking_uri: str, artifacts_dir: Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.artifacts_dir = artifacts_dir
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def register(
+        self,
+        name: str,
+        model_dir: Path,
+        *,
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+    ) -> ModelRef:
+        """Log a run holding the model, register it as a new version, alias it.
+
+        The new version becomes ``challenger``; the first version of a name also becomes
+        ``champion`` so that a fresh platform can serve without a manual promotion.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
+        run_id = run.info.run_id
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self.client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+        self.client.set_terminated(run_id)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = self.client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags
+        )
+        self.client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        if CHAMPION not in self._aliases(name):
+            self.client.set_registered_model_alias(name, CHAMPION, mv.version)
+        return self.resolve(name, str(mv.version))
+
+    def resolve(self, name: str, ref: str = CHAMPION) -> ModelRef:
+        """A version by number or alias, or ModelNotFound saying how to get one."""
+        from mlflow.exceptions import MlflowException
+
+        ref = str(ref)
+        try:
+            if ref.isdigit():
+                mv = self.client.get_model_version(name, ref)
+            else:
+                mv = self.client.get_model_version_by_alias(name, ref)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            workload, _, tier = name.rpartition("-")
+            raise ModelNotFound(
+                f"model {name!r} has no version or alias {ref!r}: train one with "
+                f"`scaledl train --workload {workload} --tier {tier}` or pick one from "
+                "`scaledl models list`"
+            ) from None
+        return ModelRef(name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
+
+    def download(self, ref: ModelRef) -> Path:
+        """A local folder holding the version's model files."""
+        from mlflow.artifacts import download_artifacts
+
+        return Path(download_artifacts(artifact_uri=ref.source, tracking_uri=self.tracking_uri))
+
+    def run_metrics(self, ref: ModelRef) -> dict[str, float]:
+        if ref.run_id is None:
+            return {}
+        return dict(self.client.get_run(ref.run_id).data.metrics)
+
+    def promote(self, name: str, version: str) -> str | None:
+        """Make ``version`` the champion; the one it replaces is kept as previous-champion."""
+        target = self.resolve(name, version)
+        aliases = self._aliases(name)
+        previous = aliases.get(CHAMPION)
+        if previous is not None and previous != target.version:
+            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+        self.client.set_registered_model_alias(name, CHAMPION, target.version)
+        return previous
+
+    def versions(self, name: str) -> list[tuple[ModelRef, list[str]]]:
+        """Every version of ``name``, newest first, with the aliases pointing at it."""
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self._aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        found = self.client.search_model_versions(f"name = '{name}'")
+        refs = [ModelRef(name, str(m.version), m.source, m.run_id, dict(m.tags)) for m in found]
+        refs.sort(key=lambda r: int(r.version), reverse=True)
+        return [(r, sorted(by_version.get(r.version, []))) for r in refs]
+
+    def _aliases(self, name: str) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(name).aliases)
+        except MlflowException:
+            return {}
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = self.artifacts_dir.resolve().as_uri() if self.artifacts_dir else None
+        return self.client.create_experiment(EXPERIMENT, artifact_location=location)

@@ -1,0 +1,60 @@
+"""Joining or starting Ray, once, at the edge."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from app.settings import Settings
+
+MIN_LOCAL_CPUS = 4
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    address: str
+    dashboard_url: str | None
+    started_here: bool
+
+
+@contextmanager
+def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInfo]:
+    """Join ``settings.ray_address`` (or RAY_ADDRESS), or start a local cluster.
+
+    A local cluster gets at least 4 logical CPUs, so that two trainers, Ray Data and the
+    Serve replicas can all be placed on a laptop; they share the real cores.
+    """
+    import ray
+
+    if ray.is_initialized():  # already connected (an embedding program, a test)
+        yield RayInfo(ray.get_runtime_context().gcs_address, None, False)
+        return
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if not verbose:
+        _quiet_libraries()
+    if settings.ray_address:
+        ctx = ray.init(address=settings.ray_address, **quiet)
+    else:
+        ctx = ray.init(
+            num_cpus=settings.ray_num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **quiet,
+        )
+    dashboard = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+    try:
+        yield RayInfo(ctx.address_info["gcs_address"], dashboard, not settings.ray_address)
+    finally:
+        ray.shutdown()
+
+
+def _quiet_libraries() -> None:
+    """Keep Ray Data/Train/Serve chatter out of the CLI's own output (they still log to files)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "ray.serve", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)

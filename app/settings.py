@@ -1,0 +1,225 @@
+"""Typed configuration, loaded once at the edge and passed down.
+
+Sources, strongest first: explicit overrides (CLI flags), environment variables with the
+prefix ``SCALEDL_`` (nested keys with ``__``, e.g. ``SCALEDL_TRAIN__EPOCHS=5``), a YAML
+file (``--config`` or ``SCALEDL_CONFIG``), then the defaults below. Nothing here runs at
+import time: call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from app.errors import ConfigError
+
+ENV_PREFIX = "SCALEDL_"
+CONFIG_FILE_ENV = "SCALEDL_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Section):
+    """How raw files become a dataset version."""
+
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15),
+        description="train/val/test shares; rows are assigned by a hash of their id, "
+        "so the same row always lands in the same split.",
+    )
+    max_quarantine_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when more than this share of rows is quarantined.",
+    )
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> IngestConfig:
+        if any(f <= 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(
+                "ingest.split_fractions must be three positive shares (train, val, test) "
+                f"that sum to 1, got {list(self.split_fractions)}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """One training run of one tier; becomes the DeepSpeed config inside the workers."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    use_gpu: bool = Field(False, description="Train on GPU workers (NCCL) instead of CPU (gloo).")
+    epochs: int = Field(12, ge=1, description="Passes over the training split.")
+    micro_batch_size: int = Field(16, ge=1, description="Rows per worker per step.")
+    lr: float = Field(1e-2, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    zero_stage: Literal[0, 1, 2] = Field(
+        1, description="DeepSpeed ZeRO stage (3 needs a gathered save; not supported yet)."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps per run.")
+    cache_inputs_below_mb: float = Field(
+        512,
+        ge=0,
+        description="Featurized splits smaller than this are computed once and kept in the "
+        "object store instead of being re-read every epoch (0 disables).",
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."
+    )
+
+
+class ServeConfig(_Section):
+    """The HTTP service."""
+
+    host: str = Field("127.0.0.1", description="Interface Serve's HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP port.")
+    cascade_threshold: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="The cheap tier answers when its top probability is at least this; "
+        "otherwise the request escalates to the expensive tier.",
+    )
+    max_batch_size: int = Field(64, ge=1, description="@serve.batch size ceiling per tier.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=0.05, description="How long a tier waits to fill a batch (<= 50 ms)."
+    )
+    ingress_max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one ingress replica works on at once."
+    )
+    tier_max_ongoing_requests: int = Field(
+        128, ge=1, description="Requests one tier replica holds at once; room to form batches."
+    )
+    max_instances_per_request: int = Field(1024, ge=1, description="Instances in one request.")
+    tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
+    ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+
+
+class Settings(BaseSettings):
+    """Platform settings. Every field can come from YAML, ``SCALEDL_<FIELD>`` or a flag."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    storage_root: Path = Field(
+        Path(".scaledl"),
+        description="Where datasets, checkpoints and the default registry live. On a "
+        "multi-node cluster this must be a path every node shares.",
+    )
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SCALEDL_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
+        description="Ray cluster to join (also read from RAY_ADDRESS, which `ray job "
+        "submit` sets). Unset: start a local cluster.",
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local cluster (default: max(cores, 4)).",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI (default: sqlite under storage_root)."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key the HTTP API requires (development: one key)."
+    )
+    seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
+    dev: bool = Field(False, description="Development mode: allow generated secrets.")
+    ingest: IngestConfig = IngestConfig()
+    train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _shared_storage_on_clusters(self) -> Settings:
+        if self.ray_address and not self.storage_root.is_absolute():
+            raise ValueError(
+                f"storage_root {str(self.storage_root)!r} is relative while joining the Ray "
+                f"cluster at {self.ray_address}; inside `ray job submit` that is the job's "
+                "temporary folder. Set SCALEDL_STORAGE_ROOT to an absolute path every node "
+                "shares, e.g. --runtime-env-json "
+                """'{"env_vars": {"SCALEDL_STORAGE_ROOT": "/mnt/shared/scaledl"}}'"""
+            )
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI in use: the configured one, else a sqlite file in storage."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.storage_root.resolve() / 'mlflow.db'}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.storage_root.resolve() / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.storage_root.resolve() / "runs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.storage_root.resolve() / "mlartifacts"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file (if any) is chosen per load_settings call; see there.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once, at an edge (CLI, job entrypoint, Serve builder).
+
+    ``overrides`` are explicit values (CLI flags) and win over everything else; ``None``
+    values are ignored so unset flags do not mask the environment or the file.
+    """
+    if config_file is None and os.environ.get(CONFIG_FILE_ENV):
+        config_file = Path(os.environ[CONFIG_FILE_ENV])
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(
+            f"config file {config_file} does not exist: pass an existing YAML file to "
+            f"--config or {CONFIG_FILE_ENV}"
+        )
+    # pydantic-settings reads the YAML path from model_config, which is per class, so the
+    # chosen path travels on a throwaway subclass.
+    cls = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}}
+    )
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per broken key, naming it the way the user would set it."""
+    lines = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across fields: its message names them
+            lines.append(message)
+            continue
+        key = ".".join(str(p) for p in err["loc"])
+        env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        lines.append(f"{key}: {message} (set it in the YAML config or {env})")
+    return "invalid settings: " + "; ".join(lines)

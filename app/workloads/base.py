@@ -1,0 +1,61 @@
+"""What a workload is: one task's raw schema, contract, features and model tiers.
+
+The platform code never names a workload; it asks the registry in
+``app.workloads`` for one and talks to it through this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from app.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandera.pandas as pa
+    from torch import nn
+
+TIERS: tuple[str, ...] = ("cheap", "expensive")
+
+
+class Workload(ABC):
+    """One task. Subclasses fill in the class attributes and the abstract methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    id_column: ClassVar[str]
+    label_column: ClassVar[str]
+    feature_columns: ClassVar[tuple[str, ...]]
+    num_classes: ClassVar[int]
+
+    @abstractmethod
+    def contract(self) -> pa.DataFrameSchema:
+        """The data contract of one raw row: types, nullability, ranges, allowed values."""
+
+    @abstractmethod
+    def builtin_source(self) -> pd.DataFrame:
+        """The raw data set that ships with the workload (used when no source is given)."""
+
+    @abstractmethod
+    def build_model(self, tier: str) -> nn.Module:
+        """A fresh, untrained model of ``tier``: float features (n, F) -> logits (n, C)."""
+
+    def features(self, frame: pd.DataFrame) -> np.ndarray:
+        """Raw rows -> model inputs. Training and serving both call this, so they agree."""
+        return frame.loc[:, list(self.feature_columns)].to_numpy(dtype=np.float32)
+
+    def instance_contract(self) -> pa.DataFrameSchema:
+        """The contract restricted to what a prediction request carries (the features)."""
+        return self.contract().remove_columns([self.id_column, self.label_column])
+
+    def check_tier(self, tier: str) -> str:
+        if tier not in TIERS:
+            raise ConfigError(f"unknown tier {tier!r}: use one of {', '.join(TIERS)}")
+        return tier
+
+    def registered_model_name(self, tier: str) -> str:
+        """The registry name of a tier's models: ``<workload>-<tier>``."""
+        return f"{self.name}-{self.check_tier(tier)}"

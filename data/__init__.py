@@ -1,0 +1,1 @@
+"""Raw files -> validated, anonymized, featurized, versioned datasets (Ray Data)."""

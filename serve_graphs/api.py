@@ -1,0 +1,174 @@
+"""The HTTP surface, free of Ray: routes, request validation, auth and error mapping.
+
+``build_api`` returns a FastAPI app around a :class:`Cascade`; the Serve ingress hands it
+to Serve, tests drive it with a TestClient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from numbers import Real
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge, ScaledlError, Unauthorized
+from app.workloads import Workload
+from data.validate import CompiledContract
+from serve_graphs.cascade import Cascade
+
+# Instances are checked by to_matrix rather than by a pydantic union, whose errors list
+# every branch that failed; the schema still tells clients what to send.
+Instance = Annotated[
+    list[Any],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]},
+        }
+    ),
+]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Instance] = Field(
+        min_length=1,
+        description="Raw inputs, one per prediction: a flat list of the model's features "
+        "or a 2-D array of them (an 8x8 digits image, say).",
+        examples=[[[0, 0, 5, 13, 9, 1, 0, 0] * 8]],
+    )
+
+
+class PredictionOut(BaseModel):
+    label: int
+    confidence: float
+    tier: str = Field(description="Which tier answered: cheap, or expensive after escalation.")
+    model_version: str = Field(description="Registered model and version, e.g. digits-cheap/3.")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[PredictionOut]
+
+
+def key_sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def build_api(
+    workload: Workload,
+    cascade: Cascade,
+    *,
+    api_key_sha256: str | None,
+    max_instances: int,
+) -> FastAPI:
+    api = FastAPI(
+        title="scaledl",
+        description=f"Predictions for the {workload.name} workload: {workload.description}.",
+        version="1",
+    )
+    contract = CompiledContract(workload.instance_contract())
+    n_features = len(workload.feature_columns)
+    bearer = HTTPBearer(auto_error=False)
+
+    # A default rather than Annotated[...]: `bearer` is local, and annotations are strings.
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key_sha256 is None:
+            return
+        if credentials is None:
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        if not hmac.compare_digest(key_sha256(credentials.credentials), api_key_sha256):
+            raise Unauthorized("API key not recognised: check the key you send")
+
+    @api.exception_handler(ScaledlError)
+    async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            return JSONResponse({"error": "request body is not valid JSON"}, status_code=400)
+        return JSONResponse({"error": _describe(errors)}, status_code=422)
+
+    @api.get("/healthz", summary="Liveness: the ingress is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictResponse,
+        dependencies=[Depends(require_key)],
+        summary="Predict one or many instances through the cascade",
+    )
+    async def predict(name: str, body: PredictRequest) -> PredictResponse:
+        if name != workload.name:
+            raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
+        instances = to_matrix(body.instances, n_features, max_instances)
+        broken = [(i, r) for i, r in enumerate(contract.row_errors(instances)) if r is not None]
+        if broken:
+            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
+            raise InvalidRequest(f"instances break the input contract: {shown}")
+        predictions = await cascade.predict(instances)
+        return PredictResponse(
+            model=workload.name,
+            predictions=[PredictionOut(**p.__dict__) for p in predictions],
+        )
+
+    return api
+
+
+def to_matrix(instances: list[Instance], n_features: int, max_instances: int) -> np.ndarray:
+    """Instances -> a float matrix (n, F), or a 4xx naming what is wrong."""
+    if len(instances) > max_instances:
+        raise PayloadTooLarge(
+            f"{len(instances)} instances in one request; the limit is {max_instances}: "
+            "split the request"
+        )
+    rows = []
+    for i, instance in enumerate(instances):
+        values = _flatten(instance, i)
+        row = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(row).all():
+            raise InvalidRequest(f"instance {i} holds NaN or infinity: send finite numbers")
+        if row.size != n_features:
+            raise InvalidRequest(
+                f"instance {i} has {row.size} values; the model takes {n_features} "
+                f"(a flat list, or a 2-D array of that many values)"
+            )
+        rows.append(row)
+    return np.stack(rows)
+
+
+def _flatten(instance: list[Any], i: int) -> list[float]:
+    """Numbers of a flat or 2-D instance; rows of a 2-D one must be equally long."""
+    nested = [isinstance(item, list) for item in instance]
+    if any(nested):
+        if not all(nested) or len({len(row) for row in instance}) > 1:
+            raise InvalidRequest(f"instance {i} is a ragged array: its rows must be equally long")
+        instance = [v for row in instance for v in row]
+    return [_number(v, i) for v in instance]
+
+
+def _number(value: Any, i: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidRequest(f"instance {i} holds {value!r}, which is not a number")
+    return float(value)
+
+
+def _describe(errors: list[dict]) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e["loc"] if p != "body")
+        parts.append(f"{where or 'body'}: {e['msg']}")
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "invalid request: " + "; ".join(parts) + more

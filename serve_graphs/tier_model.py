@@ -1,0 +1,77 @@
+"""TierModel: one model tier as a batched, independently scaled Serve deployment."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from app.model_artifact import LoadedModel, load_model
+from app.registry import Registry
+
+log = logging.getLogger("ray.serve")
+
+
+class TierArgs(BaseModel):
+    """Which model version a tier serves, and from which registry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    registered_name: str = Field(description="Registry name, e.g. digits-cheap.")
+    model_ref: str = Field("champion", description="Alias or version number to load.")
+    tracking_uri: str = Field(description="MLflow registry URI.")
+
+
+class TierBatchConfig(BaseModel):
+    """The ``user_config`` of a tier: applied in place by ``reconfigure``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=0.05)
+
+
+class TierRunner:
+    """The Ray-free part: a loaded model version that turns raw rows into probabilities."""
+
+    def __init__(self, model: LoadedModel, version: str) -> None:
+        self.model = model
+        self.version = version
+
+    @classmethod
+    def from_registry(cls, args: TierArgs) -> TierRunner:
+        registry = Registry(args.tracking_uri)
+        ref = registry.resolve(args.registered_name, args.model_ref)
+        return cls(load_model(registry.download(ref)), ref.label)
+
+    def predict_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Run several requests' rows as one forward pass and split the answer back."""
+        probs = self.model.predict_proba(np.concatenate(batches))
+        return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
+
+
+@serve.deployment
+class TierModel:
+    def __init__(self, args: dict) -> None:
+        import torch
+
+        # Requests are small: one intra-op thread per replica beats threads fighting
+        # over the replica's CPU share. Scale out with replicas instead.
+        torch.set_num_threads(1)
+        self.runner = TierRunner.from_registry(TierArgs.model_validate(args))
+        log.info("tier loaded %s", self.runner.version)
+
+    def reconfigure(self, user_config: dict) -> None:
+        cfg = TierBatchConfig.model_validate(user_config)
+        self.predict_batch.set_max_batch_size(cfg.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        return self.runner.predict_many(batches)
+
+    async def predict(self, instances: np.ndarray) -> tuple[np.ndarray, str]:
+        """Probabilities (n, C) for raw rows (n, F), and the version that produced them."""
+        return await self.predict_batch(instances), self.runner.version
