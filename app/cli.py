@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.errors import ConfigError, ScaledlError
+from app.errors import ConfigError, find_scaledl_error
 from app.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -304,22 +304,6 @@ def demo(
 
 def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
-
-
-def find_scaledl_error(exc: BaseException) -> ScaledlError | None:
-    """Our error, also when Ray wrapped it (task errors, Train's failure, Data's UDF error)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ScaledlError):
-            return e
-        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        todo.extend(getattr(e, "worker_failures", {}).values() if hasattr(e, "worker_failures") else [])
-    return None
 
 
 def main() -> None:

@@ -83,3 +83,20 @@ class ServiceUnavailable(ScaledlError):
     """A dependency (a model tier, the registry) cannot answer right now."""
 
     status_code = 503
+
+
+def find_scaledl_error(exc: BaseException) -> ScaledlError | None:
+    """Our error inside ``exc``, also when Ray wrapped it (a task error, Ray Data's
+    UserCodeException, Ray Train's failure), by walking causes and wrapped errors."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ScaledlError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+        todo.extend(getattr(e, "worker_failures", {}).values())
+    return None

@@ -145,7 +145,8 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return dict(self.client.get_registered_model(name).aliases)
+            aliases = self.client.get_registered_model(name).aliases
+            return {alias: str(version) for alias, version in aliases.items()}
         except MlflowException:
             return {}
 

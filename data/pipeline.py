@@ -8,21 +8,23 @@ Counts come from the written files' metadata and must reconcile with the input.
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from app.errors import DataContractError
+from app.errors import DataContractError, find_scaledl_error
 from app.settings import IngestConfig, Settings
 from app.workloads import Workload, get_workload
 from data.sources import builtin_raw_file, file_sha256
 from data.split import assign_split
-from data.validate import row_errors
+from data.validate import arrow_schema, check_rows
 from data.versions import (
     QUARANTINE,
     SPLITS,
@@ -34,9 +36,13 @@ from data.versions import (
     version_id,
 )
 
+if TYPE_CHECKING:
+    import pyarrow
+
 PIPELINE_VERSION = "1"
 SPLIT_COLUMN = "split"
 REASON_COLUMN = "_quarantine_reason"
+RAW_COLUMN = "_raw"
 SOURCE_COLUMN = "_source"
 
 
@@ -59,17 +65,41 @@ def _contract(workload_name: str):  # noqa: ANN202 - pandera schema, built once 
 
 def mark_rows(
     batch: pd.DataFrame, *, workload_name: str, fractions: tuple[float, float, float], seed: int
-) -> pd.DataFrame:
-    """Give every row a split: train/val/test, or quarantine with the rule it broke."""
+) -> pyarrow.Table:
+    """Give every row a split: train/val/test, or quarantine with the rule it broke.
+
+    Valid rows keep the contract's typed columns. A quarantined row may hold anything (a
+    word where a number belongs), so it is kept whole as JSON in ``_raw`` and its typed
+    columns are null: nothing is lost, whatever its types.
+    """
+    import pyarrow
+
     workload = get_workload(workload_name)
-    sources = batch.pop("path").map(lambda p: Path(p).name)
-    reasons = row_errors(batch, _contract(workload_name), where=", ".join(sources.unique()))
-    out = batch.reset_index(drop=True)
-    out[SOURCE_COLUMN] = sources.to_numpy()
-    out[REASON_COLUMN] = reasons.to_numpy()
-    split = assign_split(out[workload.id_column], fractions, seed)
-    out[SPLIT_COLUMN] = np.where(reasons.isna().to_numpy(), split, QUARANTINE)
-    return out
+    contract = _contract(workload_name)
+    sources = batch.pop("path").map(lambda p: Path(p).name).reset_index(drop=True)
+    valid, reasons = check_rows(batch, contract, where=", ".join(sources.unique()))
+    bad = reasons.notna().to_numpy()
+    typed = arrow_schema(contract)
+
+    good = pyarrow.Table.from_pandas(valid[typed.names], schema=typed, preserve_index=False)
+    good = good.append_column(RAW_COLUMN, pyarrow.nulls(len(good), pyarrow.string()))
+    good = good.append_column(REASON_COLUMN, pyarrow.nulls(len(good), pyarrow.string()))
+    good = good.append_column(SOURCE_COLUMN, pyarrow.array(sources[~bad], pyarrow.string()))
+    split = assign_split(valid[workload.id_column], fractions, seed)
+    good = good.append_column(SPLIT_COLUMN, pyarrow.array(split, pyarrow.string()))
+
+    raw = batch.reset_index(drop=True)[bad]
+    quarantined = pyarrow.table(
+        {
+            **{f.name: pyarrow.nulls(len(raw), f.type) for f in typed},
+            RAW_COLUMN: [json.dumps(r, default=str) for r in raw.to_dict(orient="records")],
+            REASON_COLUMN: reasons[bad].astype(str).tolist(),
+            SOURCE_COLUMN: sources[bad].tolist(),
+            SPLIT_COLUMN: [QUARANTINE] * len(raw),
+        },
+        schema=good.schema,
+    )
+    return pyarrow.concat_tables([good, quarantined])
 
 
 def ingest(
@@ -81,7 +111,7 @@ def ingest(
     started = time.perf_counter()
     cfg = settings.ingest
     files = source_files or [builtin_raw_file(workload, settings.storage_root.resolve() / "raw")]
-    sources = [_describe_source(f) for f in files]
+    sources = [_describe_source(f, workload) for f in files]
     version = version_id(
         {
             "pipeline": PIPELINE_VERSION,
@@ -98,19 +128,26 @@ def ingest(
         return IngestResult(manifest, store.version_dir(workload.name, version), True, 0.0)
 
     staging = store.staging_dir(workload.name)
-    (
-        ray.data.read_parquet([str(f) for f in files], include_paths=True)
-        .map_batches(
-            mark_rows,
-            batch_format="pandas",
-            fn_kwargs={
-                "workload_name": workload.name,
-                "fractions": cfg.split_fractions,
-                "seed": settings.seed,
-            },
+    try:
+        (
+            ray.data.read_parquet([str(f) for f in files], include_paths=True)
+            .map_batches(
+                mark_rows,
+                batch_format="pandas",
+                fn_kwargs={
+                    "workload_name": workload.name,
+                    "fractions": cfg.split_fractions,
+                    "seed": settings.seed,
+                },
+            )
+            .write_parquet(str(staging / "rows"), partition_cols=[SPLIT_COLUMN])
         )
-        .write_parquet(str(staging / "rows"), partition_cols=[SPLIT_COLUMN])
-    )
+    except Exception as exc:  # Ray wraps what a task raised; surface our own error
+        shutil.rmtree(staging, ignore_errors=True)
+        found = find_scaledl_error(exc)
+        if found is None:
+            raise
+        raise found from None
     manifest = _manifest(staging, workload, version, sources, cfg, settings.seed)
     try:
         _reconcile(manifest)
@@ -122,16 +159,29 @@ def ingest(
     return IngestResult(manifest, path, False, time.perf_counter() - started)
 
 
-def _describe_source(path: Path) -> SourceFile:
+def _describe_source(path: Path, workload: Workload) -> SourceFile:
+    """Size, hash and row count of a raw file, after checking it has the right columns."""
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_metadata(path).num_rows
+        metadata = pq.read_metadata(path)
+        columns = set(pq.read_schema(path).names)
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataContractError(
             f"{path} is not a readable Parquet file ({exc}): re-export it or remove it "
             "from the source"
         ) from None
+    expected = set(workload.contract().columns)
+    if columns != expected:
+        missing, extra = sorted(expected - columns), sorted(columns - expected)
+        raise DataContractError(
+            f"{path.name}: "
+            + "; ".join(
+                [f"missing column {c!r}" for c in missing] + [f"unexpected column {c!r}" for c in extra]
+            )
+            + " (fix the file or the workload's contract)"
+        )
+    rows = metadata.num_rows
     return SourceFile(path=str(path), size=path.stat().st_size, sha256=file_sha256(path), rows=rows)
 
 

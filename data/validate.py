@@ -16,17 +16,22 @@ from app.errors import DataContractError
 
 if TYPE_CHECKING:
     import pandera.pandas as pa
+    import pyarrow
 
 # A batch whose row errors hide other row errors (a failed type coercion makes the range
 # checks of that column fail as a whole) is re-checked without the rows already caught.
 _MAX_PASSES = 3
 
 
-def row_errors(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, where: str) -> pd.Series:
-    """The first broken rule of each row (``"<column>: <check>"``), or None where valid.
+def check_rows(
+    frame: pd.DataFrame, schema: pa.DataFrameSchema, *, where: str
+) -> tuple[pd.DataFrame, pd.Series]:
+    """Split a batch by the contract.
 
-    Problems of the whole batch (a missing or unexpected column) are not row problems:
-    they raise :class:`DataContractError` naming ``where`` and the columns.
+    Returns the valid rows coerced to the contract's types (indexed by their position in
+    ``frame``) and, for every row, the first rule it broke (``"<column>: <check>"``) or
+    None. Problems of the whole batch (a missing or unexpected column) are not row
+    problems: they raise :class:`DataContractError` naming ``where`` and the columns.
     """
     import pandera.errors
 
@@ -34,13 +39,14 @@ def row_errors(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, where: str) -
     reasons = pd.Series([None] * len(pending), dtype=object)
     for _ in range(_MAX_PASSES):
         try:
-            schema.validate(pending, lazy=True)
-            return reasons
+            return schema.validate(pending, lazy=True), reasons
         except pandera.errors.SchemaErrors as exc:
             cases = exc.failure_cases
         by_row = cases[cases["index"].notna()]
         if by_row.empty:
             raise DataContractError(f"{where}: {_describe_table_errors(cases)}")
+        # A null in a text column also fails coercion; "not_nullable" is the real cause.
+        by_row = by_row.sort_values("check", key=lambda c: c != "not_nullable", kind="stable")
         first = by_row.groupby("index", sort=False).first()
         reasons.loc[first.index.astype(int)] = (first["column"] + ": " + first["check"]).to_numpy()
         pending = pending.drop(index=first.index.astype(int))
@@ -48,6 +54,17 @@ def row_errors(frame: pd.DataFrame, schema: pa.DataFrameSchema, *, where: str) -
         f"{where}: rows still break the contract after {_MAX_PASSES} passes; "
         f"the contract may contradict itself: {_describe_table_errors(cases)}"
     )
+
+
+def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
+    """The Arrow types a contract's columns have once coerced."""
+    import pyarrow
+
+    fields = []
+    for name, column in schema.columns.items():
+        dtype = np.dtype(str(column.dtype)) if str(column.dtype) not in ("str", "string") else None
+        fields.append((name, pyarrow.from_numpy_dtype(dtype) if dtype is not None else pyarrow.string()))
+    return pyarrow.schema(fields)
 
 
 def _describe_table_errors(cases: pd.DataFrame) -> str:

@@ -1,0 +1,90 @@
+"""Ray Data ingest on real files: versions, reconciliation, quarantine, the gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from app.errors import DataContractError
+from app.settings import Settings
+from app.workloads import get_workload
+from data.pipeline import RAW_COLUMN, REASON_COLUMN, ingest
+from data.versions import QUARANTINE, SPLITS, DatasetStore
+from tests.conftest import corrupt
+
+DIGITS = get_workload("digits")
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def write(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(store_settings: Settings) -> None:
+    first = ingest(store_settings, DIGITS)
+    m = first.manifest
+    assert not first.reused
+    assert m.rows_in == 1797 == m.rows_valid + m.rows_quarantined
+    assert m.rows_quarantined == 0
+    assert set(m.splits) == set(SPLITS) and sum(m.splits.values()) == 1797
+    assert m.splits["train"] > m.splits["val"] > 0 and m.splits["test"] > 0
+    assert {c.name for c in m.columns} >= {"id", "label", "px_00", "px_63"}
+    assert (first.path / "manifest.json").is_file()
+    for split, n in m.splits.items():
+        assert pq.read_table(DatasetStore(store_settings.datasets_dir).split_dir("digits", m.version, split)).num_rows == n
+
+    again = ingest(store_settings, DIGITS)
+    assert again.reused and again.manifest.version == m.version
+    assert [x.version for x in DatasetStore(store_settings.datasets_dir).manifests("digits")] == [m.version]
+
+
+def test_bad_rows_are_quarantined_with_their_rule_and_counted(
+    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    bad, broken = corrupt(digits_frame.head(200))
+    source = write(bad, tmp_path / "raw" / "batch-1.parquet")
+    result = ingest(store_settings, DIGITS, [source])
+    m = result.manifest
+    assert (m.rows_in, m.rows_valid, m.rows_quarantined) == (200, 195, 5)
+    assert m.quarantine_reasons == {rule: 1 for rule in broken.values()}
+    quarantine = pq.read_table(result.path / "rows" / f"split={QUARANTINE}").to_pandas()
+    # Each quarantined row is kept as it arrived (its text values too), with its rule.
+    raw = [json.loads(r) for r in quarantine[RAW_COLUMN]]
+    assert {r["id"]: reason for r, reason in zip(raw, quarantine[REASON_COLUMN], strict=True)} == broken
+    assert "smudge" in {r["px_05"] for r in raw}
+    assert set(quarantine["_source"]) == {"batch-1.parquet"}
+    # A changed input is a new version.
+    assert m.version != ingest(store_settings, DIGITS).manifest.version
+
+
+def test_too_much_quarantine_fails_the_run_and_keeps_its_output(
+    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    bad, _ = corrupt(digits_frame.head(40))  # 5 of 40 = 12.5 % > 5 %
+    source = write(bad, tmp_path / "raw" / "noisy.parquet")
+    with pytest.raises(DataContractError, match=r"12\.5% of rows from noisy\.parquet .* top rules: ") as err:
+        ingest(store_settings, DIGITS, [source])
+    assert "_rejected" in str(err.value)
+    assert DatasetStore(store_settings.datasets_dir).manifests("digits") == []
+
+
+def test_a_file_with_a_missing_column_fails_naming_the_file(
+    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    source = write(digits_frame.head(50).drop(columns=["px_07"]), tmp_path / "raw" / "short.parquet")
+    with pytest.raises(DataContractError, match=r"short\.parquet: missing column 'px_07'"):
+        ingest(store_settings, DIGITS, [source])
+
+
+def test_a_truncated_parquet_file_is_refused_before_reading(store_settings: Settings, tmp_path: Path) -> None:
+    broken = tmp_path / "raw" / "cut.parquet"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataContractError, match=r"cut\.parquet is not a readable Parquet file"):
+        ingest(store_settings, DIGITS, [broken])

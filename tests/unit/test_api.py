@@ -1,0 +1,122 @@
+"""The HTTP surface without Ray: real models (untrained weights) behind the cascade."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from app.model_artifact import LoadedModel, ModelMeta
+from app.workloads import get_workload
+from serve_graphs.api import build_api, key_sha256
+from serve_graphs.cascade import Cascade, TierAnswer, TierFn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+DIGITS = get_workload("digits")
+URL = "/v1/models/digits/predict"
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def local_tier(tier: str, calls: list[int]) -> TierFn:
+    torch.manual_seed(0)
+    model = LoadedModel(DIGITS.build_model(tier).eval(), ModelMeta("digits", tier, "v0"), DIGITS)
+
+    async def predict(instances: np.ndarray) -> TierAnswer:
+        calls.append(len(instances))
+        return TierAnswer(model.predict_proba(instances), f"digits-{tier}/1")
+
+    return predict
+
+
+def client(threshold: float, calls: dict[str, list[int]] | None = None, max_instances: int = 8) -> TestClient:
+    calls = calls if calls is not None else {"cheap": [], "expensive": []}
+    cascade = Cascade(local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), threshold)
+    return TestClient(build_api(DIGITS, cascade, api_key_sha256=key_sha256(KEY), max_instances=max_instances))
+
+
+def digit_images(n: int) -> list[list[list[int]]]:
+    return DIGITS.builtin_source()[list(DIGITS.feature_columns)].head(n).to_numpy().reshape(n, 8, 8).tolist()
+
+
+def test_predicts_flat_and_2d_instances_with_tier_and_version() -> None:
+    images = digit_images(2)
+    flat = np.asarray(images[1]).reshape(-1).tolist()
+    resp = client(threshold=0.0).post(URL, json={"instances": [images[0], flat]}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "digits"
+    assert [p["tier"] for p in body["predictions"]] == ["cheap", "cheap"]
+    assert body["predictions"][0]["model_version"] == "digits-cheap/1"
+    assert all(0 <= p["label"] <= 9 and 0 < p["confidence"] <= 1 for p in body["predictions"])
+
+
+def test_only_unsure_instances_reach_the_expensive_tier() -> None:
+    calls: dict[str, list[int]] = {"cheap": [], "expensive": []}
+    # An untrained cheap tier is never 99.99 % sure: everything escalates, in one call.
+    resp = client(threshold=0.9999, calls=calls).post(URL, json={"instances": digit_images(3)}, headers=AUTH)
+    assert [p["tier"] for p in resp.json()["predictions"]] == ["expensive"] * 3
+    assert calls == {"cheap": [3], "expensive": [3]}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ({}, 401, "missing API key"),
+        ({"Authorization": "Bearer wrong"}, 401, "not recognised"),
+        ({"Authorization": "Basic abc"}, 401, "missing API key"),
+    ],
+)
+def test_predict_requires_the_key(headers: dict, status: int, message: str) -> None:
+    resp = client(0.5).post(URL, json={"instances": digit_images(1)}, headers=headers)
+    assert resp.status_code == status
+    assert message in resp.json()["error"]
+    assert resp.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_and_docs_are_open() -> None:
+    c = client(0.5)
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/docs").status_code == 200
+    assert URL.replace("digits", "{name}") in c.get("/openapi.json").json()["paths"]
+
+
+BAD_BODIES = [
+    ({"instances": []}, 422, "at least 1 item"),
+    ({"instances": 5}, 422, "valid list"),
+    ({"inputs": [[1]]}, 422, "instances: Field required"),
+    ({"instances": [[0] * 63]}, 400, "has 63 values; the model takes 64"),
+    ({"instances": [[[1, 2], [3]]]}, 400, "ragged"),
+    ({"instances": [["a"] * 64]}, 400, "'a', which is not a number"),
+    ({"instances": [[True] * 64]}, 400, "True, which is not a number"),
+    ({"instances": [[0] * 10 + [17] + [0] * 53]}, 400, "instance 0: px_10: in_range(0, 16)"),
+    ({"instances": [[0] * 64] * 9}, 413, "9 instances in one request; the limit is 8"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_BODIES)
+def test_bad_bodies_get_a_4xx_that_says_what_is_wrong(body: dict, status: int, message: str) -> None:
+    resp = client(0.5).post(URL, json=body, headers=AUTH)
+    assert resp.status_code == status
+    assert message in resp.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [(b"{not json", "not valid JSON"), (b'{"instances": [[NaN, 1]]}', "NaN or infinity")],
+)
+def test_malformed_json_and_non_finite_numbers_are_400(raw: bytes, message: str) -> None:
+    resp = client(0.5).post(URL, content=raw, headers={**AUTH, "content-type": "application/json"})
+    assert resp.status_code == 400
+    assert message in resp.json()["error"]
+
+
+def test_unknown_model_is_404() -> None:
+    resp = client(0.5).post("/v1/models/cats/predict", json={"instances": digit_images(1)}, headers=AUTH)
+    assert resp.status_code == 404
+    assert "serves 'digits'" in resp.json()["error"]

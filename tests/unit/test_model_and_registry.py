@@ -1,0 +1,73 @@
+"""The model artifact and the MLflow registry facade (a real sqlite registry, no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from app.errors import ModelNotFound
+from app.model_artifact import ModelMeta, load_model, save_model
+from app.registry import Registry
+from app.workloads import get_workload
+
+DIGITS = get_workload("digits")
+
+
+def saved_model(directory: Path, tier: str = "cheap", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    return save_model(directory, DIGITS.build_model(tier), ModelMeta("digits", tier, "ds1"))
+
+
+@pytest.mark.parametrize("tier", ["cheap", "expensive"])
+def test_a_saved_model_loads_and_predicts_the_same(tmp_path: Path, tier: str) -> None:
+    torch.manual_seed(0)
+    module = DIGITS.build_model(tier).eval()
+    save_model(tmp_path / "m", module, ModelMeta("digits", tier, "ds1"))
+    loaded = load_model(tmp_path / "m")
+    raw = np.random.default_rng(0).integers(0, 17, (5, 64)).astype(float)
+    features = DIGITS.features(pd.DataFrame(raw, columns=list(DIGITS.feature_columns)))
+    with torch.inference_mode():
+        expected = torch.softmax(module(torch.from_numpy(features)), 1).numpy()
+    np.testing.assert_allclose(loaded.predict_proba(raw), expected, rtol=1e-6)
+    assert loaded.meta.dataset_version == "ds1"
+
+
+def test_loading_an_empty_folder_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="holds no model"):
+        load_model(tmp_path)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+
+
+def test_first_version_is_champion_later_ones_challengers(registry: Registry, tmp_path: Path) -> None:
+    first = registry.register(
+        "digits-cheap", saved_model(tmp_path / "a"), params={"lr": 0.1},
+        metrics={"test_accuracy": 0.9}, tags={"dataset_version": "ds1"},
+    )
+    second = registry.register(
+        "digits-cheap", saved_model(tmp_path / "b", seed=1), params={}, metrics={}, tags={},
+    )
+    assert registry.resolve("digits-cheap", "champion").version == first.version == "1"
+    assert registry.resolve("digits-cheap", "challenger").version == second.version == "2"
+    assert registry.resolve("digits-cheap", "1").tags["dataset_version"] == "ds1"
+    assert registry.run_metrics(first) == {"test_accuracy": 0.9}
+    assert load_model(registry.download(first)).meta.tier == "cheap"
+
+    assert registry.promote("digits-cheap", "2") == "1"
+    assert registry.resolve("digits-cheap").version == "2"
+    assert registry.resolve("digits-cheap", "previous-champion").version == "1"
+    listed = {ref.version: aliases for ref, aliases in registry.versions("digits-cheap")}
+    assert listed == {"2": ["challenger", "champion"], "1": ["previous-champion"]}
+
+
+@pytest.mark.parametrize("ref", ["champion", "7"])
+def test_unknown_models_say_how_to_get_one(registry: Registry, ref: str) -> None:
+    with pytest.raises(ModelNotFound, match="scaledl train --workload digits --tier expensive"):
+        registry.resolve("digits-expensive", ref)

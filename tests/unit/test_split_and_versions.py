@@ -1,0 +1,60 @@
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.errors import DatasetVersionNotFound
+from data.split import assign_split
+from data.versions import DatasetManifest, DatasetStore, version_id
+
+
+def test_split_is_deterministic_and_close_to_the_fractions() -> None:
+    ids = pd.Series(np.arange(20_000))
+    a = assign_split(ids, (0.7, 0.15, 0.15), seed=0)
+    b = assign_split(ids.sample(frac=1, random_state=1).sort_index(), (0.7, 0.15, 0.15), seed=0)
+    assert (a == b).all()
+    shares = pd.Series(a).value_counts(normalize=True)
+    assert shares["train"] == pytest.approx(0.7, abs=0.02)
+    assert shares["test"] == pytest.approx(0.15, abs=0.02)
+
+
+def test_a_row_keeps_its_split_whatever_batch_it_is_in() -> None:
+    ids = pd.Series(np.arange(1000))
+    whole = assign_split(ids, (0.7, 0.15, 0.15), seed=0)
+    parts = np.concatenate([assign_split(ids[i : i + 7], (0.7, 0.15, 0.15), 0) for i in range(0, 1000, 7)])
+    assert (whole == parts).all()
+
+
+def test_the_seed_changes_the_assignment() -> None:
+    ids = pd.Series(np.arange(1000))
+    assert (assign_split(ids, (0.7, 0.15, 0.15), 0) != assign_split(ids, (0.7, 0.15, 0.15), 1)).any()
+
+
+def test_version_id_depends_on_content_not_key_order() -> None:
+    assert version_id({"a": 1, "b": [1, 2]}) == version_id({"b": [1, 2], "a": 1})
+    assert version_id({"a": 1}) != version_id({"a": 2})
+
+
+def _manifest(version: str, created: datetime) -> DatasetManifest:
+    return DatasetManifest(
+        version=version, workload="digits", created_at=created, parent=None, sources=[],
+        rows_in=1, rows_valid=1, rows_quarantined=0, splits={"train": 1}, quarantine_reasons={},
+        columns=[], content_hash="x", config={}, libraries={},
+    )
+
+
+def test_store_resolves_latest_prefix_and_explains_misses(tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path)
+    with pytest.raises(DatasetVersionNotFound, match="run `scaledl data ingest --workload digits`"):
+        store.get("digits")
+    now = datetime.now(UTC)
+    for version, age in (("aaa111", 2), ("aab222", 1)):
+        store.publish(store.staging_dir("digits"), _manifest(version, now - timedelta(hours=age)))
+    assert store.get("digits").version == "aab222"
+    assert store.get("digits", "aaa").version == "aaa111"
+    with pytest.raises(DatasetVersionNotFound, match="ambiguous"):
+        store.get("digits", "aa")
+    with pytest.raises(DatasetVersionNotFound, match="pick one of: aab222, aaa111"):
+        store.get("digits", "zzz")
