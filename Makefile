@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: install demo test test-unit test-integration test-system clean
+SOURCES := app data train serve_graphs actors bench tests
+
+.PHONY: install demo test lint test-unit test-integration test-system clean
 
 # torch goes first and pinned: 2.13.0 is the CPU wheel; anything looser pulls a CUDA
 # build of several GB. DeepSpeed's setup imports torch, so it builds without isolation,
@@ -25,7 +27,11 @@ demo: install
 	$(BIN)/scaledl demo $(ARGS)
 
 # Tiers run one after another, so at most one Ray cluster lives at a time.
-test: install test-unit test-integration test-system
+test: install lint test-unit test-integration test-system
+
+lint: install
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 test-unit: install
 	$(PYTEST) tests/unit -q

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.errors import ConfigError, find_scaledl_error
+from app import reports
+from app.errors import find_scaledl_error
 from app.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -88,23 +87,10 @@ def data_ingest(
     files = list_source_files(source) if source else None
     with ray_session(settings, verbose=state.verbose), out.status("ingesting…"):
         result = ingest(settings, wl, files)
-    print_ingest(result)
-
-
-def print_ingest(result: Any) -> None:
-    m = result.manifest
-    table = Table(title=f"dataset {m.workload} {m.version}" + (" (reused)" if result.reused else ""))
-    for col in ("rows in", "valid", "quarantined", *m.splits, "rows/s"):
-        table.add_column(col, justify="right")
-    rate = "—" if result.reused else f"{result.rows_per_s:,.0f}"
-    table.add_row(
-        f"{m.rows_in:,}", f"{m.rows_valid:,}", f"{m.rows_quarantined:,}",
-        *(f"{n:,}" for n in m.splits.values()), rate,
-    )
-    out.print(table)
-    for rule, n in list(m.quarantine_reasons.items())[:10]:
-        out.print(f"  quarantined {n:>6,}  {rule}")
-    out.print(f"version {m.version} at {result.path}")
+    out.print(reports.ingest_table(result))
+    for line in reports.quarantine_lines(result):
+        out.print(line)
+    out.print(f"version {result.manifest.version} at {result.path}")
 
 
 @data_cli.command("versions")
@@ -117,7 +103,10 @@ def data_versions(ctx: typer.Context, workload: WorkloadOpt) -> None:
     table = Table("version", "created", "rows in", "valid", "quarantined")
     for m in DatasetStore(settings.datasets_dir).manifests(get_workload(workload).name):
         table.add_row(
-            m.version, f"{m.created_at:%Y-%m-%d %H:%M}", f"{m.rows_in:,}", f"{m.rows_valid:,}",
+            m.version,
+            f"{m.created_at:%Y-%m-%d %H:%M}",
+            f"{m.rows_in:,}",
+            f"{m.rows_valid:,}",
             f"{m.rows_quarantined:,}",
         )
     out.print(table)
@@ -154,9 +143,8 @@ def train(
     """Train a tier with Ray Train + DeepSpeed, evaluate it on the test split, register it."""
     from app.runtime import ray_session
     from app.workloads import get_workload
-    from train.run import train_tier
-
     from data.versions import DatasetStore
+    from train.run import train_tier
 
     state: _State = ctx.obj
     settings = state.settings(train=_drop_none(epochs=epochs, num_workers=workers))
@@ -165,19 +153,7 @@ def train(
     version = DatasetStore(settings.datasets_dir).get(wl.name, dataset_version).version
     with ray_session(settings, verbose=state.verbose), out.status(f"training {wl.name}-{tier}…"):
         outcome = train_tier(settings, wl, tier, dataset_ref=version, run_name=run_name)
-    print_training([outcome])
-
-
-def print_training(outcomes: list[Any]) -> None:
-    table = Table("tier", "test acc", "val acc", "ECE", "samples/s", "epochs", "model", "seconds")
-    for o in outcomes:
-        m = o.metrics
-        table.add_row(
-            o.tier, f"{m['test_accuracy']:.4f}", f"{m['val_accuracy']:.4f}",
-            f"{m['test_ece']:.4f}", f"{m['samples_per_s']:,.0f}", f"{m['epochs']:.0f}",
-            o.model.label, f"{o.seconds:.0f}",
-        )
-    out.print(table)
+    out.print(reports.training_table([outcome]))
 
 
 # ---------------------------------------------------------------------------- models
@@ -197,7 +173,10 @@ def models_list(ctx: typer.Context, workload: WorkloadOpt) -> None:
         for ref, aliases in registry.versions(wl.registered_model_name(tier)):
             acc = registry.run_metrics(ref).get("test_accuracy")
             table.add_row(
-                ref.name, ref.version, ", ".join(aliases), ref.tags.get("dataset_version", "?"),
+                ref.name,
+                ref.version,
+                ", ".join(aliases),
+                ref.tags.get("dataset_version", "?"),
                 f"{acc:.4f}" if acc is not None else "—",
             )
     out.print(table)
@@ -234,51 +213,21 @@ def serve_cmd(
 ) -> None:
     """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs."""
     from app.runtime import ray_session
-    from app.serving import check_models, deploy
+    from app.serving import check_models, deploy, resolve_api_key, serve_until_interrupted
 
     state: _State = ctx.obj
     settings = state.settings()
-    key = api_key(settings, dev=dev)
+    key = resolve_api_key(settings, dev=dev)
     check_models(settings, workload, model_ref)
     with ray_session(settings, verbose=state.verbose) as ray_info:
         with out.status("deploying…"):
             endpoint = deploy(settings, workload, key, model_ref=model_ref)
-        print_urls(endpoint, ray_info.dashboard_url, key if dev else None)
+        shown_key = key if settings.api_key is None else None
+        for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
+            out.print(line, soft_wrap=True)
         if keep:
-            wait_for_interrupt()
-
-
-def api_key(settings: Settings, *, dev: bool) -> str:
-    if settings.api_key is not None:
-        return settings.api_key.get_secret_value()
-    if dev or settings.dev:
-        return secrets.token_urlsafe(24)
-    raise ConfigError(
-        "no API key: set SCALEDL_API_KEY (or api_key in the config file), or pass --dev to "
-        "generate one for development"
-    )
-
-
-def print_urls(endpoint: Any, dashboard: str | None, shown_key: str | None) -> None:
-    out.print(f"API        {endpoint.predict_url}")
-    out.print(f"OpenAPI    {endpoint.base_url}/docs")
-    if dashboard:
-        out.print(f"dashboard  {dashboard}")
-    if shown_key:
-        out.print(f"API key    {shown_key}   (development key, valid while this runs)")
-        out.print(
-            f"try: curl -s -H 'Authorization: Bearer {shown_key}' -H 'content-type: "
-            f"application/json' -d '{{\"instances\": [[0,0,5,13,9,1,0,0]]}}' {endpoint.predict_url}"
-        )
-
-
-def wait_for_interrupt() -> None:
-    out.print("serving; press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        out.print("stopping")
+            out.print("serving; press Ctrl-C to stop")
+            serve_until_interrupted()
 
 
 # ---------------------------------------------------------------------------- demo
@@ -288,7 +237,9 @@ def wait_for_interrupt() -> None:
 def demo(
     ctx: typer.Context,
     keep: Annotated[bool, typer.Option(help="Keep serving after the report, until Ctrl-C.")] = True,
-    epochs: Annotated[int | None, typer.Option(help="Override train.epochs (reduced mode).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override train.epochs (reduced mode).")
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="Concurrent HTTP clients.")] = 16,
 ) -> None:
     """Ingest digits, train both tiers, serve the cascade, send the test split over HTTP."""

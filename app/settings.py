@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -129,7 +137,9 @@ class Settings(BaseSettings):
         "submit` sets). Unset: start a local cluster.",
     )
     ray_num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local cluster (default: max(cores, 4)).",
+        None,
+        ge=1,
+        description="Logical CPUs of a local cluster (default: max(cores, 4)).",
     )
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking/registry URI (default: sqlite under storage_root)."
@@ -203,7 +213,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     # pydantic-settings reads the YAML path from model_config, which is per class, so the
     # chosen path travels on a throwaway subclass.
     cls = type(
-        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}}
+        "Settings",
+        (Settings,),
+        {"model_config": {**Settings.model_config, "yaml_file": config_file}},
     )
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})

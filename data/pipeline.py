@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from app.errors import DataContractError, find_scaledl_error
@@ -177,7 +176,8 @@ def _describe_source(path: Path, workload: Workload) -> SourceFile:
         raise DataContractError(
             f"{path.name}: "
             + "; ".join(
-                [f"missing column {c!r}" for c in missing] + [f"unexpected column {c!r}" for c in extra]
+                [f"missing column {c!r}" for c in missing]
+                + [f"unexpected column {c!r}" for c in extra]
             )
             + " (fix the file or the workload's contract)"
         )
@@ -261,5 +261,10 @@ def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any
 
     workload = get_workload(manifest.workload)
     path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
+    if not manifest.splits.get(split):
+        raise DataContractError(
+            f"split {split!r} of dataset {manifest.workload} {manifest.version} has no rows: "
+            "ingest more data or change ingest.split_fractions"
+        )
     columns = [*workload.feature_columns, workload.label_column]
     return ray.data.read_parquet(str(path), columns=columns, partitioning=None)

@@ -32,7 +32,9 @@ def list_source_files(source: Path) -> list[Path]:
     elif source.is_dir():
         files = sorted(p for p in source.rglob("*.parquet") if p.is_file())
     else:
-        raise ConfigError(f"source {source} does not exist: pass a Parquet file or a folder of them")
+        raise ConfigError(
+            f"source {source} does not exist: pass a Parquet file or a folder of them"
+        )
     if not files:
         raise ConfigError(f"source {source} holds no *.parquet files: point --source at raw data")
     unsupported = [f for f in files if f.suffix != ".parquet"]

@@ -63,7 +63,9 @@ def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
     fields = []
     for name, column in schema.columns.items():
         dtype = np.dtype(str(column.dtype)) if str(column.dtype) not in ("str", "string") else None
-        fields.append((name, pyarrow.from_numpy_dtype(dtype) if dtype is not None else pyarrow.string()))
+        fields.append(
+            (name, pyarrow.from_numpy_dtype(dtype) if dtype is not None else pyarrow.string())
+        )
     return pyarrow.schema(fields)
 
 
@@ -125,8 +127,10 @@ def _not_null(v: np.ndarray) -> np.ndarray:
 def _compile(check: pa.Check) -> _Rule:
     s = check.statistics or {}
     bounds: dict[str, _Rule] = {
-        "in_range": lambda v: (v >= s["min_value"] if s.get("include_min", True) else v > s["min_value"])
-        & (v <= s["max_value"] if s.get("include_max", True) else v < s["max_value"]),
+        "in_range": lambda v: (
+            (v >= s["min_value"] if s.get("include_min", True) else v > s["min_value"])
+            & (v <= s["max_value"] if s.get("include_max", True) else v < s["max_value"])
+        ),
         "greater_than_or_equal_to": lambda v: v >= s["min_value"],
         "greater_than": lambda v: v > s["min_value"],
         "less_than_or_equal_to": lambda v: v <= s["max_value"],

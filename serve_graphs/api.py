@@ -30,9 +30,16 @@ Instance = Annotated[
     WithJsonSchema(
         {
             "type": "array",
-            "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]},
+            "items": {
+                "anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]
+            },
         }
     ),
+]
+
+
+BearerCredentials = Annotated[
+    HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))
 ]
 
 
@@ -77,10 +84,8 @@ def build_api(
     )
     contract = CompiledContract(workload.instance_contract())
     n_features = len(workload.feature_columns)
-    bearer = HTTPBearer(auto_error=False)
 
-    # A default rather than Annotated[...]: `bearer` is local, and annotations are strings.
-    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def require_key(credentials: BearerCredentials) -> None:
         if api_key_sha256 is None:
             return
         if credentials is None:

@@ -9,6 +9,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.workloads import get_workload
 from serve_graphs.api import build_api
+from serve_graphs.args import GraphArgs
 from serve_graphs.cascade import Cascade, TierAnswer, TierFn
 
 
@@ -24,8 +25,6 @@ def tier_fn(handle: DeploymentHandle) -> TierFn:
 @serve.ingress()
 class Ingress:
     def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
-        from serve_graphs.builder import GraphArgs
-
         self.args = GraphArgs.model_validate(args)
         self.cascade = Cascade(tier_fn(cheap), tier_fn(expensive), self.args.cascade_threshold)
 

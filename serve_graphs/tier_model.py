@@ -5,32 +5,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
+from serve_graphs.args import TierArgs, TierBatchConfig
 
 log = logging.getLogger("ray.serve")
-
-
-class TierArgs(BaseModel):
-    """Which model version a tier serves, and from which registry."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    registered_name: str = Field(description="Registry name, e.g. digits-cheap.")
-    model_ref: str = Field("champion", description="Alias or version number to load.")
-    tracking_uri: str = Field(description="MLflow registry URI.")
-
-
-class TierBatchConfig(BaseModel):
-    """The ``user_config`` of a tier: applied in place by ``reconfigure``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(64, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=0.05)
 
 
 class TierRunner:

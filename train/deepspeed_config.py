@@ -8,7 +8,7 @@ from app.settings import TrainConfig
 
 
 def steps_per_epoch(train_rows: int, cfg: TrainConfig) -> int:
-    """Optimizer steps per epoch: each worker gets an equal share and drops the last partial batch."""
+    """Optimizer steps per epoch: equal shares per worker, last partial batch dropped."""
     return max(1, (train_rows // cfg.num_workers) // cfg.micro_batch_size)
 
 

@@ -140,7 +140,9 @@ def evaluate_shard(engine: Any, shard: Any) -> dict[str, float]:
     return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
 
 
-def report_and_checkpoint(engine: Any, job: TrainJob, metrics: dict[str, float], epoch: int) -> None:
+def report_and_checkpoint(
+    engine: Any, job: TrainJob, metrics: dict[str, float], epoch: int
+) -> None:
     """Every rank saves its DeepSpeed shard; rank 0 adds plain weights for serving."""
     import ray.train
     from ray.train import Checkpoint
@@ -149,7 +151,9 @@ def report_and_checkpoint(engine: Any, job: TrainJob, metrics: dict[str, float],
     try:
         engine.save_checkpoint(str(directory), client_state={"epoch": epoch})
         if ray.train.get_context().get_world_rank() == 0:
-            meta = ModelMeta(workload=job.workload, tier=job.tier, dataset_version=job.dataset_version)
+            meta = ModelMeta(
+                workload=job.workload, tier=job.tier, dataset_version=job.dataset_version
+            )
             save_model(directory / MODEL_DIR, engine.module, meta)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
     finally:

@@ -26,7 +26,9 @@ def write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(store_settings: Settings) -> None:
+def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(
+    store_settings: Settings,
+) -> None:
     first = ingest(store_settings, DIGITS)
     m = first.manifest
     assert not first.reused
@@ -37,11 +39,18 @@ def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(store_sett
     assert {c.name for c in m.columns} >= {"id", "label", "px_00", "px_63"}
     assert (first.path / "manifest.json").is_file()
     for split, n in m.splits.items():
-        assert pq.read_table(DatasetStore(store_settings.datasets_dir).split_dir("digits", m.version, split)).num_rows == n
+        assert (
+            pq.read_table(
+                DatasetStore(store_settings.datasets_dir).split_dir("digits", m.version, split)
+            ).num_rows
+            == n
+        )
 
     again = ingest(store_settings, DIGITS)
     assert again.reused and again.manifest.version == m.version
-    assert [x.version for x in DatasetStore(store_settings.datasets_dir).manifests("digits")] == [m.version]
+    assert [x.version for x in DatasetStore(store_settings.datasets_dir).manifests("digits")] == [
+        m.version
+    ]
 
 
 def test_bad_rows_are_quarantined_with_their_rule_and_counted(
@@ -56,7 +65,9 @@ def test_bad_rows_are_quarantined_with_their_rule_and_counted(
     quarantine = pq.read_table(result.path / "rows" / f"split={QUARANTINE}").to_pandas()
     # Each quarantined row is kept as it arrived (its text values too), with its rule.
     raw = [json.loads(r) for r in quarantine[RAW_COLUMN]]
-    assert {r["id"]: reason for r, reason in zip(raw, quarantine[REASON_COLUMN], strict=True)} == broken
+    assert {
+        r["id"]: reason for r, reason in zip(raw, quarantine[REASON_COLUMN], strict=True)
+    } == broken
     assert "smudge" in {r["px_05"] for r in raw}
     assert set(quarantine["_source"]) == {"batch-1.parquet"}
     # A changed input is a new version.
@@ -68,7 +79,9 @@ def test_too_much_quarantine_fails_the_run_and_keeps_its_output(
 ) -> None:
     bad, _ = corrupt(digits_frame.head(40))  # 5 of 40 = 12.5 % > 5 %
     source = write(bad, tmp_path / "raw" / "noisy.parquet")
-    with pytest.raises(DataContractError, match=r"12\.5% of rows from noisy\.parquet .* top rules: ") as err:
+    with pytest.raises(
+        DataContractError, match=r"12\.5% of rows from noisy\.parquet .* top rules: "
+    ) as err:
         ingest(store_settings, DIGITS, [source])
     assert "_rejected" in str(err.value)
     assert DatasetStore(store_settings.datasets_dir).manifests("digits") == []
@@ -77,12 +90,16 @@ def test_too_much_quarantine_fails_the_run_and_keeps_its_output(
 def test_a_file_with_a_missing_column_fails_naming_the_file(
     store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
-    source = write(digits_frame.head(50).drop(columns=["px_07"]), tmp_path / "raw" / "short.parquet")
+    source = write(
+        digits_frame.head(50).drop(columns=["px_07"]), tmp_path / "raw" / "short.parquet"
+    )
     with pytest.raises(DataContractError, match=r"short\.parquet: missing column 'px_07'"):
         ingest(store_settings, DIGITS, [source])
 
 
-def test_a_truncated_parquet_file_is_refused_before_reading(store_settings: Settings, tmp_path: Path) -> None:
+def test_a_truncated_parquet_file_is_refused_before_reading(
+    store_settings: Settings, tmp_path: Path
+) -> None:
     broken = tmp_path / "raw" / "cut.parquet"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"PAR1 this is not really parquet")

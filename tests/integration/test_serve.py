@@ -25,21 +25,29 @@ DIGITS = get_workload("digits")
 def endpoint(platform: Platform) -> Iterator[Endpoint]:
     from ray import serve
 
-    settings = load_settings(storage_root=platform.settings.storage_root, serve={"port": free_port()})
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, serve={"port": free_port()}
+    )
     yield deploy(settings, "digits", KEY, model_ref="champion")
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def test_rows(platform: Platform) -> tuple[np.ndarray, np.ndarray]:
-    path = DatasetStore(platform.settings.datasets_dir).split_dir("digits", platform.dataset_version, "test")
+    path = DatasetStore(platform.settings.datasets_dir).split_dir(
+        "digits", platform.dataset_version, "test"
+    )
     frame = pq.read_table(path).to_pandas()
     return frame[list(DIGITS.feature_columns)].to_numpy(), frame["label"].to_numpy()
 
 
-def test_the_cascade_answers_the_test_split_accurately(endpoint: Endpoint, test_rows, platform: Platform) -> None:  # noqa: ANN001
+def test_the_cascade_answers_the_test_split_accurately(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
     x, y = test_rows
-    resp = httpx.post(endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=60)
+    resp = httpx.post(
+        endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=60
+    )
     assert resp.status_code == 200, resp.text
     predictions = resp.json()["predictions"]
     accuracy = np.mean([p["label"] == label for p, label in zip(predictions, y, strict=True)])
@@ -58,7 +66,12 @@ def test_concurrent_single_requests_all_succeed(endpoint: Endpoint, test_rows) -
     async def fire() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as client:
             responses = await asyncio.gather(
-                *(client.post(endpoint.predict_url, json={"instances": [row.tolist()]}, headers=AUTH) for row in x[:64])
+                *(
+                    client.post(
+                        endpoint.predict_url, json={"instances": [row.tolist()]}, headers=AUTH
+                    )
+                    for row in x[:64]
+                )
             )
         return [r.status_code for r in responses]
 
@@ -67,12 +80,16 @@ def test_concurrent_single_requests_all_succeed(endpoint: Endpoint, test_rows) -
 
 def test_request_id_is_echoed_and_errors_are_4xx(endpoint: Endpoint) -> None:
     resp = httpx.post(
-        endpoint.predict_url, json={"instances": [[0] * 64]}, headers={**AUTH, "x-request-id": "trace-123"}
+        endpoint.predict_url,
+        json={"instances": [[0] * 64]},
+        headers={**AUTH, "x-request-id": "trace-123"},
     )
     assert resp.status_code == 200
     assert resp.headers["x-request-id"] == "trace-123"
     assert httpx.post(endpoint.predict_url, json={"instances": [[0] * 64]}).status_code == 401
-    bad = httpx.post(endpoint.predict_url, content=b"{oops", headers={**AUTH, "content-type": "application/json"})
+    bad = httpx.post(
+        endpoint.predict_url, content=b"{oops", headers={**AUTH, "content-type": "application/json"}
+    )
     assert (bad.status_code, bad.json()) == (400, {"error": "request body is not valid JSON"})
     assert httpx.get(f"{endpoint.base_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{endpoint.base_url}/docs").status_code == 200

@@ -11,12 +11,14 @@ from app.model_artifact import load_model
 from app.registry import Registry
 from app.settings import load_settings
 from app.workloads import get_workload
-from train.run import check_cluster_fits, train_tier
 from tests.integration.conftest import Platform
+from train.run import check_cluster_fits, train_tier
 
 
 @pytest.mark.parametrize(("tier", "floor"), [("cheap", 0.9), ("expensive", 0.95)])
-def test_each_tier_trains_to_a_real_accuracy_and_is_registered(platform: Platform, tier: str, floor: float) -> None:
+def test_each_tier_trains_to_a_real_accuracy_and_is_registered(
+    platform: Platform, tier: str, floor: float
+) -> None:
     outcome = platform.outcomes[tier]
     assert outcome.metrics["test_accuracy"] >= floor
     assert outcome.metrics["epochs"] == 6
@@ -24,7 +26,9 @@ def test_each_tier_trains_to_a_real_accuracy_and_is_registered(platform: Platfor
     ref = registry.resolve(f"digits-{tier}", outcome.model.version)
     assert ref.tags["dataset_version"] == platform.dataset_version
     assert ref.tags["tier"] == tier
-    assert registry.run_metrics(ref)["test_accuracy"] == pytest.approx(outcome.metrics["test_accuracy"])
+    assert registry.run_metrics(ref)["test_accuracy"] == pytest.approx(
+        outcome.metrics["test_accuracy"]
+    )
     model = load_model(registry.download(ref))
     assert (model.meta.tier, model.meta.dataset_version) == (tier, platform.dataset_version)
 

@@ -34,14 +34,26 @@ def local_tier(tier: str, calls: list[int]) -> TierFn:
     return predict
 
 
-def client(threshold: float, calls: dict[str, list[int]] | None = None, max_instances: int = 8) -> TestClient:
+def client(
+    threshold: float, calls: dict[str, list[int]] | None = None, max_instances: int = 8
+) -> TestClient:
     calls = calls if calls is not None else {"cheap": [], "expensive": []}
-    cascade = Cascade(local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), threshold)
-    return TestClient(build_api(DIGITS, cascade, api_key_sha256=key_sha256(KEY), max_instances=max_instances))
+    cascade = Cascade(
+        local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), threshold
+    )
+    return TestClient(
+        build_api(DIGITS, cascade, api_key_sha256=key_sha256(KEY), max_instances=max_instances)
+    )
 
 
 def digit_images(n: int) -> list[list[list[int]]]:
-    return DIGITS.builtin_source()[list(DIGITS.feature_columns)].head(n).to_numpy().reshape(n, 8, 8).tolist()
+    return (
+        DIGITS.builtin_source()[list(DIGITS.feature_columns)]
+        .head(n)
+        .to_numpy()
+        .reshape(n, 8, 8)
+        .tolist()
+    )
 
 
 def test_predicts_flat_and_2d_instances_with_tier_and_version() -> None:
@@ -59,7 +71,9 @@ def test_predicts_flat_and_2d_instances_with_tier_and_version() -> None:
 def test_only_unsure_instances_reach_the_expensive_tier() -> None:
     calls: dict[str, list[int]] = {"cheap": [], "expensive": []}
     # An untrained cheap tier is never 99.99 % sure: everything escalates, in one call.
-    resp = client(threshold=0.9999, calls=calls).post(URL, json={"instances": digit_images(3)}, headers=AUTH)
+    resp = client(threshold=0.9999, calls=calls).post(
+        URL, json={"instances": digit_images(3)}, headers=AUTH
+    )
     assert [p["tier"] for p in resp.json()["predictions"]] == ["expensive"] * 3
     assert calls == {"cheap": [3], "expensive": [3]}
 
@@ -100,7 +114,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_BODIES)
-def test_bad_bodies_get_a_4xx_that_says_what_is_wrong(body: dict, status: int, message: str) -> None:
+def test_bad_bodies_get_a_4xx_that_says_what_is_wrong(
+    body: dict, status: int, message: str
+) -> None:
     resp = client(0.5).post(URL, json=body, headers=AUTH)
     assert resp.status_code == status
     assert message in resp.json()["error"]
@@ -117,6 +133,8 @@ def test_malformed_json_and_non_finite_numbers_are_400(raw: bytes, message: str)
 
 
 def test_unknown_model_is_404() -> None:
-    resp = client(0.5).post("/v1/models/cats/predict", json={"instances": digit_images(1)}, headers=AUTH)
+    resp = client(0.5).post(
+        "/v1/models/cats/predict", json={"instances": digit_images(1)}, headers=AUTH
+    )
     assert resp.status_code == 404
     assert "serves 'digits'" in resp.json()["error"]

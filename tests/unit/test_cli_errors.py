@@ -10,28 +10,54 @@ from pathlib import Path
 import pytest
 
 
-def scaledl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SCALEDL_") and k != "RAY_ADDRESS"}
+def scaledl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("SCALEDL_") and k != "RAY_ADDRESS"
+    }
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        cwd=cwd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=120,
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["train", "-w", "cats", "--tier", "cheap"], 2, "unknown workload 'cats': use one of digits"),
+        (
+            ["train", "-w", "cats", "--tier", "cheap"],
+            2,
+            "unknown workload 'cats': use one of digits",
+        ),
         (["train", "-w", "digits", "--tier", "huge"], 2, "unknown tier 'huge'"),
-        (["train", "-w", "digits", "--tier", "cheap"], 1, "run `scaledl data ingest --workload digits` first"),
+        (
+            ["train", "-w", "digits", "--tier", "cheap"],
+            1,
+            "run `scaledl data ingest --workload digits` first",
+        ),
         (["data", "show", "abc123", "-w", "digits"], 1, "dataset version 'abc123' not found"),
-        (["data", "ingest", "-w", "digits", "--source", "missing/"], 2, "source missing does not exist"),
+        (
+            ["data", "ingest", "-w", "digits", "--source", "missing/"],
+            2,
+            "source missing does not exist",
+        ),
         (["serve", "-w", "digits"], 2, "set SCALEDL_API_KEY"),
-        (["serve", "-w", "digits", "--dev"], 1, "model 'digits-cheap' has no version or alias 'champion'"),
+        (
+            ["serve", "-w", "digits", "--dev"],
+            1,
+            "model 'digits-cheap' has no version or alias 'champion'",
+        ),
         (["models", "promote", "digits-cheap", "3"], 1, "has no version or alias '3'"),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+def test_bad_input_exits_nonzero_with_one_line(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
     result = scaledl(*args, cwd=tmp_path)
     assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -41,6 +67,8 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path: Path, args: list[str], 
 
 
 def test_bad_setting_from_env_is_named(tmp_path: Path) -> None:
-    result = scaledl("data", "versions", "-w", "digits", cwd=tmp_path, env={"SCALEDL_SERVE__PORT": "99999"})
+    result = scaledl(
+        "data", "versions", "-w", "digits", cwd=tmp_path, env={"SCALEDL_SERVE__PORT": "99999"}
+    )
     assert result.returncode == 2
     assert "serve.port" in result.stderr and "SCALEDL_SERVE__PORT" in result.stderr

@@ -46,13 +46,22 @@ def registry(tmp_path: Path) -> Registry:
     return Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
 
 
-def test_first_version_is_champion_later_ones_challengers(registry: Registry, tmp_path: Path) -> None:
+def test_first_version_is_champion_later_ones_challengers(
+    registry: Registry, tmp_path: Path
+) -> None:
     first = registry.register(
-        "digits-cheap", saved_model(tmp_path / "a"), params={"lr": 0.1},
-        metrics={"test_accuracy": 0.9}, tags={"dataset_version": "ds1"},
+        "digits-cheap",
+        saved_model(tmp_path / "a"),
+        params={"lr": 0.1},
+        metrics={"test_accuracy": 0.9},
+        tags={"dataset_version": "ds1"},
     )
     second = registry.register(
-        "digits-cheap", saved_model(tmp_path / "b", seed=1), params={}, metrics={}, tags={},
+        "digits-cheap",
+        saved_model(tmp_path / "b", seed=1),
+        params={},
+        metrics={},
+        tags={},
     )
     assert registry.resolve("digits-cheap", "champion").version == first.version == "1"
     assert registry.resolve("digits-cheap", "challenger").version == second.version == "2"

@@ -28,7 +28,9 @@ def test_env_overrides_yaml_and_flags_override_env(
     assert s.serve.port == 9100  # a flag beats everything
 
 
-def test_bad_value_names_the_key_and_its_env_var(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_value_names_the_key_and_its_env_var(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SCALEDL_TRAIN__NUM_WORKERS", "0")
     with pytest.raises(ConfigError, match=r"train\.num_workers: .* SCALEDL_TRAIN__NUM_WORKERS"):
         load_settings()

@@ -23,13 +23,17 @@ def test_split_is_deterministic_and_close_to_the_fractions() -> None:
 def test_a_row_keeps_its_split_whatever_batch_it_is_in() -> None:
     ids = pd.Series(np.arange(1000))
     whole = assign_split(ids, (0.7, 0.15, 0.15), seed=0)
-    parts = np.concatenate([assign_split(ids[i : i + 7], (0.7, 0.15, 0.15), 0) for i in range(0, 1000, 7)])
+    parts = np.concatenate(
+        [assign_split(ids[i : i + 7], (0.7, 0.15, 0.15), 0) for i in range(0, 1000, 7)]
+    )
     assert (whole == parts).all()
 
 
 def test_the_seed_changes_the_assignment() -> None:
     ids = pd.Series(np.arange(1000))
-    assert (assign_split(ids, (0.7, 0.15, 0.15), 0) != assign_split(ids, (0.7, 0.15, 0.15), 1)).any()
+    assert (
+        assign_split(ids, (0.7, 0.15, 0.15), 0) != assign_split(ids, (0.7, 0.15, 0.15), 1)
+    ).any()
 
 
 def test_version_id_depends_on_content_not_key_order() -> None:
@@ -39,9 +43,20 @@ def test_version_id_depends_on_content_not_key_order() -> None:
 
 def _manifest(version: str, created: datetime) -> DatasetManifest:
     return DatasetManifest(
-        version=version, workload="digits", created_at=created, parent=None, sources=[],
-        rows_in=1, rows_valid=1, rows_quarantined=0, splits={"train": 1}, quarantine_reasons={},
-        columns=[], content_hash="x", config={}, libraries={},
+        version=version,
+        workload="digits",
+        created_at=created,
+        parent=None,
+        sources=[],
+        rows_in=1,
+        rows_valid=1,
+        rows_quarantined=0,
+        splits={"train": 1},
+        quarantine_reasons={},
+        columns=[],
+        content_hash="x",
+        config={},
+        libraries={},
     )
 
 

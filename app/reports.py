@@ -1,0 +1,89 @@
+"""The tables the CLI and the demo print. Pure: results in, rich renderables out."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+# The first image of scikit-learn's digits (a zero), for the curl example.
+SAMPLE_DIGIT = [
+    [0, 0, 5, 13, 9, 1, 0, 0], [0, 0, 13, 15, 10, 15, 5, 0], [0, 3, 15, 2, 0, 11, 8, 0],
+    [0, 4, 12, 0, 0, 8, 8, 0], [0, 5, 8, 0, 0, 9, 8, 0], [0, 4, 11, 0, 1, 12, 7, 0],
+    [0, 2, 14, 5, 10, 12, 0, 0], [0, 0, 6, 13, 10, 0, 0, 0],
+]  # fmt: skip
+
+if TYPE_CHECKING:
+    from app.serving import Endpoint
+    from app.traffic import TrafficReport
+    from data.pipeline import IngestResult
+    from train.run import TrainOutcome
+
+
+def ingest_table(result: IngestResult) -> Table:
+    m = result.manifest
+    table = Table(
+        title=f"dataset {m.workload} {m.version}" + (" (reused)" if result.reused else "")
+    )
+    for col in ("rows in", "valid", "quarantined", *m.splits, "rows/s"):
+        table.add_column(col, justify="right")
+    rate = "—" if result.reused else f"{result.rows_per_s:,.0f}"
+    counts = (m.rows_in, m.rows_valid, m.rows_quarantined, *m.splits.values())
+    table.add_row(*(f"{n:,}" for n in counts), rate)
+    return table
+
+
+def quarantine_lines(result: IngestResult, limit: int = 10) -> list[str]:
+    reasons = list(result.manifest.quarantine_reasons.items())
+    return [f"  quarantined {n:>7,}  {rule}" for rule, n in reasons[:limit]]
+
+
+def training_table(outcomes: list[TrainOutcome]) -> Table:
+    table = Table("tier", "test acc", "val acc", "ECE", "samples/s", "epochs", "model", "seconds")
+    for o in outcomes:
+        m = o.metrics
+        table.add_row(
+            o.tier,
+            f"{m['test_accuracy']:.4f}",
+            f"{m['val_accuracy']:.4f}",
+            f"{m['test_ece']:.4f}",
+            f"{m['samples_per_s']:,.0f}",
+            f"{m['epochs']:.0f}",
+            o.model.label,
+            f"{o.seconds:.0f}",
+        )
+    return table
+
+
+def traffic_table(outcomes: list[TrainOutcome], report: TrafficReport, concurrency: int) -> Table:
+    n = report.answered
+    table = Table(title=f"digits test split over HTTP ({n} requests, {concurrency} concurrent)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for o in outcomes:
+        table.add_row(
+            f"{o.tier} tier accuracy ({o.model.label})", f"{o.metrics['test_accuracy']:.4f}"
+        )
+    table.add_row("cascade accuracy (HTTP)", f"{report.accuracy:.4f}")
+    table.add_row("share escalated to expensive", f"{report.escalated_share:.1%}")
+    table.add_row("latency p50", f"{report.percentile_ms(50):.1f} ms")
+    table.add_row("latency p99", f"{report.percentile_ms(99):.1f} ms")
+    table.add_row("requests/s", f"{report.requests_per_s:.0f}")
+    failed = sum(report.errors.values())
+    table.add_row("failed requests", f"{failed} {report.errors}" if failed else "0")
+    return table
+
+
+def url_lines(endpoint: Endpoint, dashboard: str | None, dev_key: str | None) -> list[str]:
+    lines = [f"API        {endpoint.predict_url}", f"OpenAPI    {endpoint.base_url}/docs"]
+    if dashboard:
+        lines.append(f"dashboard  {dashboard}")
+    if dev_key:
+        lines.append(f"API key    {dev_key}   (development key, valid while this runs)")
+        body = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))
+        lines.append(
+            f"try: curl -s -H 'Authorization: Bearer {dev_key}' "
+            f"-H 'content-type: application/json' -d '{body}' {endpoint.predict_url}"
+        )
+    return lines

@@ -1,0 +1,82 @@
+"""System tier: the real CLI in subprocesses, real HTTP, a real `ray start --head`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment minus SCALEDL_* and RAY_ADDRESS, with the venv first on PATH."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SCALEDL_") and k != "RAY_ADDRESS"
+    }
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **extra}
+
+
+@dataclass(frozen=True)
+class Head:
+    dashboard: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    """A real `ray start --head --block`, stopped by SIGTERM to its pid (never `ray stop`)."""
+    temp_dir = Path(f"/tmp/scaledl-ray-{os.getpid()}")
+    dashboard_port = free_port()
+    env = clean_env()
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--temp-dir={temp_dir}",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard_port}"
+    client_env = {**env, "RAY_ADDRESS": url, "RAY_AUTH_MODE": "token"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/version", timeout=2).status_code in (200, 401):
+                    break
+            except httpx.HTTPError:
+                pass
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start --head did not come up")
+            time.sleep(1)
+        yield Head(url, client_env)
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

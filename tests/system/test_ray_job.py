@@ -1,0 +1,89 @@
+"""Stages as Ray jobs: `ray job submit --working-dir . -- python -m app …` against a real head."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.registry import Registry
+from app.reports import SAMPLE_DIGIT
+from tests.conftest import free_port
+from tests.system.conftest import BIN, REPO, Head
+
+pytestmark = pytest.mark.slow
+
+
+def submit(
+    head: Head, storage: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    runtime_env = {"env_vars": {"SCALEDL_STORAGE_ROOT": str(storage), **(env or {})}}
+    return subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "app",
+            *args,
+        ],
+        env=head.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
+    ray_head: Head, tmp_path: Path
+) -> None:
+    storage = tmp_path / "shared-store"
+    ingest = submit(ray_head, storage, "data", "ingest", "--workload", "digits")
+    assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
+    assert "succeeded" in ingest.stdout
+    manifests = list((storage / "datasets" / "digits").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    version = json.loads(manifests[0].read_text())["version"]
+    assert f"version {version}" in ingest.stdout
+
+    for tier in ("cheap", "expensive"):
+        train = submit(
+            ray_head, storage, "train", "--workload", "digits", "--tier", tier, "--epochs", "3"
+        )
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        ref = Registry(f"sqlite:///{storage / 'mlflow.db'}").resolve(f"digits-{tier}")
+        assert ref.tags["dataset_version"] == version
+
+    port = free_port()
+    deploy = submit(
+        ray_head, storage, "serve", "--workload", "digits", "--no-keep",
+        env={"SCALEDL_API_KEY": "job-key", "SCALEDL_SERVE__PORT": str(port)},
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    # The application outlives the job that deployed it.
+    resp = httpx.post(
+        f"http://127.0.0.1:{port}/v1/models/digits/predict",
+        json={"instances": [SAMPLE_DIGIT]},
+        headers={"Authorization": "Bearer job-key"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["predictions"][0]["label"] == 0
+
+
+def test_a_failing_stage_fails_the_job_with_its_message(ray_head: Head, tmp_path: Path) -> None:
+    result = submit(
+        ray_head, tmp_path / "empty", "train", "--workload", "digits", "--tier", "cheap"
+    )
+    assert result.returncode != 0
+    assert "no dataset version for workload 'digits'" in result.stdout + result.stderr
