@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -30,9 +31,13 @@ models_cli = typer.Typer(help="Registered models and their aliases.", no_args_is
 cli.add_typer(data_cli, name="data")
 cli.add_typer(models_cli, name="models")
 
-# Rich assumes 80 columns when output is not a terminal (CI, `ray job logs`): too narrow
-# for the report tables.
-out = Console(width=None if sys.stdout.isatty() else 120)
+
+@functools.cache
+def console() -> Console:
+    # Rich assumes 80 columns when output is not a terminal (CI, `ray job logs`): too
+    # narrow for the report tables.
+    return Console(width=None if sys.stdout.isatty() else 120)
+
 
 WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")]
 
@@ -85,12 +90,12 @@ def data_ingest(
     settings = state.settings()
     wl = get_workload(workload)
     files = list_source_files(source) if source else None
-    with ray_session(settings, verbose=state.verbose), out.status("ingesting…"):
+    with ray_session(settings, verbose=state.verbose), console().status("ingesting…"):
         result = ingest(settings, wl, files)
-    out.print(reports.ingest_table(result))
+    console().print(reports.ingest_table(result))
     for line in reports.quarantine_lines(result):
-        out.print(line)
-    out.print(f"version {result.manifest.version} at {result.path}")
+        console().print(line)
+    console().print(f"version {result.manifest.version} at {result.path}")
 
 
 @data_cli.command("versions")
@@ -109,7 +114,7 @@ def data_versions(ctx: typer.Context, workload: WorkloadOpt) -> None:
             f"{m.rows_valid:,}",
             f"{m.rows_quarantined:,}",
         )
-    out.print(table)
+    console().print(table)
 
 
 @data_cli.command("show")
@@ -124,7 +129,7 @@ def data_show(
 
     settings = ctx.obj.settings()
     manifest = DatasetStore(settings.datasets_dir).get(get_workload(workload).name, version)
-    out.print_json(manifest.model_dump_json())
+    console().print_json(manifest.model_dump_json())
 
 
 # ---------------------------------------------------------------------------- train
@@ -151,9 +156,12 @@ def train(
     wl = get_workload(workload)
     wl.check_tier(tier)
     version = DatasetStore(settings.datasets_dir).get(wl.name, dataset_version).version
-    with ray_session(settings, verbose=state.verbose), out.status(f"training {wl.name}-{tier}…"):
+    with (
+        ray_session(settings, verbose=state.verbose),
+        console().status(f"training {wl.name}-{tier}…"),
+    ):
         outcome = train_tier(settings, wl, tier, dataset_ref=version, run_name=run_name)
-    out.print(reports.training_table([outcome]))
+    console().print(reports.training_table([outcome]))
 
 
 # ---------------------------------------------------------------------------- models
@@ -179,7 +187,7 @@ def models_list(ctx: typer.Context, workload: WorkloadOpt) -> None:
                 ref.tags.get("dataset_version", "?"),
                 f"{acc:.4f}" if acc is not None else "—",
             )
-    out.print(table)
+    console().print(table)
 
 
 @models_cli.command("promote")
@@ -195,7 +203,7 @@ def models_promote(
     registry = Registry(settings.tracking_uri)
     target = registry.resolve(name, version)
     previous = registry.promote(name, target.version)
-    out.print(f"{name}: {CHAMPION} -> {target.version} (was {previous or 'unset'})")
+    console().print(f"{name}: {CHAMPION} -> {target.version} (was {previous or 'unset'})")
 
 
 # ---------------------------------------------------------------------------- serve
@@ -220,13 +228,13 @@ def serve_cmd(
     key = resolve_api_key(settings, dev=dev)
     check_models(settings, workload, model_ref)
     with ray_session(settings, verbose=state.verbose) as ray_info:
-        with out.status("deploying…"):
+        with console().status("deploying…"):
             endpoint = deploy(settings, workload, key, model_ref=model_ref)
         shown_key = key if settings.api_key is None else None
         for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
-            out.print(line, soft_wrap=True)
+            console().print(line, soft_wrap=True)
         if keep:
-            out.print("serving; press Ctrl-C to stop")
+            console().print("serving; press Ctrl-C to stop")
             serve_until_interrupted()
 
 
@@ -247,7 +255,7 @@ def demo(
 
     state: _State = ctx.obj
     settings = state.settings(train=_drop_none(epochs=epochs), dev=True)
-    run_demo(settings, out, keep=keep, verbose=state.verbose, concurrency=concurrency)
+    run_demo(settings, console(), keep=keep, verbose=state.verbose, concurrency=concurrency)
 
 
 # ---------------------------------------------------------------------------- entry

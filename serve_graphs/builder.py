@@ -22,7 +22,7 @@ def build_app(args: GraphArgs) -> Application:
     workload = get_workload(args.workload)
     tiers = {
         tier: TierModel.options(
-            name=f"{workload.name}-{tier}",
+            name=f"{tier}-tier",
             ray_actor_options={"num_cpus": args.tier_num_cpus},
             max_ongoing_requests=args.tier_max_ongoing_requests,
             user_config=args.batch.model_dump(),

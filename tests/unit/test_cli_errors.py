@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,14 @@ def test_bad_setting_from_env_is_named(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "serve.port" in result.stderr and "SCALEDL_SERVE__PORT" in result.stderr
+
+
+def test_versions_and_show_describe_a_published_version(tmp_path: Path) -> None:
+    from tests.unit.test_split_and_versions import published
+
+    published(tmp_path / ".scaledl" / "datasets", "abc123def456")
+    listed = scaledl("data", "versions", "-w", "digits", cwd=tmp_path)
+    assert listed.returncode == 0 and "abc123def456" in listed.stdout
+    shown = scaledl("data", "show", "abc1", "-w", "digits", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["version"] == "abc123def456"

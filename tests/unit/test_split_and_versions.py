@@ -41,6 +41,14 @@ def test_version_id_depends_on_content_not_key_order() -> None:
     assert version_id({"a": 1}) != version_id({"a": 2})
 
 
+def published(root: Path, version: str, created: datetime | None = None) -> DatasetManifest:
+    """A (content-free) version published in a store at ``root``."""
+    store = DatasetStore(root)
+    manifest = _manifest(version, created or datetime.now(UTC))
+    store.publish(store.staging_dir("digits"), manifest)
+    return manifest
+
+
 def _manifest(version: str, created: datetime) -> DatasetManifest:
     return DatasetManifest(
         version=version,
@@ -66,7 +74,7 @@ def test_store_resolves_latest_prefix_and_explains_misses(tmp_path: Path) -> Non
         store.get("digits")
     now = datetime.now(UTC)
     for version, age in (("aaa111", 2), ("aab222", 1)):
-        store.publish(store.staging_dir("digits"), _manifest(version, now - timedelta(hours=age)))
+        published(tmp_path, version, now - timedelta(hours=age))
     assert store.get("digits").version == "aab222"
     assert store.get("digits", "aaa").version == "aaa111"
     with pytest.raises(DatasetVersionNotFound, match="ambiguous"):
