@@ -36,7 +36,7 @@ cli.add_typer(models_cli, name="models")
 def console() -> Console:
     # Rich assumes 80 columns when output is not a terminal (CI, `ray job logs`): too
     # narrow for the report tables.
-    return Console(width=None if sys.stdout.isatty() else 120)
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")]
@@ -143,25 +143,73 @@ def train(
     dataset_version: Annotated[str, typer.Option(help="Dataset version or latest.")] = "latest",
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
     workers: Annotated[int | None, typer.Option(help="Override train.num_workers.")] = None,
-    run_name: Annotated[str | None, typer.Option(help="Ray Train run name.")] = None,
+    zero_stage: Annotated[int | None, typer.Option(help="Override train.zero_stage.")] = None,
+    pipeline_stages: Annotated[
+        int | None, typer.Option(help="Override train.pipeline_stages.")
+    ] = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of a new run.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue this earlier run from its latest checkpoint, as it was."),
+    ] = None,
 ) -> None:
-    """Train a tier with Ray Train + DeepSpeed, evaluate it on the test split, register it."""
+    """Train a tier with Ray Train + DeepSpeed, evaluate it on the test split, register it
+    (and its INT8 variant) in MLflow."""
     from app.runtime import ray_session
     from app.workloads import get_workload
     from data.versions import DatasetStore
-    from train.run import train_tier
+    from train.run import check_layout, train_tier
 
     state: _State = ctx.obj
-    settings = state.settings(train=_drop_none(epochs=epochs, num_workers=workers))
+    overrides = _drop_none(
+        epochs=epochs, num_workers=workers, zero_stage=zero_stage, pipeline_stages=pipeline_stages
+    )
+    settings = state.settings(train=overrides)
     wl = get_workload(workload)
     wl.check_tier(tier)
-    version = DatasetStore(settings.datasets_dir).get(wl.name, dataset_version).version
+    version = None
+    if not resume:  # fail before starting Ray
+        check_layout(wl, tier, settings.train)
+        version = DatasetStore(settings.datasets_dir).get(wl.name, dataset_version).version
     with (
         ray_session(settings, verbose=state.verbose),
         console().status(f"training {wl.name}-{tier}…"),
     ):
-        outcome = train_tier(settings, wl, tier, dataset_ref=version, run_name=run_name)
+        outcome = train_tier(
+            settings, wl, tier, dataset_ref=version or "latest", run_name=run_name, resume=resume
+        )
     console().print(reports.training_table([outcome]))
+
+
+@cli.command("calibrate")
+def calibrate_cmd(
+    ctx: typer.Context,
+    workload: WorkloadOpt,
+    cheap: Annotated[str, typer.Option(help="Cheap tier version or alias.")] = "challenger",
+    expensive: Annotated[str, typer.Option(help="Expensive tier version or alias.")] = "challenger",
+    margin: Annotated[float | None, typer.Option(help="Override calibrate.margin.")] = None,
+    promote: Annotated[
+        bool, typer.Option(help="Make the cascade and both its tiers the champions.")
+    ] = False,
+) -> None:
+    """Choose the cascade threshold on the validation split and register the pair."""
+    from app.cascade_spec import promote_cascade
+    from app.registry import Registry
+    from app.runtime import ray_session
+    from app.workloads import get_workload
+    from train.calibrate import calibrate
+
+    state: _State = ctx.obj
+    settings = state.settings(calibrate=_drop_none(margin=margin))
+    wl = get_workload(workload)
+    registry = Registry(settings.tracking_uri)
+    for tier, ref in (("cheap", cheap), ("expensive", expensive)):  # fail before Ray starts
+        registry.resolve(wl.registered_model_name(tier), ref)
+    with ray_session(settings, verbose=state.verbose), console().status("calibrating…"):
+        spec, ref = calibrate(settings, wl, cheap=cheap, expensive=expensive)
+    if promote:
+        promote_cascade(registry, spec, ref)
+    console().print(reports.calibration_table(spec, ref))
 
 
 # ---------------------------------------------------------------------------- models
@@ -216,7 +264,10 @@ def serve_cmd(
     dev: Annotated[
         bool, typer.Option(help="Development: generate and print an API key if none is set.")
     ] = False,
-    model_ref: Annotated[str, typer.Option(help="Alias or version both tiers load.")] = "champion",
+    cascade: Annotated[
+        str | None,
+        typer.Option(help="Calibrated cascade to serve: alias or version (serve.cascade_ref)."),
+    ] = None,
     keep: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
 ) -> None:
     """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs."""
@@ -224,12 +275,12 @@ def serve_cmd(
     from app.serving import check_models, deploy, resolve_api_key, serve_until_interrupted
 
     state: _State = ctx.obj
-    settings = state.settings()
+    settings = state.settings(serve=_drop_none(cascade_ref=cascade))
     key = resolve_api_key(settings, dev=dev)
-    check_models(settings, workload, model_ref)
+    check_models(settings, workload)
     with ray_session(settings, verbose=state.verbose) as ray_info:
         with console().status("deploying…"):
-            endpoint = deploy(settings, workload, key, model_ref=model_ref)
+            endpoint = deploy(settings, workload, key)
         shown_key = key if settings.api_key is None else None
         for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
             console().print(line, soft_wrap=True)

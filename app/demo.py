@@ -31,9 +31,11 @@ WORKLOAD = "digits"
 def run_demo(
     settings: Settings, console: Console, *, keep: bool, verbose: bool, concurrency: int
 ) -> TrafficReport:
+    from app.cascade_spec import promote_cascade
     from app.runtime import ray_session
     from app.serving import deploy, resolve_api_key, serve_until_interrupted
     from data.pipeline import ingest
+    from train.calibrate import calibrate
     from train.run import train_tier
 
     workload = get_workload(WORKLOAD)
@@ -55,11 +57,19 @@ def run_demo(
             for tier in ("cheap", "expensive"):
                 step = progress.add_task(f"train {tier} tier (Ray Train + DeepSpeed)", total=None)
                 outcome = train_tier(settings, workload, tier, dataset_ref=dataset.manifest.version)
-                registry.promote(outcome.model.name, outcome.model.version)
                 outcomes.append(outcome)
                 progress.update(step, total=1, completed=1)
+            step = progress.add_task("calibrate the cascade", total=None)
+            spec, cascade = calibrate(
+                settings,
+                workload,
+                cheap=outcomes[0].model.version,
+                expensive=outcomes[1].model.version,
+            )
+            promote_cascade(registry, spec, cascade)
+            progress.update(step, total=1, completed=1)
             step = progress.add_task("deploy the Serve application", total=None)
-            endpoint = deploy(settings, workload.name, key, model_ref="champion")
+            endpoint = deploy(settings, workload.name, key)
             progress.update(step, total=1, completed=1)
             instances, labels = _test_split(settings, dataset.manifest)
             step = progress.add_task("send the test split over HTTP", total=len(instances))
@@ -74,6 +84,7 @@ def run_demo(
                 )
             )
         console.print(reports.training_table(outcomes))
+        console.print(reports.calibration_table(spec, cascade))
         console.print(reports.traffic_table(outcomes, report, concurrency))
         if keep:
             for line in reports.url_lines(endpoint, ray_info.dashboard_url, key):

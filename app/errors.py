@@ -73,6 +73,12 @@ class DataContractError(ScaledlError):
     status_code = 422
 
 
+class CheckpointError(ScaledlError):
+    """A checkpoint that cannot be read back, or a run that cannot be resumed."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(ScaledlError):
     """A request body over the configured limit."""
 

@@ -18,10 +18,14 @@ from app.errors import ModelNotFound
 from app.workloads import Workload, get_workload
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 WEIGHTS = "weights.pt"
 META = "model.json"
+
+
+INT8 = "dynamic-int8"
 
 
 @dataclass(frozen=True)
@@ -29,16 +33,22 @@ class ModelMeta:
     workload: str
     tier: str
     dataset_version: str
+    quantization: str | None = None
+    """None: run the fp32 weights. "dynamic-int8": quantize Linear layers on load."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def save_model(directory: Path, module: nn.Module, meta: ModelMeta) -> Path:
+def save_weights(directory: Path, weights: dict[str, torch.Tensor], meta: ModelMeta) -> Path:
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(module.state_dict(), directory / WEIGHTS)
+    torch.save(weights, directory / WEIGHTS)
     (directory / META).write_text(json.dumps(asdict(meta), indent=2))
     return directory
+
+
+def save_model(directory: Path, module: nn.Module, meta: ModelMeta) -> Path:
+    return save_weights(directory, module.state_dict(), meta)
 
 
 @dataclass
@@ -74,4 +84,20 @@ def load_model(directory: Path) -> LoadedModel:
     module = workload.build_model(meta.tier)
     module.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
     module.eval()
+    if meta.quantization == INT8:
+        module = quantize_int8(module)
+    elif meta.quantization is not None:
+        raise ModelNotFound(f"{directory}: unknown quantization {meta.quantization!r}")
     return LoadedModel(module, meta, workload)
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """Dynamic INT8: Linear weights stored as int8, activations quantized per batch."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, still works
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)

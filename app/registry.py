@@ -7,6 +7,7 @@ MLflow, so aliases are the only pointers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,45 +50,60 @@ class Registry:
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
+    def start_run(self, run_name: str, *, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """An MLflow run for one training run; training logs its steps into it."""
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
+        self.client.log_batch(
+            run.info.run_id,
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], *, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
     def register(
         self,
         name: str,
         model_dir: Path,
         *,
-        params: dict[str, Any],
-        metrics: dict[str, float],
+        run_id: str,
+        artifact_path: str = "model",
         tags: dict[str, str],
     ) -> ModelRef:
-        """Log a run holding the model, register it as a new version, alias it.
+        """Store ``model_dir`` in the run, register it as a new version of ``name``.
 
         The new version becomes ``challenger``; the first version of a name also becomes
         ``champion`` so that a fresh platform can serve without a manual promotion.
         """
-        from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 
-        run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
-        run_id = run.info.run_id
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
-        )
-        self.client.log_artifacts(run_id, str(model_dir), artifact_path="model")
-        self.client.set_terminated(run_id)
+        self.client.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        artifact_uri = self.client.get_run(run_id).info.artifact_uri
         mv = self.client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags
+            name, source=f"{artifact_uri}/{artifact_path}", run_id=run_id, tags=tags
         )
-        self.client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        version = str(mv.version)
+        self.client.set_registered_model_alias(name, CHALLENGER, version)
         if CHAMPION not in self._aliases(name):
-            self.client.set_registered_model_alias(name, CHAMPION, mv.version)
-        return self.resolve(name, str(mv.version))
+            self.client.set_registered_model_alias(name, CHAMPION, version)
+        return self.resolve(name, version)
 
     def resolve(self, name: str, ref: str = CHAMPION) -> ModelRef:
         """A version by number or alias, or ModelNotFound saying how to get one."""

@@ -15,6 +15,8 @@ SAMPLE_DIGIT = [
 ]  # fmt: skip
 
 if TYPE_CHECKING:
+    from app.cascade_spec import CascadeSpec
+    from app.registry import ModelRef
     from app.serving import Endpoint
     from app.traffic import TrafficReport
     from data.pipeline import IngestResult
@@ -40,18 +42,45 @@ def quarantine_lines(result: IngestResult, limit: int = 10) -> list[str]:
 
 
 def training_table(outcomes: list[TrainOutcome]) -> Table:
-    table = Table("tier", "test acc", "val acc", "ECE", "samples/s", "epochs", "model", "seconds")
+    table = Table(
+        "tier", "model", "test acc", "val acc", "ECE", "samples/s", "epochs", "ckpts",
+        "resumed", "INT8 Δacc", "INT8 ×", "s",
+        title="training",
+    )  # fmt: skip
     for o in outcomes:
         m = o.metrics
+        resumed = f"step {m['resumed_from_step']:.0f}" if m["resumed_from_step"] >= 0 else "—"
         table.add_row(
             o.tier,
+            o.model.label,
             f"{m['test_accuracy']:.4f}",
             f"{m['val_accuracy']:.4f}",
             f"{m['test_ece']:.4f}",
             f"{m['samples_per_s']:,.0f}",
-            f"{m['epochs']:.0f}",
-            o.model.label,
+            f"{m['epochs_run']:.0f}",
+            str(o.checkpoints),
+            resumed,
+            f"{m['int8_accuracy_delta']:+.4f}",
+            f"{m['int8_speedup_batch64']:.2f}x",
             f"{o.seconds:.0f}",
+        )
+    return table
+
+
+def calibration_table(spec: CascadeSpec, ref: ModelRef) -> Table:
+    title = (
+        f"cascade {ref.label}: cheap v{spec.cheap_version} answers at confidence >= "
+        f"{spec.threshold:.4f}, else expensive v{spec.expensive_version}"
+    )
+    table = Table("split", "cascade acc", "expensive acc", "cheap acc", "escalated", title=title)
+    for split in ("val", "test"):
+        r = getattr(spec, split)
+        table.add_row(
+            split,
+            f"{r.cascade_accuracy:.4f}",
+            f"{r.expensive_accuracy:.4f}",
+            f"{r.cheap_accuracy:.4f}",
+            f"{r.escalated_share:.1%}",
         )
     return table
 

@@ -7,10 +7,11 @@ import signal
 import threading
 from dataclasses import dataclass
 
+from app.cascade_spec import load_cascade
 from app.errors import ConfigError
 from app.registry import Registry
 from app.settings import Settings
-from app.workloads import TIERS, get_workload
+from app.workloads import get_workload
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,16 @@ def resolve_api_key(settings: Settings, *, dev: bool) -> str:
     )
 
 
-def check_models(settings: Settings, workload_name: str, model_ref: str) -> None:
-    """Both tiers resolve in the registry, or ModelNotFound says how to get them."""
+def check_models(settings: Settings, workload_name: str) -> None:
+    """The cascade to serve and both its tiers resolve, or ModelNotFound says how."""
     workload = get_workload(workload_name)
     registry = Registry(settings.tracking_uri)
-    for tier in TIERS:
-        registry.resolve(workload.registered_model_name(tier), model_ref)
+    spec, _ = load_cascade(registry, workload.name, settings.serve.cascade_ref)
+    registry.resolve(workload.registered_model_name("cheap"), spec.cheap_version)
+    registry.resolve(workload.registered_model_name("expensive"), spec.expensive_version)
 
 
-def deploy(
-    settings: Settings, workload_name: str, api_key: str | None, *, model_ref: str
-) -> Endpoint:
+def deploy(settings: Settings, workload_name: str, api_key: str | None) -> Endpoint:
     """Run the graph for ``workload_name`` on the connected Ray cluster."""
     from ray import serve
 
@@ -50,9 +50,9 @@ def deploy(
     from serve_graphs.builder import build_app
 
     workload = get_workload(workload_name)
-    check_models(settings, workload_name, model_ref)  # fail here, not in a replica
+    check_models(settings, workload_name)  # fail here, not in a replica
     args = GraphArgs.from_settings(
-        settings, workload.name, key_sha256(api_key) if api_key else None, model_ref=model_ref
+        settings, workload.name, key_sha256(api_key) if api_key else None
     )
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(args), name=workload.name, route_prefix="/", blocking=False)

@@ -64,19 +64,41 @@ class IngestConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """One training run of one tier; becomes the DeepSpeed config inside the workers."""
+    """One training run of one tier; becomes the DeepSpeed config inside the workers.
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel).")
+    Batch arithmetic: global batch = micro_batch_size x grad_accumulation x data-parallel
+    width, where the data-parallel width is num_workers / pipeline_stages.
+    """
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (stages x data parallel).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     use_gpu: bool = Field(False, description="Train on GPU workers (NCCL) instead of CPU (gloo).")
-    epochs: int = Field(12, ge=1, description="Passes over the training split.")
-    micro_batch_size: int = Field(16, ge=1, description="Rows per worker per step.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU. fp16 needs a GPU."
+    )
+    epochs: int = Field(12, ge=1, description="Most passes over the training split.")
+    micro_batch_size: int = Field(16, ge=1, description="Rows per worker per forward pass.")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(1e-2, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    zero_stage: Literal[0, 1, 2] = Field(
-        1, description="DeepSpeed ZeRO stage (3 needs a gathered save; not supported yet)."
+    warmup_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of steps spent warming the LR up; then linear decay."
     )
-    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps per run.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 disables).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer state on the CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3: keep parameters on the CPU.")
+    pipeline_stages: int = Field(
+        1, ge=1, description="Pipeline-parallel stages (DeepSpeed PipelineModule); 1 = off."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better val accuracy."
+    )
+    checkpoint_every_epochs: int = Field(1, ge=1, description="Epochs between checkpoints.")
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Best checkpoints (by val accuracy) kept; the latest is kept too."
+    )
+    log_every_steps: int = Field(10, ge=1, description="Optimizer steps between MLflow metrics.")
     cache_inputs_below_mb: float = Field(
         512,
         ge=0,
@@ -87,18 +109,66 @@ class TrainConfig(_Section):
         1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."
     )
 
+    @property
+    def data_parallel(self) -> int:
+        return self.num_workers // self.pipeline_stages
+
+    @property
+    def dtype(self) -> Literal["fp32", "bf16", "fp16"]:
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+    @model_validator(mode="after")
+    def _layout_is_possible(self) -> TrainConfig:
+        problems = []
+        if self.pipeline_stages > 1 and self.zero_stage > 1:
+            problems.append(
+                f"train.zero_stage={self.zero_stage} with train.pipeline_stages="
+                f"{self.pipeline_stages}: DeepSpeed pipelines take ZeRO stage 0 or 1"
+            )
+        if self.pipeline_stages > self.num_workers:
+            problems.append(
+                f"train.pipeline_stages={self.pipeline_stages} needs at least that many "
+                f"workers, train.num_workers is {self.num_workers}"
+            )
+        elif self.num_workers % self.pipeline_stages:
+            problems.append(
+                f"train.num_workers={self.num_workers} is not a multiple of "
+                f"train.pipeline_stages={self.pipeline_stages} (workers = stages x data parallel)"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            problems.append("train.offload_params needs train.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append("train.offload_optimizer needs train.zero_stage >= 1")
+        if self.precision == "fp16" and not self.use_gpu:
+            problems.append("train.precision=fp16 needs train.use_gpu=true (use fp32 or bf16)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class CalibrateConfig(_Section):
+    """How the cascade's threshold is chosen."""
+
+    margin: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Cascade accuracy may trail the expensive tier alone by at most this "
+        "(0.005 = 0.5 points) on the validation split; within it, escalate as little as possible.",
+    )
+
 
 class ServeConfig(_Section):
     """The HTTP service."""
 
     host: str = Field("127.0.0.1", description="Interface Serve's HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP port.")
-    cascade_threshold: float = Field(
-        0.9,
-        ge=0.0,
-        le=1.0,
-        description="The cheap tier answers when its top probability is at least this; "
-        "otherwise the request escalates to the expensive tier.",
+    cascade_ref: str = Field(
+        "champion",
+        description="Calibrated cascade to serve (alias or version of <workload>-cascade): "
+        "it names both tier versions and the threshold.",
     )
     max_batch_size: int = Field(64, ge=1, description="@serve.batch size ceiling per tier.")
     batch_wait_timeout_s: float = Field(
@@ -151,6 +221,7 @@ class Settings(BaseSettings):
     dev: bool = Field(False, description="Development mode: allow generated secrets.")
     ingest: IngestConfig = IngestConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")

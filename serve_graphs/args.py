@@ -35,9 +35,10 @@ class GraphArgs(BaseModel):
 
     workload: str = Field(description="Workload to serve, e.g. digits.")
     tracking_uri: str = Field(description="MLflow registry URI the tiers load from.")
-    model_ref: str = Field("champion", description="Alias or version both tiers load.")
-    cascade_threshold: float = Field(
-        0.9, ge=0, le=1, description="Cheap-tier confidence at which it answers alone."
+    cascade_ref: str = Field(
+        "champion",
+        description="Calibrated cascade (alias or version of <workload>-cascade): it names "
+        "both tier versions and the threshold.",
     )
     api_key_sha256: str | None = Field(
         None, description="SHA-256 of the bearer key; None leaves the API open (dev only)."
@@ -51,14 +52,13 @@ class GraphArgs(BaseModel):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, workload: str, api_key_sha256: str | None, *, model_ref: str
+        cls, settings: Settings, workload: str, api_key_sha256: str | None
     ) -> GraphArgs:
         s = settings.serve
         return cls(
             workload=workload,
             tracking_uri=settings.tracking_uri,
-            model_ref=model_ref,
-            cascade_threshold=s.cascade_threshold,
+            cascade_ref=s.cascade_ref,
             api_key_sha256=api_key_sha256,
             max_instances_per_request=s.max_instances_per_request,
             batch=TierBatchConfig(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
+from app.cascade_spec import load_cascade
+from app.registry import Registry
 from app.workloads import TIERS, get_workload
 from serve_graphs.args import GraphArgs, TierArgs
 from serve_graphs.ingress import Ingress
@@ -19,7 +21,10 @@ LOGGING = LoggingConfig(encoding="JSON").model_dump()
 
 
 def build_app(args: GraphArgs) -> Application:
+    """Resolve the cascade once, here, so every replica loads exactly the same versions."""
     workload = get_workload(args.workload)
+    cascade, _ = load_cascade(Registry(args.tracking_uri), workload.name, args.cascade_ref)
+    versions = {"cheap": cascade.cheap_version, "expensive": cascade.expensive_version}
     tiers = {
         tier: TierModel.options(
             name=f"{tier}-tier",
@@ -30,7 +35,7 @@ def build_app(args: GraphArgs) -> Application:
         ).bind(
             TierArgs(
                 registered_name=workload.registered_model_name(tier),
-                model_ref=args.model_ref,
+                model_ref=versions[tier],
                 tracking_uri=args.tracking_uri,
             ).model_dump()
         )
@@ -40,4 +45,4 @@ def build_app(args: GraphArgs) -> Application:
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.ingress_max_ongoing_requests,
         logging_config=LOGGING,
-    ).bind(tiers["cheap"], tiers["expensive"], args.model_dump())
+    ).bind(tiers["cheap"], tiers["expensive"], args.model_dump(), cascade.threshold)

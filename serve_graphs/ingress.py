@@ -24,9 +24,11 @@ def tier_fn(handle: DeploymentHandle) -> TierFn:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
+    def __init__(
+        self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict, threshold: float
+    ) -> None:
         self.args = GraphArgs.model_validate(args)
-        self.cascade = Cascade(tier_fn(cheap), tier_fn(expensive), self.args.cascade_threshold)
+        self.cascade = Cascade(tier_fn(cheap), tier_fn(expensive), threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(

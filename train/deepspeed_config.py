@@ -8,22 +8,32 @@ from app.settings import TrainConfig
 
 
 def steps_per_epoch(train_rows: int, cfg: TrainConfig) -> int:
-    """Optimizer steps per epoch: equal shares per worker, last partial batch dropped."""
-    return max(1, (train_rows // cfg.num_workers) // cfg.micro_batch_size)
+    """Optimizer steps per epoch: equal shares per data-parallel rank, partial batches dropped."""
+    micro_batches = (train_rows // cfg.data_parallel) // cfg.micro_batch_size
+    return max(1, micro_batches // cfg.grad_accumulation)
 
 
 def build_deepspeed_config(cfg: TrainConfig, *, total_steps: int) -> dict[str, Any]:
-    warmup = max(1, total_steps // 10)
+    warmup = max(1, int(total_steps * cfg.warmup_fraction))
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.micro_batch_size * cfg.num_workers,
-        "gradient_clipping": 1.0,
+        "gradient_accumulation_steps": cfg.grad_accumulation,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accumulation * cfg.data_parallel,
+        "gradient_clipping": cfg.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW: DeepSpeed's fused CPU Adam needs a ~50 s JIT build and only
-            # pays off with optimizer offload.
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
+            # torch's AdamW unless offloading: DeepSpeed's CPU Adam needs a ~50 s JIT build
+            # and only pays off when optimizer state lives on the CPU.
+            "params": {
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": not cfg.offload_optimizer,
+            },
         },
         "scheduler": {
             "type": "WarmupDecayLR",
@@ -35,8 +45,9 @@ def build_deepspeed_config(cfg: TrainConfig, *, total_steps: int) -> dict[str, A
                 "warmup_type": "linear",
             },
         },
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.use_gpu},
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "fp16": {"enabled": cfg.dtype == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -1,8 +1,8 @@
 """The per-worker training loop (runs inside Ray Train workers).
 
 Short and made of named helpers, like Ray's own DeepSpeed example: set up the engine,
-resume from a checkpoint if Ray hands one over, train, evaluate on the validation shard,
-report with a checkpoint every epoch.
+resume from the checkpoint Ray hands over, train, evaluate on the validation split,
+report (with a checkpoint every N epochs), stop early when validation stops improving.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,12 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from app.model_artifact import ModelMeta, save_model
+from app.errors import CheckpointError
+from app.model_artifact import ModelMeta, save_weights
+from app.registry import Registry
 from app.settings import TrainConfig
 from app.workloads import get_workload
+from train.engines import DataParallel, Pipeline, build_engine
 
 log = logging.getLogger("scaledl.train")
 
@@ -35,9 +38,23 @@ class TrainJob(BaseModel):
     workload: str
     tier: str
     dataset_version: str
+    train_rows: int
+    val_rows: int
     seed: int
     train: TrainConfig
     deepspeed: dict[str, Any]
+    tracking_uri: str
+    mlflow_run_id: str
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the weights, so a resumed run continues exactly."""
+
+    next_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    epochs_without_improvement: int = 0
+    resumed_from_step: int = -1
 
 
 def to_model_inputs(batch: pd.DataFrame, *, workload_name: str) -> dict[str, np.ndarray]:
@@ -56,105 +73,113 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     job = TrainJob.model_validate(config)
     torch.manual_seed(job.seed)
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
-    engine = setup_engine(job)
-    start_epoch = load_checkpoint(engine)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    trainer = build_engine(job)
+    progress = load_checkpoint(trainer)
+    step_log = mlflow_step_logger(job)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, job.train.epochs):
-        metrics = {"epoch": epoch, **train_epoch(engine, train_shard, job, epoch)}
-        metrics.update(evaluate_shard(engine, val_shard))
-        report_and_checkpoint(engine, job, metrics, epoch)
+    for epoch in range(progress.next_epoch, job.train.epochs):
+        metrics = {"epoch": epoch, **trainer.train_epoch(train_shard, epoch, step_log)}
+        metrics.update(trainer.evaluate(val_shard))
+        metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics, job))
+        stop = progress.epochs_without_improvement >= (job.train.early_stopping_patience or 10**9)
+        last = stop or epoch + 1 == job.train.epochs
+        step_log(trainer.engine.global_steps, metrics)
+        report_and_checkpoint(trainer, job, metrics, progress, checkpoint=last or _due(epoch, job))
+        if stop:
+            break
     return metrics
 
 
-def setup_engine(job: TrainJob) -> Any:
-    import deepspeed
+def track(progress: Progress, metrics: dict[str, float], job: TrainJob) -> dict[str, float]:
+    """Update early-stopping state after an epoch; returns what the report should carry."""
+    progress.next_epoch = int(metrics["epoch"]) + 1
+    if metrics["val_accuracy"] > progress.best_val_accuracy:
+        progress.best_val_accuracy = metrics["val_accuracy"]
+        progress.epochs_without_improvement = 0
+    else:
+        progress.epochs_without_improvement += 1
+    return {
+        "best_val_accuracy": progress.best_val_accuracy,
+        "resumed_from_step": progress.resumed_from_step,
+    }
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    model = get_workload(job.workload).build_model(job.tier)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=job.deepspeed
-    )
-    return engine
+
+def _due(epoch: int, job: TrainJob) -> bool:
+    return (epoch + 1) % job.train.checkpoint_every_epochs == 0
 
 
-def load_checkpoint(engine: Any) -> int:
-    """Resume from the checkpoint Ray hands over (after a failure); returns the next epoch."""
+def load_checkpoint(trainer: DataParallel | Pipeline) -> Progress:
+    """Resume from the checkpoint Ray hands over (after a failure, or `--resume`)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return Progress()
     with checkpoint.as_directory() as directory:
-        _, client_state = engine.load_checkpoint(directory)
-    epoch = int(client_state["epoch"]) + 1
-    log.warning("resuming from checkpoint at epoch %d (global step %d)", epoch, engine.global_steps)
-    print(f"[scaledl] resuming from checkpoint: epoch {epoch}, step {engine.global_steps}")
-    return epoch
-
-
-def train_epoch(engine: Any, shard: Any, job: TrainJob, epoch: int) -> dict[str, float]:
-    import torch.nn.functional as F
-
-    engine.train()
-    started, rows, loss_sum = time.perf_counter(), 0, 0.0
-    batches = shard.iter_torch_batches(
-        batch_size=job.train.micro_batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=job.train.micro_batch_size * 8,
-        local_shuffle_seed=job.seed + epoch,
+        try:
+            path, client_state = trainer.engine.load_checkpoint(directory)
+        except Exception as exc:  # DeepSpeed raises several kinds for a damaged folder
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} cannot be loaded ({exc}): delete it or start "
+                "a fresh run without --resume"
+            ) from exc
+        if path is None:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds no DeepSpeed state: delete it or start "
+                "a fresh run without --resume"
+            )
+    progress = Progress(**client_state["progress"])
+    progress.resumed_from_step = int(trainer.engine.global_steps)
+    message = (
+        f"resuming from checkpoint at epoch {progress.next_epoch}, "
+        f"step {progress.resumed_from_step}"
     )
-    for batch in batches:
-        loss = F.cross_entropy(engine(batch["x"]), batch["y"])
-        engine.backward(loss)
-        engine.step()
-        rows += len(batch["y"])
-        loss_sum += float(loss) * len(batch["y"])
-    seconds = time.perf_counter() - started
-    return {
-        "train_loss": loss_sum / max(rows, 1),
-        "samples_per_s": rows / seconds if seconds > 0 else 0.0,
-        "lr": float(engine.get_lr()[0]),
-        "global_step": int(engine.global_steps),
-    }
+    log.warning(message)
+    print(f"[scaledl] {message}", flush=True)
+    return progress
 
 
-def evaluate_shard(engine: Any, shard: Any) -> dict[str, float]:
-    """Validation loss/accuracy over every worker's shard (summed across workers)."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+def mlflow_step_logger(job: TrainJob):  # noqa: ANN201 - a StepLog
+    """Rank 0 logs step metrics into the run's MLflow run; other ranks log nothing."""
+    import ray.train
 
-    engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=256):
-            logits = engine(batch["x"])
-            totals[0] += F.cross_entropy(logits, batch["y"], reduction="sum").item()
-            totals[1] += (logits.argmax(1) == batch["y"]).sum().item()
-            totals[2] += len(batch["y"])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss_sum, correct, rows = totals.tolist()
-    return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
+    if ray.train.get_context().get_world_rank() != 0:
+        return lambda step, metrics: None
+    registry = Registry(job.tracking_uri)
+
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        registry.log_metrics(job.mlflow_run_id, metrics, step=step)
+
+    return log_step
 
 
 def report_and_checkpoint(
-    engine: Any, job: TrainJob, metrics: dict[str, float], epoch: int
+    trainer: DataParallel | Pipeline,
+    job: TrainJob,
+    metrics: dict[str, float],
+    progress: Progress,
+    *,
+    checkpoint: bool,
 ) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds plain weights for serving."""
+    """Every rank saves its DeepSpeed shard; rank 0 adds the full weights for serving."""
     import ray.train
     from ray.train import Checkpoint
 
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
     directory = Path(tempfile.mkdtemp(prefix="scaledl-ckpt-"))
     try:
-        engine.save_checkpoint(str(directory), client_state={"epoch": epoch})
+        trainer.engine.save_checkpoint(str(directory), client_state={"progress": vars(progress)})
+        weights = trainer.full_state_dict()  # collective: every rank takes part
         if ray.train.get_context().get_world_rank() == 0:
             meta = ModelMeta(
                 workload=job.workload, tier=job.tier, dataset_version=job.dataset_version
             )
-            save_model(directory / MODEL_DIR, engine.module, meta)
+            save_weights(directory / MODEL_DIR, weights, meta)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

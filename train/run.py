@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import subprocess
 import tempfile
@@ -9,27 +11,32 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from app.errors import ConfigError
+from app.errors import CheckpointError, ConfigError
 from app.registry import ModelRef, Registry
 from app.settings import Settings, TrainConfig
-from app.workloads import Workload
+from app.workloads import Workload, get_workload
 from data.pipeline import read_split
 from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
 from train.evaluate import score
 from train.loop import MODEL_DIR, TrainJob, to_model_inputs, train_loop_per_worker
+from train.quantize import int8_variant
 
 # Ray Data needs a CPU beside the trainers to stream shards, or training stalls.
 SPARE_CPUS_FOR_DATA = 1.0
+JOB_FILE = "scaledl-job.json"
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     tier: str
     model: ModelRef
+    int8: ModelRef
     metrics: dict[str, float]
     run_name: str
+    checkpoints: int
     seconds: float
 
 
@@ -40,52 +47,35 @@ def train_tier(
     *,
     dataset_ref: str = "latest",
     run_name: str | None = None,
+    resume: str | None = None,
 ) -> TrainOutcome:
-    """Train one tier with Ray Train + DeepSpeed, score it on the test split, register it."""
+    """Train one tier with Ray Train + DeepSpeed, score it, register it and its INT8 twin.
+
+    ``resume`` names an earlier run: it continues from that run's latest checkpoint with
+    that run's own configuration.
+    """
     started = time.perf_counter()
-    workload.check_tier(tier)
-    cfg = settings.train
-    manifest = DatasetStore(settings.datasets_dir).get(workload.name, dataset_ref)
-    check_cluster_fits(cfg)
-    run_name = run_name or f"{workload.name}-{tier}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    job = TrainJob(
-        workload=workload.name,
-        tier=tier,
-        dataset_version=manifest.version,
-        seed=settings.seed,
-        train=cfg,
-        deepspeed=build_deepspeed_config(
-            cfg, total_steps=steps_per_epoch(manifest.splits["train"], cfg) * cfg.epochs
-        ),
-    )
-    result = _fit(settings, manifest, job, run_name)
-    with tempfile.TemporaryDirectory(prefix="scaledl-model-") as tmp:
-        model_dir = Path(tmp) / MODEL_DIR
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, model_dir)
-        test = score(read_split(settings, manifest, "test"), model_dir)
-        metrics = {
-            "test_accuracy": test.accuracy,
-            "test_ece": test.expected_calibration_error,
-            "val_accuracy": float(result.metrics["val_accuracy"]),
-            "train_loss": float(result.metrics["train_loss"]),
-            "samples_per_s": float(result.metrics["samples_per_s"]),
-            "epochs": float(result.metrics["epoch"]) + 1,
-        }
-        ref = Registry(settings.tracking_uri, settings.artifacts_dir).register(
-            workload.registered_model_name(tier),
-            model_dir,
-            params={"train": cfg.model_dump_json(), "deepspeed": job.deepspeed, "run": run_name},
-            metrics=metrics,
-            tags={
-                "workload": workload.name,
-                "tier": tier,
-                "dataset_version": manifest.version,
-                "train_run": run_name,
-                "git_commit": _git_commit(),
-            },
-        )
-    return TrainOutcome(tier, ref, metrics, run_name, time.perf_counter() - started)
+    registry = Registry(settings.tracking_uri, settings.artifacts_dir)
+    if resume:
+        job, run_name = _load_job(settings, resume), resume
+        if (job.workload, job.tier) != (workload.name, tier):
+            raise ConfigError(
+                f"run {resume} trained {job.workload}-{job.tier}, not {workload.name}-{tier}: "
+                f"resume it with --workload {job.workload} --tier {job.tier}"
+            )
+    else:
+        run_name = run_name or f"{workload.name}-{tier}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        job = _new_job(settings, workload, tier, dataset_ref, run_name, registry)
+    manifest = DatasetStore(settings.datasets_dir).get(workload.name, job.dataset_version)
+    check_cluster_fits(job.train)
+    try:
+        result = _fit(settings, manifest, job, run_name)
+        outcome = _evaluate_and_register(settings, registry, manifest, job, run_name, result)
+    except BaseException:
+        registry.finish_run(job.mlflow_run_id, status="FAILED")
+        raise
+    registry.finish_run(job.mlflow_run_id)
+    return dataclasses.replace(outcome, seconds=time.perf_counter() - started)
 
 
 def check_cluster_fits(cfg: TrainConfig) -> None:
@@ -103,12 +93,88 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         )
 
 
-def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name: str):  # noqa: ANN202
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def check_layout(workload: Workload, tier: str, cfg: TrainConfig) -> None:
+    layers = len(workload.layers(tier))
+    if cfg.pipeline_stages > layers:
+        raise ConfigError(
+            f"train.pipeline_stages={cfg.pipeline_stages} but {workload.name}-{tier} has only "
+            f"{layers} layers: use at most {layers} stages"
+        )
+
+
+def _new_job(
+    settings: Settings,
+    workload: Workload,
+    tier: str,
+    dataset_ref: str,
+    run_name: str,
+    registry: Registry,
+) -> TrainJob:
+    workload.check_tier(tier)
+    cfg = settings.train
+    check_layout(workload, tier, cfg)
+    manifest = DatasetStore(settings.datasets_dir).get(workload.name, dataset_ref)
+    total_steps = steps_per_epoch(manifest.splits["train"], cfg) * cfg.epochs
+    deepspeed = build_deepspeed_config(cfg, total_steps=total_steps)
+    tags = {
+        "workload": workload.name,
+        "tier": tier,
+        "dataset_version": manifest.version,
+        "train_run": run_name,
+        "git_commit": _git_commit(),
+        "libraries": _library_versions(),
+    }
+    run_id = registry.start_run(
+        run_name,
+        params={
+            "train": cfg.model_dump_json(),
+            "deepspeed": json.dumps(deepspeed),
+            "seed": settings.seed,
+        },
+        tags=tags,
+    )
+    job = TrainJob(
+        workload=workload.name,
+        tier=tier,
+        dataset_version=manifest.version,
+        train_rows=manifest.splits["train"],
+        val_rows=manifest.splits["val"],
+        seed=settings.seed,
+        train=cfg,
+        deepspeed=deepspeed,
+        tracking_uri=settings.tracking_uri,
+        mlflow_run_id=run_id,
+    )
+    run_dir = settings.runs_dir / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / JOB_FILE).write_text(job.model_dump_json(indent=2))
+    return job
+
+
+def _load_job(settings: Settings, run_name: str) -> TrainJob:
+    path = settings.runs_dir / run_name / JOB_FILE
+    if not path.is_file():
+        known = sorted(p.parent.name for p in settings.runs_dir.glob(f"*/{JOB_FILE}"))
+        raise CheckpointError(
+            f"no training run {run_name!r} under {settings.runs_dir}: resume one of "
+            f"{', '.join(known[-5:]) or '(none yet)'}"
+        )
+    return TrainJob.model_validate_json(path.read_text())
+
+
+def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name: str) -> Any:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = job.train
     datasets = {split: _model_inputs(settings, manifest, split, cfg) for split in ("train", "val")}
+    if cfg.pipeline_stages > 1:
+        # Every stage of a pipe reads the whole split in the same order (see engines.py).
+        order = ExecutionOptions(preserve_order=True)
+        data_config = DataConfig(datasets_to_split=[], execution_options=order)
+    else:
+        data_config = DataConfig(datasets_to_split="all")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(),
@@ -120,24 +186,90 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
         run_config=RunConfig(
             name=run_name,
             storage_path=str(settings.runs_dir),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoints_to_keep,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
+        dataset_config=data_config,
     )
     return trainer.fit()
 
 
-def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, cfg: TrainConfig):  # noqa: ANN202
+def _model_inputs(
+    settings: Settings, manifest: DatasetManifest, split: str, cfg: TrainConfig
+) -> Any:
     """The split as model inputs, streamed; small ones are computed once, not every epoch."""
-    from app.workloads import get_workload
-
     dataset = read_split(settings, manifest, split).map_batches(
         to_model_inputs, fn_kwargs={"workload_name": manifest.workload}, batch_format="pandas"
     )
     width = len(get_workload(manifest.workload).feature_columns) + 1
     megabytes = manifest.splits[split] * width * 4 / 2**20
     return dataset.materialize() if megabytes < cfg.cache_inputs_below_mb else dataset
+
+
+def _evaluate_and_register(
+    settings: Settings,
+    registry: Registry,
+    manifest: DatasetManifest,
+    job: TrainJob,
+    run_name: str,
+    result: Any,
+) -> TrainOutcome:
+    """Score the best checkpoint and its INT8 twin on the test split; register both."""
+    best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    final = result.metrics
+    test = read_split(settings, manifest, "test")
+    name = get_workload(job.workload).registered_model_name(job.tier)
+    tags = {"dataset_version": job.dataset_version, "workload": job.workload, "tier": job.tier}
+    with tempfile.TemporaryDirectory(prefix="scaledl-model-") as tmp:
+        model_dir = Path(tmp) / MODEL_DIR
+        with best.as_directory() as checkpoint_dir:
+            shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, model_dir)
+        scores = score(test, model_dir)
+        int8 = int8_variant(model_dir, Path(tmp) / "int8")
+        int8_scores = score(test, int8.directory)
+        metrics = {
+            "test_accuracy": scores.accuracy,
+            "test_ece": scores.expected_calibration_error,
+            "val_accuracy": float(best_metrics["val_accuracy"]),
+            "best_epoch": float(best_metrics["epoch"]),
+            "epochs_run": float(final["epoch"]) + 1,
+            "train_loss": float(final["train_loss"]),
+            "samples_per_s": float(final["samples_per_s"]),
+            "resumed_from_step": float(final["resumed_from_step"]),
+            "int8_test_accuracy": int8_scores.accuracy,
+            "int8_accuracy_delta": int8_scores.accuracy - scores.accuracy,
+            "int8_speedup_batch64": int8.speedup,
+        }
+        registry.log_metrics(job.mlflow_run_id, metrics)
+        model = registry.register(name, model_dir, run_id=job.mlflow_run_id, tags=tags)
+        int8_ref = registry.register(
+            f"{name}-int8",
+            int8.directory,
+            run_id=job.mlflow_run_id,
+            artifact_path="model-int8",
+            tags={
+                **tags,
+                "fp32_version": model.version,
+                "accuracy_delta": f"{metrics['int8_accuracy_delta']:+.4f}",
+                "speedup_batch64": f"{int8.speedup:.2f}",
+            },
+        )
+    checkpoints = len(
+        [p for p in (settings.runs_dir / run_name).glob("checkpoint_*") if p.is_dir()]
+    )
+    return TrainOutcome(job.tier, model, int8_ref, metrics, run_name, checkpoints, seconds=0.0)
+
+
+def _library_versions() -> str:
+    from importlib.metadata import version
+
+    names = ("ray", "torch", "deepspeed", "mlflow-skinny", "pyarrow", "pandas")
+    return json.dumps({n: version(n) for n in names})
 
 
 def _git_commit() -> str:

@@ -7,7 +7,8 @@ The platform code never names a workload; it asks the registry in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 TIERS: tuple[str, ...] = ("cheap", "expensive")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer, not yet built: its class and constructor arguments."""
+
+    cls: type
+    args: tuple[Any, ...] = ()
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args)
 
 
 class Workload(ABC):
@@ -40,8 +52,18 @@ class Workload(ABC):
         """The raw data set that ships with the workload (used when no source is given)."""
 
     @abstractmethod
+    def layers(self, tier: str) -> list[LayerSpec]:
+        """The model of ``tier`` as a sequence of layers: float features (n, F) -> logits.
+
+        A sequence, so that the same definition builds the plain model and a DeepSpeed
+        pipeline split into stages.
+        """
+
     def build_model(self, tier: str) -> nn.Module:
-        """A fresh, untrained model of ``tier``: float features (n, F) -> logits (n, C)."""
+        """A fresh, untrained model of ``tier``."""
+        from torch import nn
+
+        return nn.Sequential(*(spec.build() for spec in self.layers(self.check_tier(tier))))
 
     def features(self, frame: pd.DataFrame) -> np.ndarray:
         """Raw rows -> model inputs. Training and serving both call this, so they agree."""

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from app.workloads.base import Workload
+from app.workloads.base import LayerSpec, Workload
 
 if TYPE_CHECKING:
     import pandera.pandas as pa
-    from torch import nn
 
 SIDE = 8
 PIXELS = tuple(f"px_{i:02d}" for i in range(SIDE * SIDE))
@@ -63,23 +62,25 @@ class Digits(Workload):
     def features(self, frame: pd.DataFrame) -> np.ndarray:
         return super().features(frame) / np.float32(MAX_PIXEL)
 
-    def build_model(self, tier: str) -> nn.Module:
+    def layers(self, tier: str) -> list[LayerSpec]:
         from torch import nn
 
         if self.check_tier(tier) == "cheap":
-            return nn.Sequential(
-                nn.Linear(len(PIXELS), 64), nn.ReLU(), nn.Linear(64, self.num_classes)
-            )
-        return nn.Sequential(
-            nn.Unflatten(1, (1, SIDE, SIDE)),
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * (SIDE // 2) ** 2, 128),
-            nn.ReLU(),
-            nn.Dropout(0.2),
-            nn.Linear(128, self.num_classes),
-        )
+            return [
+                LayerSpec(nn.Linear, (len(PIXELS), 64)),
+                LayerSpec(nn.ReLU),
+                LayerSpec(nn.Linear, (64, self.num_classes)),
+            ]
+        return [
+            LayerSpec(nn.Unflatten, (1, (1, SIDE, SIDE))),
+            LayerSpec(nn.Conv2d, (1, 32, 3, 1, 1)),
+            LayerSpec(nn.ReLU),
+            LayerSpec(nn.Conv2d, (32, 64, 3, 1, 1)),
+            LayerSpec(nn.ReLU),
+            LayerSpec(nn.MaxPool2d, (2,)),
+            LayerSpec(nn.Flatten),
+            LayerSpec(nn.Linear, (64 * (SIDE // 2) ** 2, 128)),
+            LayerSpec(nn.ReLU),
+            LayerSpec(nn.Dropout, (0.2,)),
+            LayerSpec(nn.Linear, (128, self.num_classes)),
+        ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cascade_spec import CascadeSpec
 from app.settings import Settings, load_settings
 
 
@@ -34,12 +35,16 @@ class Platform:
     settings: Settings
     dataset_version: str
     outcomes: dict  # tier -> TrainOutcome
+    cascade: CascadeSpec
 
 
 @pytest.fixture(scope="session")
 def platform(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Platform:
+    from app.cascade_spec import promote_cascade
+    from app.registry import Registry
     from app.workloads import get_workload
     from data.pipeline import ingest
+    from train.calibrate import calibrate
     from train.run import train_tier
 
     settings = load_settings(
@@ -47,5 +52,12 @@ def platform(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Pla
     )
     workload = get_workload("digits")
     version = ingest(settings, workload).manifest.version
-    outcomes = {tier: train_tier(settings, workload, tier) for tier in ("cheap", "expensive")}
-    return Platform(settings, version, outcomes)
+    # ZeRO-1 for the cheap tier, ZeRO-2 for the expensive one: both stages in one go.
+    zero2 = load_settings(storage_root=settings.storage_root, train={"epochs": 6, "zero_stage": 2})
+    outcomes = {
+        "cheap": train_tier(settings, workload, "cheap"),
+        "expensive": train_tier(zero2, workload, "expensive"),
+    }
+    spec, ref = calibrate(settings, workload, cheap="challenger", expensive="challenger")
+    promote_cascade(Registry(settings.tracking_uri), spec, ref)
+    return Platform(settings, version, outcomes, spec)

@@ -2,45 +2,140 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from app.errors import ConfigError
-from app.model_artifact import load_model
+from app.errors import CheckpointError, ConfigError
+from app.model_artifact import INT8, load_model
 from app.registry import Registry
-from app.settings import load_settings
+from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from tests.integration.conftest import Platform
-from train.run import check_cluster_fits, train_tier
+from train.run import TrainOutcome, check_cluster_fits, train_tier
+
+DIGITS = get_workload("digits")
 
 
-@pytest.mark.parametrize(("tier", "floor"), [("cheap", 0.9), ("expensive", 0.95)])
-def test_each_tier_trains_to_a_real_accuracy_and_is_registered(
-    platform: Platform, tier: str, floor: float
+@pytest.mark.parametrize(("tier", "zero", "floor"), [("cheap", 1, 0.9), ("expensive", 2, 0.95)])
+def test_each_tier_trains_to_a_real_accuracy_and_is_registered_with_lineage(
+    platform: Platform, tier: str, zero: int, floor: float
 ) -> None:
     outcome = platform.outcomes[tier]
     assert outcome.metrics["test_accuracy"] >= floor
-    assert outcome.metrics["epochs"] == 6
+    assert outcome.metrics["epochs_run"] == 6
     registry = Registry(platform.settings.tracking_uri)
     ref = registry.resolve(f"digits-{tier}", outcome.model.version)
     assert ref.tags["dataset_version"] == platform.dataset_version
-    assert ref.tags["tier"] == tier
-    assert registry.run_metrics(ref)["test_accuracy"] == pytest.approx(
-        outcome.metrics["test_accuracy"]
-    )
+    run = registry.client.get_run(ref.run_id)
+    assert run.data.tags["git_commit"] and "deepspeed" in run.data.tags["libraries"]
+    assert f'"zero_stage":{zero}' in run.data.params["train"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(outcome.metrics["test_accuracy"])
+    # Per-step metrics from rank 0, every log_every_steps optimizer steps.
+    steps = registry.client.get_metric_history(ref.run_id, "step_loss")
+    assert len(steps) >= 6 and all(m.step % 10 == 0 for m in steps)
     model = load_model(registry.download(ref))
     assert (model.meta.tier, model.meta.dataset_version) == (tier, platform.dataset_version)
+
+
+def test_an_int8_twin_is_registered_beside_each_tier(platform: Platform) -> None:
+    registry = Registry(platform.settings.tracking_uri)
+    for tier, outcome in platform.outcomes.items():
+        int8 = registry.resolve(f"digits-{tier}-int8", outcome.int8.version)
+        assert int8.tags["fp32_version"] == outcome.model.version
+        assert float(int8.tags["speedup_batch64"]) > 0
+        assert abs(outcome.metrics["int8_accuracy_delta"]) <= 0.02
+        assert load_model(registry.download(int8)).meta.quantization == INT8
 
 
 def test_checkpoints_hold_every_ranks_deepspeed_state_and_the_weights(platform: Platform) -> None:
     run = Path(platform.settings.runs_dir) / platform.outcomes["cheap"].run_name
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == platform.settings.train.checkpoints_to_keep
+    # The best ones by val accuracy, plus the latest (kept for resuming).
+    assert 1 <= len(checkpoints) <= platform.settings.train.checkpoints_to_keep + 1
     latest = checkpoints[-1]
     assert (latest / "model" / "weights.pt").is_file()
-    optimizer_shards = list(latest.rglob("*optim_states.pt"))
-    assert len(optimizer_shards) == platform.settings.train.num_workers  # ZeRO-1: one per rank
+    assert len(list(latest.rglob("*optim_states.pt"))) == 2  # ZeRO-1: one shard per rank
+
+
+def test_pipeline_parallel_trains_as_well_as_data_parallel(platform: Platform) -> None:
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, train={"epochs": 6, "pipeline_stages": 2}
+    )
+    outcome = train_tier(settings, DIGITS, "expensive")
+    data_parallel = platform.outcomes["expensive"].metrics["test_accuracy"]
+    assert outcome.metrics["test_accuracy"] >= data_parallel - 0.01
+    run = Registry(settings.tracking_uri).client.get_run(outcome.model.run_id)
+    assert '"pipeline_stages":2' in run.data.params["train"]
+
+
+def _kill_a_worker_after(run_dir: Path, checkpoints: int) -> None:
+    deadline = time.monotonic() + 300
+    while len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) < checkpoints:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    time.sleep(1.0)  # let Ray register the checkpoint it just wrote
+    workers = [
+        p for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker")
+    ]  # fmt: skip
+    assert workers, "no Ray Train worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+
+def _train_while_killing(settings: Settings, run_name: str, **kwargs) -> TrainOutcome:  # noqa: ANN003
+    killer = threading.Thread(target=_kill_a_worker_after, args=(settings.runs_dir / run_name, 2))
+    killer.start()
+    try:
+        return train_tier(settings, DIGITS, "expensive", run_name=run_name, **kwargs)
+    finally:
+        killer.join()
+
+
+def _resume_lines() -> list[str]:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [
+        line
+        for f in logs.glob("worker-*.out")
+        for line in f.read_text(errors="replace").splitlines()
+        if "[scaledl] resuming from checkpoint" in line
+    ]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(platform: Platform) -> None:
+    settings = load_settings(storage_root=platform.settings.storage_root, train={"epochs": 6})
+    outcome = _train_while_killing(settings, "killed-and-recovered")
+    resumed_at = outcome.metrics["resumed_from_step"]
+    assert resumed_at > 0
+    assert any(f"step {resumed_at:.0f}" in line for line in _resume_lines())
+    uninterrupted = platform.outcomes["expensive"].metrics["test_accuracy"]
+    assert abs(outcome.metrics["test_accuracy"] - uninterrupted) <= 0.01
+
+
+def test_a_stopped_run_continues_with_resume(platform: Platform) -> None:
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, train={"epochs": 6, "max_failures": 0}
+    )
+    with pytest.raises(Exception, match="(?i)fail|died|killed"):
+        _train_while_killing(settings, "stopped-run")
+    with pytest.raises(ConfigError, match="resume it with --workload digits --tier expensive"):
+        train_tier(settings, DIGITS, "cheap", resume="stopped-run")
+    outcome = train_tier(settings, DIGITS, "expensive", resume="stopped-run")
+    assert outcome.metrics["resumed_from_step"] > 0
+    assert outcome.metrics["epochs_run"] == 6
+    assert outcome.metrics["test_accuracy"] >= 0.95
+
+
+def test_resuming_an_unknown_run_names_the_known_ones(platform: Platform) -> None:
+    with pytest.raises(CheckpointError, match="no training run 'nope'.*resume one of"):
+        train_tier(platform.settings, DIGITS, "cheap", resume="nope")
 
 
 def test_a_layout_the_cluster_cannot_place_is_refused_before_training(platform: Platform) -> None:
@@ -48,4 +143,18 @@ def test_a_layout_the_cluster_cannot_place_is_refused_before_training(platform: 
     with pytest.raises(ConfigError, match=r"training needs 9 CPUs .* cluster has 4"):
         check_cluster_fits(settings.train)
     with pytest.raises(ConfigError):
-        train_tier(settings, get_workload("digits"), "cheap")
+        train_tier(settings, DIGITS, "cheap")
+
+
+def test_calibration_keeps_accuracy_close_to_the_expensive_tier_for_less(
+    platform: Platform,
+) -> None:
+    spec = platform.cascade
+    assert spec.margin == 0.005
+    assert spec.val.cascade_accuracy >= spec.val.expensive_accuracy - spec.margin
+    assert 0 < spec.val.escalated_share < 0.5
+    assert spec.test.cascade_accuracy >= spec.test.expensive_accuracy - 0.02
+    registry = Registry(platform.settings.tracking_uri)
+    ref = registry.resolve("digits-cascade", "champion")
+    assert ref.tags["cheap_version"] == spec.cheap_version
+    assert registry.resolve("digits-cheap", "champion").version == spec.cheap_version

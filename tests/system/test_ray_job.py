@@ -64,6 +64,10 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
         ref = Registry(f"sqlite:///{storage / 'mlflow.db'}").resolve(f"digits-{tier}")
         assert ref.tags["dataset_version"] == version
 
+    calibrate = submit(ray_head, storage, "calibrate", "--workload", "digits", "--promote")
+    assert calibrate.returncode == 0, calibrate.stdout[-3000:] + calibrate.stderr[-3000:]
+    assert "digits-cascade/1" in calibrate.stdout
+
     port = free_port()
     deploy = submit(
         ray_head, storage, "serve", "--workload", "digits", "--no-keep",

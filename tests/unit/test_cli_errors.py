@@ -51,7 +51,7 @@ def scaledl(
         (
             ["serve", "-w", "digits", "--dev"],
             1,
-            "model 'digits-cheap' has no version or alias 'champion'",
+            "no calibrated cascade 'champion' for digits",
         ),
         (["models", "promote", "digits-cheap", "3"], 1, "has no version or alias '3'"),
     ],

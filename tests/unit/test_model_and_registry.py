@@ -49,24 +49,24 @@ def registry(tmp_path: Path) -> Registry:
 def test_first_version_is_champion_later_ones_challengers(
     registry: Registry, tmp_path: Path
 ) -> None:
+    run = registry.start_run("r1", params={"lr": 0.1}, tags={"tier": "cheap"})
+    registry.log_metrics(run, {"train_loss": 2.0}, step=1)
+    registry.log_metrics(run, {"train_loss": 0.5}, step=2)
+    registry.log_metrics(run, {"test_accuracy": 0.9})
     first = registry.register(
-        "digits-cheap",
-        saved_model(tmp_path / "a"),
-        params={"lr": 0.1},
-        metrics={"test_accuracy": 0.9},
-        tags={"dataset_version": "ds1"},
+        "digits-cheap", saved_model(tmp_path / "a"), run_id=run, tags={"dataset_version": "ds1"}
     )
+    registry.finish_run(run)
+    other = registry.start_run("r2", params={}, tags={})
     second = registry.register(
-        "digits-cheap",
-        saved_model(tmp_path / "b", seed=1),
-        params={},
-        metrics={},
-        tags={},
+        "digits-cheap", saved_model(tmp_path / "b", seed=1), run_id=other, tags={}
     )
+    history = registry.client.get_metric_history(run, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 0.5)]
     assert registry.resolve("digits-cheap", "champion").version == first.version == "1"
     assert registry.resolve("digits-cheap", "challenger").version == second.version == "2"
     assert registry.resolve("digits-cheap", "1").tags["dataset_version"] == "ds1"
-    assert registry.run_metrics(first) == {"test_accuracy": 0.9}
+    assert registry.run_metrics(first) == {"test_accuracy": 0.9, "train_loss": 0.5}
     assert load_model(registry.download(first)).meta.tier == "cheap"
 
     assert registry.promote("digits-cheap", "2") == "1"

@@ -1,0 +1,72 @@
+"""TrainConfig -> DeepSpeed config, and layouts refused before any worker starts."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.errors import ConfigError
+from app.settings import TrainConfig
+from app.workloads import get_workload
+from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
+from train.run import check_layout
+
+
+def test_global_batch_is_micro_batch_times_accumulation_times_data_parallel() -> None:
+    cfg = TrainConfig(num_workers=4, pipeline_stages=2, micro_batch_size=16, grad_accumulation=3)
+    ds = build_deepspeed_config(cfg, total_steps=100)
+    assert cfg.data_parallel == 2
+    assert ds["train_batch_size"] == 16 * 3 * 2
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100
+
+
+def test_precision_follows_the_device() -> None:
+    cpu = build_deepspeed_config(TrainConfig(), total_steps=10)
+    gpu = build_deepspeed_config(TrainConfig(use_gpu=True), total_steps=10)
+    assert (cpu["bf16"]["enabled"], cpu["fp16"]["enabled"]) == (False, False)
+    assert gpu["bf16"]["enabled"] is True
+
+
+def test_offload_uses_deepspeeds_cpu_optimizer_and_zero3_offloads_params() -> None:
+    cfg = TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True)
+    ds = build_deepspeed_config(cfg, total_steps=10)
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+    assert build_deepspeed_config(TrainConfig(), total_steps=10)["optimizer"]["params"][
+        "torch_adam"
+    ]
+
+
+def test_steps_per_epoch_counts_equal_shares_and_accumulation() -> None:
+    assert steps_per_epoch(1271, TrainConfig(num_workers=2, micro_batch_size=16)) == 39
+    assert steps_per_epoch(1271, TrainConfig(num_workers=2, grad_accumulation=2)) == 19
+    assert steps_per_epoch(1271, TrainConfig(num_workers=2, pipeline_stages=2)) == 79
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"zero_stage": 2, "pipeline_stages": 2}, "DeepSpeed pipelines take ZeRO stage 0 or 1"),
+        ({"num_workers": 2, "pipeline_stages": 3}, "needs at least that many workers"),
+        ({"num_workers": 3, "pipeline_stages": 2}, "workers = stages x data parallel"),
+        ({"offload_params": True, "zero_stage": 2}, "offload_params needs train.zero_stage=3"),
+        ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer needs"),
+        ({"precision": "fp16"}, "fp16 needs train.use_gpu=true"),
+    ],
+)
+def test_impossible_layouts_are_refused_naming_the_keys(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**fields)
+
+
+def test_more_stages_than_layers_is_refused() -> None:
+    digits = get_workload("digits")
+    check_layout(digits, "cheap", TrainConfig(num_workers=3, pipeline_stages=3))
+    with pytest.raises(ConfigError, match="digits-cheap has only 3 layers"):
+        check_layout(digits, "cheap", TrainConfig(num_workers=4, pipeline_stages=4))

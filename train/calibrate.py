@@ -1,0 +1,150 @@
+"""Cascade calibration: the cheap tier's confidence threshold, chosen on validation data.
+
+Pick the lowest escalation share whose cascade accuracy stays within ``margin`` of the
+expensive tier alone; report what that threshold gives on the test split.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.cascade_spec import ALWAYS_ESCALATE, CascadeSpec, SplitResult, cascade_name
+from app.model_artifact import load_model
+from app.registry import ModelRef, Registry
+from app.settings import Settings
+from app.workloads import Workload
+from data.pipeline import read_split
+from data.versions import DatasetStore
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Per row: the label, both tiers' predictions, the cheap tier's confidence."""
+
+    label: np.ndarray
+    cheap_pred: np.ndarray
+    cheap_conf: np.ndarray
+    expensive_pred: np.ndarray
+
+    def result(self, threshold: float) -> SplitResult:
+        escalate = self.cheap_conf < threshold
+        cascade = np.where(escalate, self.expensive_pred, self.cheap_pred)
+        return SplitResult(
+            cascade_accuracy=float((cascade == self.label).mean()),
+            escalated_share=float(escalate.mean()),
+            cheap_accuracy=float((self.cheap_pred == self.label).mean()),
+            expensive_accuracy=float((self.expensive_pred == self.label).mean()),
+        )
+
+
+def choose_threshold(scores: PairScores, margin: float) -> float:
+    """The threshold escalating the fewest rows while accuracy >= expensive - margin.
+
+    Escalating the k least confident rows, for every k at once: accuracy(k) is the
+    expensive tier's hits among them plus the cheap tier's hits among the rest.
+    """
+    order = np.argsort(scores.cheap_conf, kind="stable")
+    conf = scores.cheap_conf[order]
+    cheap_hit = (scores.cheap_pred == scores.label)[order]
+    expensive_hit = (scores.expensive_pred == scores.label)[order]
+    n = len(conf)
+    hits = np.concatenate([[0], np.cumsum(expensive_hit)]) + np.concatenate(
+        [np.cumsum(cheap_hit[::-1])[::-1], [0]]
+    )  # hits[k]: escalate rows [0, k)
+    # A threshold t escalates every row with conf < t, so k can only stop where the
+    # confidence changes (or at the ends).
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(conf) > 0) + 1, [n]])
+    target = expensive_hit.mean() - margin
+    good = cuts[hits[cuts] / n >= target - 1e-12]
+    k = int(good.min())
+    return float(conf[k]) if k < n else ALWAYS_ESCALATE
+
+
+class _PairScorer:
+    def __init__(self, cheap_dir: str, expensive_dir: str) -> None:
+        self.cheap = load_model(Path(cheap_dir))
+        self.expensive = load_model(Path(expensive_dir))
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        workload = self.cheap.workload
+        features = workload.features(batch)
+        cheap = self.cheap.predict_proba_features(features)
+        return {
+            "label": batch[workload.label_column].to_numpy(dtype=np.int64),
+            "cheap_pred": cheap.argmax(axis=1),
+            "cheap_conf": cheap.max(axis=1),
+            "expensive_pred": self.expensive.predict_proba_features(features).argmax(axis=1),
+        }
+
+
+def score_pair(dataset: Any, cheap_dir: Path, expensive_dir: Path) -> PairScores:
+    """Both tiers on every row of ``dataset`` in one Ray Data pass, so rows stay aligned."""
+    import ray.data
+
+    frame = dataset.map_batches(
+        _PairScorer,
+        fn_constructor_kwargs={"cheap_dir": str(cheap_dir), "expensive_dir": str(expensive_dir)},
+        batch_format="pandas",
+        batch_size=1024,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    ).to_pandas()
+    return PairScores(
+        *(frame[c].to_numpy() for c in ("label", "cheap_pred", "cheap_conf", "expensive_pred"))
+    )
+
+
+def calibrate(
+    settings: Settings, workload: Workload, *, cheap: str, expensive: str
+) -> tuple[CascadeSpec, ModelRef]:
+    """Calibrate the pair on the cheap model's dataset version and register the cascade."""
+    registry = Registry(settings.tracking_uri, settings.artifacts_dir)
+    cheap_ref = registry.resolve(workload.registered_model_name("cheap"), cheap)
+    expensive_ref = registry.resolve(workload.registered_model_name("expensive"), expensive)
+    manifest = DatasetStore(settings.datasets_dir).get(
+        workload.name, cheap_ref.tags["dataset_version"]
+    )
+    cheap_dir, expensive_dir = registry.download(cheap_ref), registry.download(expensive_ref)
+    margin = settings.calibrate.margin
+    val = score_pair(read_split(settings, manifest, "val"), cheap_dir, expensive_dir)
+    threshold = choose_threshold(val, margin)
+    test = score_pair(read_split(settings, manifest, "test"), cheap_dir, expensive_dir)
+    spec = CascadeSpec(
+        workload=workload.name,
+        cheap_version=cheap_ref.version,
+        expensive_version=expensive_ref.version,
+        threshold=threshold,
+        margin=margin,
+        val=val.result(threshold),
+        test=test.result(threshold),
+    )
+    run_id = registry.start_run(
+        cascade_name(workload.name),
+        params={"margin": margin, "threshold": threshold},
+        tags={"dataset_version": manifest.version, "workload": workload.name},
+    )
+    registry.log_metrics(
+        run_id,
+        {f"{split}_{k}": v for split in ("val", "test") for k, v in getattr(spec, split)},
+    )
+    with tempfile.TemporaryDirectory(prefix="scaledl-cascade-") as tmp:
+        ref = registry.register(
+            cascade_name(workload.name),
+            spec.save(Path(tmp)),
+            run_id=run_id,
+            artifact_path="cascade",
+            tags={
+                "cheap_version": cheap_ref.version,
+                "expensive_version": expensive_ref.version,
+                "threshold": f"{threshold:.6f}",
+                "dataset_version": manifest.version,
+            },
+        )
+    registry.finish_run(run_id)
+    return spec, ref

@@ -1,0 +1,226 @@
+"""DeepSpeed engines for the two layouts a run can take.
+
+- ``DataParallel``: every worker holds the model (ZeRO 0-3 shards its state); Ray splits
+  the training data between workers.
+- ``Pipeline``: the model's layers are split into stages (DeepSpeed ``PipelineModule``),
+  and stages x data-parallel groups = workers. Every stage of a pipe must see the same
+  batches, so each worker reads the whole split in a fixed order and keeps the batches
+  of its data-parallel group.
+
+Both expose ``train_epoch``, ``evaluate`` and ``full_state_dict`` to the loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from app.workloads import get_workload
+
+if TYPE_CHECKING:
+    import torch
+
+    from train.loop import TrainJob
+
+StepLog = Callable[[int, dict[str, float]], None]
+
+
+def build_engine(job: TrainJob) -> DataParallel | Pipeline:
+    return Pipeline(job) if job.train.pipeline_stages > 1 else DataParallel(job)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class _StepMeter:
+    """Loss, rows and time between two MLflow step logs, and over the epoch."""
+
+    def __init__(self, log: StepLog, every: int) -> None:
+        self.log, self.every = log, every
+        self.rows = self.window_rows = 0
+        self.loss_sum = self.window_loss = 0.0
+        self.started = self.window_started = time.perf_counter()
+
+    def add(self, rows: int, loss: float, step: int, lr: float, *, stepped: bool) -> None:
+        self.rows += rows
+        self.window_rows += rows
+        self.loss_sum += loss * rows
+        self.window_loss += loss * rows
+        if stepped and step % self.every == 0:
+            seconds = time.perf_counter() - self.window_started
+            self.log(
+                step,
+                {
+                    "step_loss": self.window_loss / max(self.window_rows, 1),
+                    "step_samples_per_s": self.window_rows / seconds if seconds else 0.0,
+                    "lr": lr,
+                },
+            )
+            self.window_rows, self.window_loss = 0, 0.0
+            self.window_started = time.perf_counter()
+
+    def summary(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.started
+        return {
+            "train_loss": self.loss_sum / max(self.rows, 1),
+            "samples_per_s": self.rows / seconds if seconds else 0.0,
+        }
+
+
+def _sum_over_workers(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, float]:
+    loss_sum, correct, rows = _sum_over_workers([loss_sum, correct, rows])
+    return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
+
+
+class DataParallel:
+    def __init__(self, job: TrainJob) -> None:
+        import deepspeed
+
+        self.job = job
+        self.dtype = _torch_dtype(job.train.dtype)
+        model = get_workload(job.workload).build_model(job.tier)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=job.deepspeed
+        )
+
+    def train_epoch(self, shard: Any, epoch: int, log: StepLog) -> dict[str, float]:
+        import torch.nn.functional as F
+
+        cfg, engine = self.job.train, self.engine
+        engine.train()
+        meter = _StepMeter(log, cfg.log_every_steps)
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.micro_batch_size * 8,
+            local_shuffle_seed=self.job.seed + epoch,
+        )
+        for batch in batches:
+            loss = F.cross_entropy(engine(batch["x"].to(self.dtype)), batch["y"])
+            engine.backward(loss)
+            stepped = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            lr = float(engine.get_lr()[0])
+            meter.add(len(batch["y"]), float(loss), engine.global_steps, lr, stepped=stepped)
+        return meter.summary()
+
+    def evaluate(self, shard: Any) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        self.engine.eval()
+        loss_sum = correct = rows = 0.0
+        with torch.no_grad():
+            for batch in shard.iter_torch_batches(batch_size=256):
+                logits = self.engine(batch["x"].to(self.dtype)).float()
+                loss_sum += F.cross_entropy(logits, batch["y"], reduction="sum").item()
+                correct += (logits.argmax(1) == batch["y"]).sum().item()
+                rows += len(batch["y"])
+        return _val_metrics(loss_sum, correct, rows)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights (every rank takes part; ZeRO-3 gathers)."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.job.train.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+class Pipeline:
+    def __init__(self, job: TrainJob) -> None:
+        import deepspeed
+        import torch.nn.functional as F
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        self.job = job
+        self.dtype = _torch_dtype(job.train.dtype)
+        deepspeed.init_distributed(dist_backend="nccl" if job.train.use_gpu else "gloo")
+        layers = get_workload(job.workload).layers(job.tier)
+        module = PipelineModule(
+            layers=[LayerSpec(spec.cls, *spec.args) for spec in layers],
+            num_stages=job.train.pipeline_stages,
+            loss_fn=F.cross_entropy,
+            partition_method="parameters",
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=module.parameters(), config=job.deepspeed
+        )
+        self.dp_rank = self.engine.grid.get_data_parallel_rank()
+
+    def _pairs(self, shard: Any, rows: int, *, seed: int | None) -> Iterator[tuple[Any, Any]]:
+        """This data-parallel group's (x, y) micro-batches, identical on every stage."""
+        cfg = self.job.train
+        per_group = (rows // cfg.micro_batch_size) // cfg.data_parallel
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.micro_batch_size * 8 if seed is not None else None,
+            local_shuffle_seed=seed,
+        )
+        mine = itertools.islice(batches, self.dp_rank, None, cfg.data_parallel)
+        for batch in itertools.islice(mine, per_group):
+            yield batch["x"].to(self.dtype), batch["y"]
+
+    def train_epoch(self, shard: Any, epoch: int, log: StepLog) -> dict[str, float]:
+        cfg, engine = self.job.train, self.engine
+        engine.train()
+        meter = _StepMeter(log, cfg.log_every_steps)
+        pairs = self._pairs(shard, self.job.train_rows, seed=self.job.seed + epoch)
+        steps = ((self.job.train_rows // cfg.micro_batch_size) // cfg.data_parallel) // (
+            cfg.grad_accumulation
+        )
+        rows_per_step = cfg.micro_batch_size * cfg.grad_accumulation
+        for _ in range(steps):
+            loss = engine.train_batch(data_iter=pairs)
+            lr = float(engine.get_lr()[0])
+            meter.add(rows_per_step, float(loss), engine.global_steps, lr, stepped=True)
+        return meter.summary()
+
+    def evaluate(self, shard: Any) -> dict[str, float]:
+        import torch.nn.functional as F
+
+        self.engine.eval()
+        loss_sum = correct = rows = 0.0
+        for x, y in self._pairs(shard, self.job.val_rows, seed=None):
+            _, logits = self.engine.eval_batch(
+                iter([(x, y)]), return_logits=True, num_micro_batches=1
+            )
+            if self.engine.is_last_stage():
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                rows += len(y)
+        return _val_metrics(loss_sum, correct, rows)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights: every stage's layers, gathered to all ranks.
+
+        PipelineModule names each layer by its index in the full sequence, as
+        ``nn.Sequential`` does, so the merged dict loads into the plain model.
+        """
+        import torch.distributed as dist
+
+        mine = {}
+        if self.dp_rank == 0:
+            mine = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, mine)
+        return {k: v for part in parts for k, v in part.items()}
