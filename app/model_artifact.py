@@ -7,9 +7,9 @@ Training writes it, the registry stores it, evaluation and serving load it. Weig
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,19 +23,21 @@ if TYPE_CHECKING:
 
 WEIGHTS = "weights.pt"
 META = "model.json"
-
-
 INT8 = "dynamic-int8"
 
 
 @dataclass(frozen=True)
 class ModelMeta:
+    """What rebuilds the model: the workload's tier, its data, how to run the weights.
+
+    ``quantization`` None runs the fp32 weights; ``"dynamic-int8"`` quantizes the Linear
+    layers when the model loads.
+    """
+
     workload: str
     tier: str
     dataset_version: str
     quantization: str | None = None
-    """None: run the fp32 weights. "dynamic-int8": quantize Linear layers on load."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save_weights(directory: Path, weights: dict[str, torch.Tensor], meta: ModelMeta) -> Path:

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from app.cascade_spec import ALWAYS_ESCALATE, CascadeSpec, SplitResult, cascade_name
-from app.model_artifact import load_model
 from app.registry import ModelRef, Registry
 from app.settings import Settings
 from app.workloads import Workload
 from data.pipeline import read_split
 from data.versions import DatasetStore
+from train.evaluate import score
 
 
 @dataclass(frozen=True)
@@ -66,38 +65,11 @@ def choose_threshold(scores: PairScores, margin: float) -> float:
     return float(conf[k]) if k < n else ALWAYS_ESCALATE
 
 
-class _PairScorer:
-    def __init__(self, cheap_dir: str, expensive_dir: str) -> None:
-        self.cheap = load_model(Path(cheap_dir))
-        self.expensive = load_model(Path(expensive_dir))
-
-    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        workload = self.cheap.workload
-        features = workload.features(batch)
-        cheap = self.cheap.predict_proba_features(features)
-        return {
-            "label": batch[workload.label_column].to_numpy(dtype=np.int64),
-            "cheap_pred": cheap.argmax(axis=1),
-            "cheap_conf": cheap.max(axis=1),
-            "expensive_pred": self.expensive.predict_proba_features(features).argmax(axis=1),
-        }
-
-
 def score_pair(dataset: Any, cheap_dir: Path, expensive_dir: Path) -> PairScores:
     """Both tiers on every row of ``dataset`` in one Ray Data pass, so rows stay aligned."""
-    import ray.data
-
-    frame = dataset.map_batches(
-        _PairScorer,
-        fn_constructor_kwargs={"cheap_dir": str(cheap_dir), "expensive_dir": str(expensive_dir)},
-        batch_format="pandas",
-        batch_size=1024,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-    ).to_pandas()
-    return PairScores(
-        *(frame[c].to_numpy() for c in ("label", "cheap_pred", "cheap_conf", "expensive_pred"))
-    )
+    scores = score(dataset, {"cheap": cheap_dir, "expensive": expensive_dir})
+    cheap, expensive = scores["cheap"], scores["expensive"]
+    return PairScores(cheap.label, cheap.pred, cheap.confidence, expensive.pred)
 
 
 def calibrate(

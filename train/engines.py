@@ -38,10 +38,14 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 class _StepMeter:
-    """Loss, rows and time between two MLflow step logs, and over the epoch."""
+    """Loss, rows and time between two MLflow step logs, and over the epoch.
 
-    def __init__(self, log: StepLog, every: int) -> None:
-        self.log, self.every = log, every
+    Throughput is global: this worker's rows times the data-parallel width (every
+    data-parallel rank processes an equal share).
+    """
+
+    def __init__(self, log: StepLog, every: int, data_parallel: int) -> None:
+        self.log, self.every, self.width = log, every, data_parallel
         self.rows = self.window_rows = 0
         self.loss_sum = self.window_loss = 0.0
         self.started = self.window_started = time.perf_counter()
@@ -57,7 +61,9 @@ class _StepMeter:
                 step,
                 {
                     "step_loss": self.window_loss / max(self.window_rows, 1),
-                    "step_samples_per_s": self.window_rows / seconds if seconds else 0.0,
+                    "step_samples_per_s": self.window_rows * self.width / seconds
+                    if seconds
+                    else 0.0,
                     "lr": lr,
                 },
             )
@@ -68,7 +74,7 @@ class _StepMeter:
         seconds = time.perf_counter() - self.started
         return {
             "train_loss": self.loss_sum / max(self.rows, 1),
-            "samples_per_s": self.rows / seconds if seconds else 0.0,
+            "samples_per_s": self.rows * self.width / seconds if seconds else 0.0,
         }
 
 
@@ -103,7 +109,7 @@ class DataParallel:
 
         cfg, engine = self.job.train, self.engine
         engine.train()
-        meter = _StepMeter(log, cfg.log_every_steps)
+        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel)
         batches = shard.iter_torch_batches(
             batch_size=cfg.micro_batch_size,
             drop_last=True,
@@ -182,7 +188,7 @@ class Pipeline:
     def train_epoch(self, shard: Any, epoch: int, log: StepLog) -> dict[str, float]:
         cfg, engine = self.job.train, self.engine
         engine.train()
-        meter = _StepMeter(log, cfg.log_every_steps)
+        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel)
         pairs = self._pairs(shard, self.job.train_rows, seed=self.job.seed + epoch)
         steps = ((self.job.train_rows // cfg.micro_batch_size) // cfg.data_parallel) // (
             cfg.grad_accumulation

@@ -1,7 +1,8 @@
-"""Score a trained tier on a dataset split with Ray Data batch inference.
+"""Score trained models on a dataset split with Ray Data batch inference.
 
-The model loads once per inference actor; only three small columns per row (label,
-prediction, confidence) come back to the driver.
+Several models score in one pass (one actor loads them all, once), so their answers stay
+row-aligned and the split is read once; only the label and each model's prediction and
+confidence come back to the driver.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ CALIBRATION_BINS = 15
 
 
 class _Scorer:
-    def __init__(self, model_dir: str) -> None:
-        self.model = load_model(Path(model_dir))
+    def __init__(self, model_dirs: dict[str, str]) -> None:
+        self.models = {name: load_model(Path(d)) for name, d in model_dirs.items()}
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        workload = self.model.workload
-        probs = self.model.predict_proba_features(workload.features(batch))
-        return {
-            "label": batch[workload.label_column].to_numpy(dtype=np.int64),
-            "pred": probs.argmax(axis=1),
-            "confidence": probs.max(axis=1),
-        }
+        workload = next(iter(self.models.values())).workload
+        features = workload.features(batch)
+        out = {"label": batch[workload.label_column].to_numpy(dtype=np.int64)}
+        for name, model in self.models.items():
+            probs = model.predict_proba_features(features)
+            out[f"{name}.pred"] = probs.argmax(axis=1)
+            out[f"{name}.confidence"] = probs.max(axis=1)
+        return out
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,22 @@ class Scores:
         return float(error)
 
 
-def score(dataset: Any, model_dir: Path, *, num_cpus: float = 0.5) -> Scores:
-    """Predict every row of ``dataset`` (a Ray Dataset of raw rows) with the model."""
+def score(dataset: Any, model_dirs: dict[str, Path], *, num_cpus: float = 0.5) -> dict[str, Scores]:
+    """Every model's predictions on every row of ``dataset`` (a Ray Dataset of raw rows)."""
     import ray.data
 
     frame = dataset.map_batches(
         _Scorer,
-        fn_constructor_kwargs={"model_dir": str(model_dir)},
+        fn_constructor_kwargs={"model_dirs": {k: str(v) for k, v in model_dirs.items()}},
         batch_format="pandas",
         batch_size=1024,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=num_cpus,
     ).to_pandas()
-    return Scores(
-        frame["label"].to_numpy(), frame["pred"].to_numpy(), frame["confidence"].to_numpy()
-    )
+    label = frame["label"].to_numpy()
+    return {
+        name: Scores(
+            label, frame[f"{name}.pred"].to_numpy(), frame[f"{name}.confidence"].to_numpy()
+        )
+        for name in model_dirs
+    }

@@ -83,8 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     for epoch in range(progress.next_epoch, job.train.epochs):
         metrics = {"epoch": epoch, **trainer.train_epoch(train_shard, epoch, step_log)}
         metrics.update(trainer.evaluate(val_shard))
-        metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics, job))
-        stop = progress.epochs_without_improvement >= (job.train.early_stopping_patience or 10**9)
+        metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics))
+        stop = should_stop(progress, job.train.early_stopping_patience)
         last = stop or epoch + 1 == job.train.epochs
         step_log(trainer.engine.global_steps, metrics)
         report_and_checkpoint(trainer, job, metrics, progress, checkpoint=last or _due(epoch, job))
@@ -93,7 +93,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def track(progress: Progress, metrics: dict[str, float], job: TrainJob) -> dict[str, float]:
+def should_stop(progress: Progress, patience: int | None) -> bool:
+    """Early stopping: ``patience`` epochs in a row without a better val accuracy."""
+    return patience is not None and progress.epochs_without_improvement >= patience
+
+
+def track(progress: Progress, metrics: dict[str, float]) -> dict[str, float]:
     """Update early-stopping state after an epoch; returns what the report should carry."""
     progress.next_epoch = int(metrics["epoch"]) + 1
     if metrics["val_accuracy"] > progress.best_val_accuracy:

@@ -229,9 +229,9 @@ def _evaluate_and_register(
         model_dir = Path(tmp) / MODEL_DIR
         with best.as_directory() as checkpoint_dir:
             shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, model_dir)
-        scores = score(test, model_dir)
         int8 = int8_variant(model_dir, Path(tmp) / "int8")
-        int8_scores = score(test, int8.directory)
+        both = score(test, {"fp32": model_dir, "int8": int8.directory})
+        scores, int8_scores = both["fp32"], both["int8"]
         metrics = {
             "test_accuracy": scores.accuracy,
             "test_ece": scores.expected_calibration_error,

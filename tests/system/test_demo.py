@@ -24,7 +24,7 @@ def measure(output: str, name: str) -> str:
 def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
     port = free_port()
     result = subprocess.run(
-        [str(BIN / "scaledl"), "demo", "--no-keep", "--epochs", "8"],
+        [str(BIN / "scaledl"), "demo", "--no-keep", "--epochs", "5"],
         cwd=tmp_path,
         env=clean_env(SCALEDL_SERVE__PORT=str(port), COLUMNS="160"),
         capture_output=True,

@@ -1,0 +1,133 @@
+"""Training throughput: Ray Train + DeepSpeed against a plain torch loop, same run.
+
+The expensive tier (the digits CNN) on the digits training split replicated 8x. Plain
+torch trains 3 epochs, Ray Train runs 8; the last epoch's samples/s counts (early epochs
+share the CPU with start-up work). Ratios are per core, against plain torch on one thread
+at the same micro batch.
+
+    .venv/bin/python -m bench.train            # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from app.settings import Settings, load_settings
+from app.workloads import get_workload
+
+REPLICAS = 8
+PLAIN_EPOCHS = 3
+RAY_EPOCHS = 8
+TIER = "expensive"
+DIGITS = get_workload("digits")
+
+
+def make_source(directory: Path) -> Path:
+    base = DIGITS.builtin_source()
+    copies = [base.assign(id=base["id"] + k * len(base)) for k in range(REPLICAS)]
+    path = directory / "digits-x8.parquet"
+    pd.concat(copies, ignore_index=True).to_parquet(path, index=False)
+    return path
+
+
+def plain_torch(settings: Settings, version: str, threads: int, micro_batch: int) -> float:
+    """Samples/s of the same model and optimizer in one process, no Ray, no DeepSpeed."""
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from data.versions import DatasetStore
+
+    frame = pq.read_table(DatasetStore(settings.datasets_dir).split_dir("digits", version, "train"))
+    frame = frame.to_pandas()
+    x = torch.from_numpy(DIGITS.features(frame))
+    y = torch.from_numpy(frame[DIGITS.label_column].to_numpy(dtype=np.int64, copy=True))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = DIGITS.build_model(TIER)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rate = 0.0
+    for _ in range(PLAIN_EPOCHS):
+        order = torch.randperm(len(x))
+        started, rows = time.perf_counter(), 0
+        for i in range(0, len(x) - micro_batch + 1, micro_batch):
+            idx = order[i : i + micro_batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            rows += len(idx)
+        rate = rows / (time.perf_counter() - started)
+    return rate
+
+
+def ray_train(root: Path, version: str, micro_batch: int, **train: object) -> float:
+    from train.run import train_tier
+
+    settings = load_settings(
+        storage_root=root, train={"epochs": RAY_EPOCHS, "micro_batch_size": micro_batch, **train}
+    )
+    outcome = train_tier(settings, DIGITS, TIER, dataset_ref=version)
+    return outcome.metrics["samples_per_s"]  # the last epoch's, global
+
+
+def main() -> None:
+    import ray
+
+    from data.pipeline import ingest
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    with tempfile.TemporaryDirectory(prefix="scaledl-bench-") as tmp:
+        root = Path(tmp)
+        settings = load_settings(storage_root=root / "store")
+        manifest = ingest(settings, DIGITS, [make_source(root)]).manifest
+        version, store = manifest.version, root / "store"
+        table = []
+        for mb in (64, 256):
+            base = plain_torch(settings, version, 1, mb)
+            runs = [
+                ("plain torch, 1 thread", 1, base),
+                ("plain torch, 2 threads", 2, plain_torch(settings, version, 2, mb)),
+                ("Ray Train + DeepSpeed ZeRO-1, 1 worker", 1,
+                 ray_train(store, version, mb, num_workers=1)),
+                ("Ray Train + DeepSpeed ZeRO-1, 2 workers", 2,
+                 ray_train(store, version, mb, num_workers=2)),
+            ]  # fmt: skip
+            if mb == 64:
+                runs += [
+                    ("Ray Train + DeepSpeed ZeRO-2, 2 workers", 2,
+                     ray_train(store, version, mb, num_workers=2, zero_stage=2)),
+                    ("Ray Train + DeepSpeed pipeline, 2 stages", 2,
+                     ray_train(store, version, mb, num_workers=2, pipeline_stages=2)),
+                ]  # fmt: skip
+            table += [(mb, name, cores, rate, rate / cores / base) for name, cores, rate in runs]
+    ray.shutdown()
+    print(
+        f"training throughput, digits {TIER} tier, {manifest.splits['train']:,} train rows; "
+        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+    print(f"| mb  | {'setup':<42} | cores | samples/s | per core | per core vs plain 1 thread |")
+    print(f"|----:|{'-' * 44}|------:|----------:|---------:|---------------------------:|")
+    for mb, name, cores, rate, ratio in table:
+        print(
+            f"| {mb:>3} | {name:<42} | {cores:>5} | {rate:>9,.0f} | {rate / cores:>8,.0f} "
+            f"| {ratio:>25.2f}x |"
+        )
+    rates = {(mb, name): rate for mb, name, _, rate, _ in table}
+    pipe = rates[64, "Ray Train + DeepSpeed pipeline, 2 stages"]
+    data = rates[64, "Ray Train + DeepSpeed ZeRO-1, 2 workers"]
+    print(f"pipeline vs data parallel (2 workers, mb 64): {pipe / data:.2f}x samples/s")
+
+
+if __name__ == "__main__":
+    main()
