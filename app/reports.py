@@ -68,11 +68,14 @@ def training_table(outcomes: list[TrainOutcome]) -> Table:
 
 
 def calibration_table(spec: CascadeSpec, ref: ModelRef) -> Table:
-    title = (
-        f"cascade {ref.label}: cheap v{spec.cheap_version} answers at confidence >= "
-        f"{spec.threshold:.4f}, else expensive v{spec.expensive_version}"
+    caption = (
+        f"cheap v{spec.cheap_version} answers at confidence >= {spec.threshold:.4f}, "
+        f"else expensive v{spec.expensive_version}"
     )
-    table = Table("split", "cascade acc", "expensive acc", "cheap acc", "escalated", title=title)
+    table = Table(
+        "split", "cascade acc", "expensive acc", "cheap acc", "escalated",
+        title=f"cascade {ref.label}", caption=caption,
+    )  # fmt: skip
     for split in ("val", "test"):
         r = getattr(spec, split)
         table.add_row(
