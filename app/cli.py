@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app import reports
-from app.errors import find_scaledl_error
+from app.errors import ConfigError, find_scaledl_error
 from app.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -28,8 +28,10 @@ cli = typer.Typer(
 )
 data_cli = typer.Typer(help="Ingest raw data into versioned datasets.", no_args_is_help=True)
 models_cli = typer.Typer(help="Registered models and their aliases.", no_args_is_help=True)
+keys_cli = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
 cli.add_typer(data_cli, name="data")
 cli.add_typer(models_cli, name="models")
+cli.add_typer(keys_cli, name="keys")
 
 
 @functools.cache
@@ -241,10 +243,15 @@ def models_list(ctx: typer.Context, workload: WorkloadOpt) -> None:
 @models_cli.command("promote")
 def models_promote(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Registered model, e.g. digits-cheap.")],
+    name: Annotated[
+        str, typer.Argument(help="Registered model, e.g. digits-cascade or digits-cheap.")
+    ],
     version: Annotated[str, typer.Argument(help="Version number or alias, e.g. challenger.")],
 ) -> None:
-    """Point the champion alias (what serving loads) at a version."""
+    """Point a model's champion alias at a version (the old one stays previous-champion).
+
+    Serving loads the champion of <workload>-cascade, which pins both tier versions:
+    promote a cascade to change what serves, then run `scaledl serve` again."""
     from app.registry import CHAMPION, Registry
 
     settings = ctx.obj.settings()
@@ -252,6 +259,41 @@ def models_promote(
     target = registry.resolve(name, version)
     previous = registry.promote(name, target.version)
     console().print(f"{name}: {CHAMPION} -> {target.version} (was {previous or 'unset'})")
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+@keys_cli.command("create")
+def keys_create(
+    ctx: typer.Context,
+    scope: Annotated[str, typer.Option(help="predict (inference routes) or admin (all).")],
+    key_id: Annotated[
+        str | None, typer.Option("--id", help="Who holds the key (default: generated).")
+    ] = None,
+) -> None:
+    """Create an API key: its hash goes into the keys file, the key is printed once."""
+    from app.keys import SCOPES, create_key
+
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    settings = ctx.obj.settings()
+    key, secret = create_key(settings.keys_file, scope, key_id)  # type: ignore[arg-type]
+    console().print(f"key {key.id} ({key.scope}) added to {settings.keys_file}")
+    console().print(secret, highlight=False, soft_wrap=True)
+    console().print("store it now: only its SHA-256 is kept", style="dim")
+
+
+@keys_cli.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """The keys in the keys file: ids and scopes (secrets are never stored)."""
+    from app.keys import read_keys_file
+
+    settings = ctx.obj.settings()
+    table = Table("id", "scope", "sha256 (prefix)", title=str(settings.keys_file))
+    for key in read_keys_file(settings.keys_file):
+        table.add_row(key.id, key.scope, key.sha256[:12])
+    console().print(table)
 
 
 # ---------------------------------------------------------------------------- serve
@@ -272,16 +314,22 @@ def serve_cmd(
 ) -> None:
     """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs."""
     from app.runtime import ray_session
-    from app.serving import check_models, deploy, resolve_api_key, serve_until_interrupted
+    from app.serving import check_models, deploy, resolve_access, serve_until_interrupted
 
     state: _State = ctx.obj
     settings = state.settings(serve=_drop_none(cascade_ref=cascade))
-    key = resolve_api_key(settings, dev=dev)
+    if not keep and not settings.ray_address:
+        raise ConfigError(
+            "--no-keep leaves the application running on a cluster this command does not "
+            "own; here it would start (and stop) its own: set RAY_ADDRESS to a running "
+            "cluster (`ray start --head`), or drop --no-keep"
+        )
+    access = resolve_access(settings, dev=dev)
     check_models(settings, workload)
     with ray_session(settings, verbose=state.verbose) as ray_info:
         with console().status("deploying…"):
-            endpoint = deploy(settings, workload, key)
-        shown_key = key if settings.api_key is None else None
+            endpoint = deploy(settings, workload, access.keys)
+        shown_key = access.client_key if access.generated else None
         for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
             console().print(line, soft_wrap=True)
         if keep:

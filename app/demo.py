@@ -33,14 +33,15 @@ def run_demo(
 ) -> TrafficReport:
     from app.cascade_spec import promote_cascade
     from app.runtime import ray_session
-    from app.serving import deploy, resolve_api_key, serve_until_interrupted
+    from app.serving import deploy, resolve_access, serve_until_interrupted
     from data.pipeline import ingest
     from train.calibrate import calibrate
     from train.run import train_tier
 
     workload = get_workload(WORKLOAD)
     registry = Registry(settings.tracking_uri, settings.artifacts_dir)
-    key = resolve_api_key(settings, dev=True)
+    access = resolve_access(settings, dev=True, need_client_key=True)
+    key = access.client_key
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -69,7 +70,7 @@ def run_demo(
             promote_cascade(registry, spec, cascade)
             progress.update(step, total=1, completed=1)
             step = progress.add_task("deploy the Serve application", total=None)
-            endpoint = deploy(settings, workload.name, key)
+            endpoint = deploy(settings, workload.name, access.keys)
             progress.update(step, total=1, completed=1)
             instances, labels = _test_split(settings, dataset.manifest)
             step = progress.add_task("send the test split over HTTP", total=len(instances))
@@ -87,7 +88,8 @@ def run_demo(
         console.print(reports.calibration_table(spec, cascade))
         console.print(reports.traffic_table(outcomes, report, concurrency))
         if keep:
-            for line in reports.url_lines(endpoint, ray_info.dashboard_url, key):
+            generated = key if access.generated else None  # never echo a configured key
+            for line in reports.url_lines(endpoint, ray_info.dashboard_url, generated):
                 console.print(line, soft_wrap=True)
             console.print("serving; press Ctrl-C to stop")
             serve_until_interrupted()

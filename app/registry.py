@@ -1,8 +1,9 @@
 """The model registry facade over MLflow (a sqlite file by default).
 
-Versions live under ``<workload>-<tier>``; aliases name the ones in use: ``champion`` is
-what serving loads, ``challenger`` is the newest candidate. Stages are deprecated in
-MLflow, so aliases are the only pointers.
+Versions live under ``<workload>-<tier>`` (and ``-int8`` twins), calibrated pairs under
+``<workload>-cascade``. Aliases name the ones in use: ``champion`` is the approved version
+(serving loads the cascade's champion, which pins both tier versions), ``challenger`` the
+newest candidate. Stages are deprecated in MLflow, so aliases are the only pointers.
 """
 
 from __future__ import annotations
@@ -118,11 +119,9 @@ class Registry:
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-            workload, _, tier = name.rpartition("-")
             raise ModelNotFound(
-                f"model {name!r} has no version or alias {ref!r}: train one with "
-                f"`scaledl train --workload {workload} --tier {tier}` or pick one from "
-                "`scaledl models list`"
+                f"model {name!r} has no version or alias {ref!r}: {_how_to_register(name)} "
+                "or pick one from `scaledl models list`"
             ) from None
         return ModelRef(name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
 
@@ -162,9 +161,11 @@ class Registry:
 
         try:
             aliases = self.client.get_registered_model(name).aliases
-            return {alias: str(version) for alias, version in aliases.items()}
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # a broken registry must not read as "no aliases yet"
             return {}
+        return {alias: str(version) for alias, version in aliases.items()}
 
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
@@ -172,3 +173,14 @@ class Registry:
             return experiment.experiment_id
         location = self.artifacts_dir.resolve().as_uri() if self.artifacts_dir else None
         return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def _how_to_register(name: str) -> str:
+    """The command that registers a version of ``name`` (<workload>-<tier>[-int8] or
+    <workload>-cascade)."""
+    base = name.removesuffix("-int8")
+    workload, _, kind = base.rpartition("-")
+    if kind == "cascade":
+        return f"calibrate a pair with `scaledl calibrate --workload {workload}`"
+    twin = " (it registers the INT8 twin too)" if base != name else ""
+    return f"train one with `scaledl train --workload {workload} --tier {kind}`{twin}"

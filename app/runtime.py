@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from app.errors import ConfigError
 from app.settings import Settings
 
 MIN_LOCAL_CPUS = 4
@@ -36,6 +38,7 @@ def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInf
     if not verbose:
         _quiet_libraries()
     if settings.ray_address:
+        check_reachable(settings.ray_address)
         ctx = ray.init(address=settings.ray_address, **quiet)
     else:
         ctx = ray.init(
@@ -49,6 +52,25 @@ def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInf
         yield RayInfo(ctx.address_info["gcs_address"], dashboard, not settings.ray_address)
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` that nothing answers on is a ConfigError now, not minutes of retries.
+
+    ``ray.init`` keeps retrying an unreachable GCS for minutes; other address forms
+    (``auto``, ``ray://``) are left to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
+            "`ray start --head`, fix RAY_ADDRESS / SCALEDL_RAY_ADDRESS, or unset both to "
+            "run on a local cluster"
+        ) from None
 
 
 def _quiet_libraries() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from app.cascade_spec import load_cascade
 from app.errors import ConfigError
+from app.keys import ApiKey, dev_key, read_keys_file
 from app.registry import Registry
 from app.settings import Settings
 from app.workloads import get_workload
@@ -20,16 +21,36 @@ class Endpoint:
     predict_url: str
 
 
-def resolve_api_key(settings: Settings, *, dev: bool) -> str:
-    """The configured key; in development a fresh random one; otherwise a refusal."""
+@dataclass(frozen=True)
+class Access:
+    """The keys the service accepts, and a secret this process may call it with."""
+
+    keys: list[ApiKey]
+    client_key: str | None  # SCALEDL_API_KEY or a generated one; None with a keys file only
+    generated: bool  # client_key was made here (development): print it, it is nowhere else
+
+
+def resolve_access(settings: Settings, *, dev: bool, need_client_key: bool = False) -> Access:
+    """The keys file and SCALEDL_API_KEY; with neither, a generated key in development
+    and a refusal otherwise. ``need_client_key`` (the demo) adds a generated key when
+    no secret is at hand."""
+    keys: list[ApiKey] = []
+    if settings.keys_file.is_file() or settings.api_keys_file is not None:
+        keys += read_keys_file(settings.keys_file)
+    client = None
     if settings.api_key is not None:
-        return settings.api_key.get_secret_value()
-    if dev or settings.dev:
-        return secrets.token_urlsafe(24)
-    raise ConfigError(
-        "no API key: set SCALEDL_API_KEY (or api_key in the config file), or pass --dev to "
-        "generate one for development"
-    )
+        client = settings.api_key.get_secret_value()
+        keys.append(dev_key(client, "env"))
+    if keys and (client or not need_client_key):
+        return Access(keys, client, generated=False)
+    if not (dev or settings.dev):
+        raise ConfigError(
+            "no API keys: create one with `scaledl keys create --scope predict` (stored in "
+            f"{settings.keys_file}, or SCALEDL_API_KEYS_FILE), or set SCALEDL_API_KEY, or "
+            "pass --dev to generate one for development"
+        )
+    generated = secrets.token_urlsafe(24)
+    return Access([*keys, dev_key(generated)], generated, generated=True)
 
 
 def check_models(settings: Settings, workload_name: str) -> None:
@@ -41,19 +62,16 @@ def check_models(settings: Settings, workload_name: str) -> None:
     registry.resolve(workload.registered_model_name("expensive"), spec.expensive_version)
 
 
-def deploy(settings: Settings, workload_name: str, api_key: str | None) -> Endpoint:
+def deploy(settings: Settings, workload_name: str, keys: list[ApiKey]) -> Endpoint:
     """Run the graph for ``workload_name`` on the connected Ray cluster."""
     from ray import serve
 
-    from serve_graphs.api import key_sha256
     from serve_graphs.args import GraphArgs
     from serve_graphs.builder import build_app
 
     workload = get_workload(workload_name)
     check_models(settings, workload_name)  # fail here, not in a replica
-    args = GraphArgs.from_settings(
-        settings, workload.name, key_sha256(api_key) if api_key else None
-    )
+    args = GraphArgs.from_settings(settings, workload.name, keys)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(build_app(args), name=workload.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host

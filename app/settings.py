@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -19,12 +20,14 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -32,6 +35,7 @@ from app.errors import ConfigError
 
 ENV_PREFIX = "SCALEDL_"
 CONFIG_FILE_ENV = "SCALEDL_CONFIG"
+MIN_API_KEY_LENGTH = 16
 
 
 class _Section(BaseModel):
@@ -160,6 +164,20 @@ class CalibrateConfig(_Section):
     )
 
 
+class BatchConfig(_Section):
+    """Dynamic batching of a tier (its Serve ``user_config``, applied in place)."""
+
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        description="Most rows (from any number of requests) in one forward pass; a larger "
+        "request is split into chunks of this many rows.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=0.05, description="Longest wait for a batch to fill (<= 50 ms)."
+    )
+
+
 class ServeConfig(_Section):
     """The HTTP service."""
 
@@ -170,10 +188,7 @@ class ServeConfig(_Section):
         description="Calibrated cascade to serve (alias or version of <workload>-cascade): "
         "it names both tier versions and the threshold.",
     )
-    max_batch_size: int = Field(64, ge=1, description="@serve.batch size ceiling per tier.")
-    batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=0.05, description="How long a tier waits to fill a batch (<= 50 ms)."
-    )
+    batch: BatchConfig = BatchConfig()
     ingress_max_ongoing_requests: int = Field(
         64, ge=1, description="Requests one ingress replica works on at once."
     )
@@ -215,7 +230,15 @@ class Settings(BaseSettings):
         None, description="MLflow tracking/registry URI (default: sqlite under storage_root)."
     )
     api_key: SecretStr | None = Field(
-        None, description="Bearer key the HTTP API requires (development: one key)."
+        None,
+        description="One extra bearer key with both scopes, for development (production "
+        "keys live in the keys file). At least 16 characters, e.g. "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="Keys file (`<id> <scope> <sha256>` per line) that `scaledl keys create` "
+        "writes and serving reads; default <storage_root>/api-keys.txt.",
     )
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
     dev: bool = Field(False, description="Development mode: allow generated secrets.")
@@ -223,6 +246,17 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_is_long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"an API key needs at least {MIN_API_KEY_LENGTH} characters (an empty one "
+                "would not protect anything); generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+            )
+        return key
 
     @model_validator(mode="after")
     def _shared_storage_on_clusters(self) -> Settings:
@@ -242,6 +276,10 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{self.storage_root.resolve() / 'mlflow.db'}"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.api_keys_file or self.storage_root.resolve() / "api-keys.txt"
 
     @property
     def datasets_dir(self) -> Path:
@@ -292,6 +330,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from None
+    except SettingsError as exc:  # e.g. a SCALEDL_* variable that is not valid JSON
+        raise ConfigError(f"invalid settings: {exc}: fix the SCALEDL_* variable") from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -15,7 +15,7 @@ class TrafficReport:
     latencies_ms: list[float] = field(default_factory=list)
     correct: int = 0
     escalated: int = 0
-    errors: dict[int, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # HTTP status or transport error
     seconds: float = 0.0
 
     @property
@@ -33,6 +33,9 @@ class TrafficReport:
     @property
     def requests_per_s(self) -> float:
         return self.answered / self.seconds if self.seconds else float("nan")
+
+    def fail(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -58,16 +61,21 @@ async def send_instances(
         while pending:
             i = pending.pop()
             started = time.perf_counter()
-            resp = await http.post(
-                url, json={"instances": [instances[i].tolist()]}, headers=headers
-            )
+            try:
+                resp = await http.post(
+                    url, json={"instances": [instances[i].tolist()]}, headers=headers
+                )
+            except httpx.HTTPError as exc:  # refused, reset, timed out: a failed request
+                report.fail(type(exc).__name__)
+                on_done()
+                continue
             if resp.status_code == 200:
                 report.latencies_ms.append((time.perf_counter() - started) * 1000)
                 prediction = resp.json()["predictions"][0]
                 report.correct += int(prediction["label"] == labels[i])
                 report.escalated += int(prediction["tier"] == "expensive")
             else:
-                report.errors[resp.status_code] = report.errors.get(resp.status_code, 0) + 1
+                report.fail(str(resp.status_code))
             on_done()
 
     started = time.perf_counter()

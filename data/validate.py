@@ -81,6 +81,9 @@ def _describe_table_errors(cases: pd.DataFrame) -> str:
     return f"{shown} (fix the file or the workload's contract)"
 
 
+NOT_NULLABLE = "not_nullable"  # pandera's name for a null in a non-nullable column
+
+
 class CompiledContract:
     """A contract's row checks as vectorised numpy over a numeric matrix.
 
@@ -96,7 +99,7 @@ class CompiledContract:
         groups: dict[tuple[str, ...], tuple[list[int], _Rule]] = {}
         for i, column in enumerate(schema.columns.values()):
             if not column.nullable:
-                groups.setdefault(("not_nullable",), ([], _not_null))[0].append(i)
+                groups.setdefault((NOT_NULLABLE,), ([], _not_null))[0].append(i)
             for check in column.checks:
                 label = check.error or check.name  # as pandera words it: in_range(0, 16)
                 key = (label, repr(check.statistics), str(id(check._check_fn)))
@@ -106,15 +109,22 @@ class CompiledContract:
         self._groups = [(key[0], np.asarray(cols), rule) for key, (cols, rule) in groups.items()]
 
     def row_errors(self, values: np.ndarray) -> list[str | None]:
-        """The first broken rule per row of ``values`` (n, len(columns)), None where valid."""
-        reasons: list[str | None] = [None] * len(values)
-        for name, cols, rule in self._groups:
+        """The first broken rule per row of ``values`` (n, len(columns)), None where valid.
+
+        "First" as pandera reports it: a null before any check, then the leftmost broken
+        column. ``values`` columns must be in the schema's column order.
+        """
+        if values.ndim != 2 or values.shape[1] != len(self.columns):
+            raise ValueError(f"expected (n, {len(self.columns)}) values, got {values.shape}")
+        first: dict[int, tuple[bool, int, int, str]] = {}  # row -> its first broken rule
+        for order, (name, cols, rule) in enumerate(self._groups):
             block = values[:, cols]
             ok = rule(block.ravel()).reshape(block.shape)
             for row, col in zip(*np.nonzero(~ok), strict=True):
-                if reasons[row] is None:
-                    reasons[row] = f"{self.columns[cols[col]]}: {name}"
-        return reasons
+                reason = f"{self.columns[cols[col]]}: {name}"
+                found = (name != NOT_NULLABLE, int(cols[col]), order, reason)
+                first[row] = min(first.get(row, found), found)
+        return [first[row][3] if row in first else None for row in range(len(values))]
 
 
 _Rule = Callable[[np.ndarray], np.ndarray]

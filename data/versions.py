@@ -138,11 +138,13 @@ class DatasetStore:
 
     def publish(self, staging: Path, manifest: DatasetManifest) -> Path:
         """Move a finished staging folder into place; first writer wins."""
-        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         final = self.version_dir(manifest.workload, manifest.version)
         try:
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             staging.replace(final)
         except OSError:
+            if not (final / MANIFEST).is_file():
+                raise  # not a lost race: an I/O problem to see; staging keeps the data
             # The same inputs were published meanwhile: identical content, keep theirs.
             shutil.rmtree(staging, ignore_errors=True)
         return final

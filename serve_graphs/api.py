@@ -6,8 +6,6 @@ to Serve, tests drive it with a TestClient.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from numbers import Real
 from typing import Annotated, Any
 
@@ -18,10 +16,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge, ScaledlError, Unauthorized
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge, ScaledlError
+from app.keys import KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract
-from serve_graphs.cascade import Cascade
+from serve_graphs.cascade import Cascade, Prediction
+from serve_graphs.oip import oip_router
 
 # Instances are checked by to_matrix rather than by a pydantic union, whose errors list
 # every branch that failed; the schema still tells clients what to send.
@@ -66,17 +66,19 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
-def key_sha256(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+RETRY_AFTER_S = "1"  # what 429/503 answers ask clients to wait, in seconds
 
 
 def build_api(
     workload: Workload,
     cascade: Cascade,
     *,
-    api_key_sha256: str | None,
+    keys: KeyRing,
     max_instances: int,
+    model_version: str,
 ) -> FastAPI:
+    """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
+    is the served cascade's registry version."""
     api = FastAPI(
         title="scaledl",
         description=f"Predictions for the {workload.name} workload: {workload.description}.",
@@ -85,25 +87,49 @@ def build_api(
     contract = CompiledContract(workload.instance_contract())
     n_features = len(workload.feature_columns)
 
-    async def require_key(credentials: BearerCredentials) -> None:
-        if api_key_sha256 is None:
-            return
-        if credentials is None:
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-        if not hmac.compare_digest(key_sha256(credentials.credentials), api_key_sha256):
-            raise Unauthorized("API key not recognised: check the key you send")
+    def key_for(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
+        async def require(credentials: BearerCredentials) -> None:
+            keys.authorize(credentials.credentials if credentials else None, scope)
+
+        return require
+
+    async def predict_checked(instances: np.ndarray) -> list[Prediction]:
+        broken = [(i, r) for i, r in enumerate(contract.row_errors(instances)) if r is not None]
+        if broken:
+            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
+            raise InvalidRequest(f"instances break the input contract: {shown}")
+        return await cascade.predict(instances)
 
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {
+            401: {"WWW-Authenticate": "Bearer"},
+            429: {"Retry-After": RETRY_AFTER_S},
+            503: {"Retry-After": RETRY_AFTER_S},
+        }.get(exc.status_code)
         return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
 
     @api.exception_handler(RequestValidationError)
-    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e["type"] == "json_invalid" for e in errors):
             return JSONResponse({"error": "request body is not valid JSON"}, status_code=400)
-        return JSONResponse({"error": _describe(errors)}, status_code=422)
+        # The Open Inference Protocol answers every malformed request with a 400.
+        status = 400 if request.url.path.startswith("/v2") else 422
+        return JSONResponse({"error": _describe(errors)}, status_code=status)
+
+    @api.middleware("http")
+    async def _oip_bodies_are_json(request: Request, call_next):  # noqa: ANN001, ANN202
+        # OIP clients (Triton's among them) may send JSON without a JSON content type.
+        if request.method == "POST" and request.url.path.startswith("/v2/"):
+            if "inference-header-content-length" in request.headers:
+                return JSONResponse(
+                    {"error": "binary tensor data is not supported: send JSON tensors"},
+                    status_code=400,
+                )
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        return await call_next(request)
 
     @api.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz() -> dict[str, str]:
@@ -112,23 +138,27 @@ def build_api(
     @api.post(
         "/v1/models/{name}/predict",
         response_model=PredictResponse,
-        dependencies=[Depends(require_key)],
+        dependencies=[Depends(key_for("predict"))],
         summary="Predict one or many instances through the cascade",
     )
     async def predict(name: str, body: PredictRequest) -> PredictResponse:
         if name != workload.name:
             raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
-        instances = to_matrix(body.instances, n_features, max_instances)
-        broken = [(i, r) for i, r in enumerate(contract.row_errors(instances)) if r is not None]
-        if broken:
-            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
-            raise InvalidRequest(f"instances break the input contract: {shown}")
-        predictions = await cascade.predict(instances)
+        predictions = await predict_checked(to_matrix(body.instances, n_features, max_instances))
         return PredictResponse(
             model=workload.name,
             predictions=[PredictionOut(**p.__dict__) for p in predictions],
         )
 
+    api.include_router(
+        oip_router(
+            workload,
+            model_version,
+            predict_checked,
+            key_for=key_for,
+            max_instances=max_instances,
+        )
+    )
     return api
 
 

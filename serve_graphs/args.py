@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.settings import Settings
+from app.keys import ApiKey
+from app.settings import ServeConfig, Settings
 
 
 class TierArgs(BaseModel):
@@ -17,55 +18,29 @@ class TierArgs(BaseModel):
     tracking_uri: str = Field(description="MLflow registry URI.")
 
 
-class TierBatchConfig(BaseModel):
-    """The ``user_config`` of a tier: applied in place by ``reconfigure``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(64, ge=1, description="Most rows of requests run as one batch.")
-    batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=0.05, description="Longest wait for a batch to fill (<= 50 ms)."
-    )
-
-
 class GraphArgs(BaseModel):
-    """Everything ``build_app`` needs; the Serve config YAML's ``args`` validate into it."""
+    """Everything ``build_app`` needs; the Serve config YAML's ``args`` validate into it.
+
+    ``serve`` is the same section as the settings' ``serve`` (cascade, batching, limits,
+    CPUs per replica); its host and port are the proxy's and are not used here.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     workload: str = Field(description="Workload to serve, e.g. digits.")
     tracking_uri: str = Field(description="MLflow registry URI the tiers load from.")
-    cascade_ref: str = Field(
-        "champion",
-        description="Calibrated cascade (alias or version of <workload>-cascade): it names "
-        "both tier versions and the threshold.",
+    api_keys: list[ApiKey] = Field(
+        min_length=1,
+        description="Accepted keys, hashed, with scopes (`scaledl keys create` writes them; "
+        "copy the keys file's lines here). The API is never open.",
     )
-    api_key_sha256: str | None = Field(
-        None, description="SHA-256 of the bearer key; None leaves the API open (dev only)."
-    )
-    max_instances_per_request: int = Field(1024, ge=1)
-    batch: TierBatchConfig = TierBatchConfig()
-    tier_num_cpus: float = Field(0.5, gt=0)
-    ingress_num_cpus: float = Field(0.25, ge=0)
-    tier_max_ongoing_requests: int = Field(128, ge=1)
-    ingress_max_ongoing_requests: int = Field(64, ge=1)
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, workload: str, api_key_sha256: str | None
-    ) -> GraphArgs:
-        s = settings.serve
+    def from_settings(cls, settings: Settings, workload: str, keys: list[ApiKey]) -> GraphArgs:
         return cls(
             workload=workload,
             tracking_uri=settings.tracking_uri,
-            cascade_ref=s.cascade_ref,
-            api_key_sha256=api_key_sha256,
-            max_instances_per_request=s.max_instances_per_request,
-            batch=TierBatchConfig(
-                max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s
-            ),
-            tier_num_cpus=s.tier_num_cpus,
-            ingress_num_cpus=s.ingress_num_cpus,
-            tier_max_ongoing_requests=s.tier_max_ongoing_requests,
-            ingress_max_ongoing_requests=s.ingress_max_ongoing_requests,
+            api_keys=keys,
+            serve=settings.serve,
         )

@@ -6,6 +6,8 @@ the only deploy-time input; ``scaledl serve`` builds the same args from the sett
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
@@ -20,17 +22,24 @@ from serve_graphs.tier_model import TierModel
 LOGGING = LoggingConfig(encoding="JSON").model_dump()
 
 
-def build_app(args: GraphArgs) -> Application:
-    """Resolve the cascade once, here, so every replica loads exactly the same versions."""
+def build_app(args: GraphArgs | dict[str, Any]) -> Application:
+    """Resolve the cascade once, here, so every replica loads exactly the same versions.
+
+    Serve hands the config YAML's ``args`` over as a dict (it converts only when the
+    annotation is a class, and ``from __future__ import annotations`` makes it a string),
+    so they are validated here.
+    """
+    args = GraphArgs.model_validate(args)
+    serve_cfg = args.serve
     workload = get_workload(args.workload)
-    cascade, _ = load_cascade(Registry(args.tracking_uri), workload.name, args.cascade_ref)
+    cascade, ref = load_cascade(Registry(args.tracking_uri), workload.name, serve_cfg.cascade_ref)
     versions = {"cheap": cascade.cheap_version, "expensive": cascade.expensive_version}
     tiers = {
         tier: TierModel.options(
             name=f"{tier}-tier",
-            ray_actor_options={"num_cpus": args.tier_num_cpus},
-            max_ongoing_requests=args.tier_max_ongoing_requests,
-            user_config=args.batch.model_dump(),
+            ray_actor_options={"num_cpus": serve_cfg.tier_num_cpus},
+            max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
+            user_config=serve_cfg.batch.model_dump(),
             logging_config=LOGGING,
         ).bind(
             TierArgs(
@@ -42,7 +51,7 @@ def build_app(args: GraphArgs) -> Application:
         for tier in TIERS
     }
     return Ingress.options(
-        ray_actor_options={"num_cpus": args.ingress_num_cpus},
-        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
+        max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
         logging_config=LOGGING,
-    ).bind(tiers["cheap"], tiers["expensive"], args.model_dump(), cascade.threshold)
+    ).bind(tiers["cheap"], tiers["expensive"], args.model_dump(), cascade.threshold, ref.version)

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from app.errors import ServiceUnavailable
+from app.keys import KeyRing
 from app.workloads import get_workload
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs
 from serve_graphs.cascade import Cascade, TierAnswer, TierFn
 
+log = logging.getLogger("ray.serve")
 
-def tier_fn(handle: DeploymentHandle) -> TierFn:
+
+def tier_fn(handle: DeploymentHandle, tier: str) -> TierFn:
+    """A tier as the cascade sees it; a tier that cannot answer is a 503, never a 500."""
+
     async def call(instances: np.ndarray) -> TierAnswer:
-        probs, version = await handle.predict.remote(instances)
+        try:
+            probs, version = await handle.predict.remote(instances)
+        except BackPressureError as exc:
+            raise ServiceUnavailable(f"the {tier} tier is at capacity: retry shortly") from exc
+        except (RayServeException, RayError) as exc:  # a dead replica, a failed model call
+            log.exception("the %s tier failed", tier)
+            raise ServiceUnavailable(
+                f"the {tier} tier could not answer ({type(exc).__name__}): retry shortly"
+            ) from exc
         return TierAnswer(probs, version)
 
     return call
@@ -25,15 +43,22 @@ def tier_fn(handle: DeploymentHandle) -> TierFn:
 @serve.ingress()
 class Ingress:
     def __init__(
-        self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict, threshold: float
+        self,
+        cheap: DeploymentHandle,
+        expensive: DeploymentHandle,
+        args: dict,
+        threshold: float,
+        cascade_version: str,
     ) -> None:
         self.args = GraphArgs.model_validate(args)
-        self.cascade = Cascade(tier_fn(cheap), tier_fn(expensive), threshold)
+        self.cascade_version = cascade_version
+        self.cascade = Cascade(tier_fn(cheap, "cheap"), tier_fn(expensive, "expensive"), threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(
             get_workload(self.args.workload),
             self.cascade,
-            api_key_sha256=self.args.api_key_sha256,
-            max_instances=self.args.max_instances_per_request,
+            keys=KeyRing(self.args.api_keys),
+            max_instances=self.args.serve.max_instances_per_request,
+            model_version=self.cascade_version,
         )

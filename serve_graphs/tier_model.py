@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import numpy as np
@@ -9,7 +10,8 @@ from ray import serve
 
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
-from serve_graphs.args import TierArgs, TierBatchConfig
+from app.settings import BatchConfig
+from serve_graphs.args import TierArgs
 
 log = logging.getLogger("ray.serve")
 
@@ -33,6 +35,11 @@ class TierRunner:
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
 
+def _rows(batches: list[np.ndarray]) -> int:
+    """Batch size in rows, not requests: one 64-row request fills a 64-row batch."""
+    return sum(len(b) for b in batches)
+
+
 @serve.deployment
 class TierModel:
     def __init__(self, args: dict) -> None:
@@ -42,17 +49,25 @@ class TierModel:
         # over the replica's CPU share. Scale out with replicas instead.
         torch.set_num_threads(1)
         self.runner = TierRunner.from_registry(TierArgs.model_validate(args))
+        self.max_rows = BatchConfig().max_batch_size
         log.info("tier loaded %s", self.runner.version)
 
     def reconfigure(self, user_config: dict) -> None:
-        cfg = TierBatchConfig.model_validate(user_config)
+        cfg = BatchConfig.model_validate(user_config)
+        self.max_rows = cfg.max_batch_size
         self.predict_batch.set_max_batch_size(cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         return self.runner.predict_many(batches)
 
     async def predict(self, instances: np.ndarray) -> tuple[np.ndarray, str]:
-        """Probabilities (n, C) for raw rows (n, F), and the version that produced them."""
-        return await self.predict_batch(instances), self.runner.version
+        """Probabilities (n, C) for raw rows (n, F), and the version that produced them.
+
+        A request larger than a batch is split into batch-sized chunks, which join other
+        requests' rows in the batcher."""
+        step = self.max_rows
+        chunks = [instances[i : i + step] for i in range(0, len(instances), step)]
+        probs = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
+        return np.concatenate(probs), self.runner.version

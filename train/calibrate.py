@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from app.cascade_spec import ALWAYS_ESCALATE, CascadeSpec, SplitResult, cascade_name
+from app.errors import ConfigError
 from app.registry import ModelRef, Registry
 from app.settings import Settings
 from app.workloads import Workload
@@ -79,9 +80,15 @@ def calibrate(
     registry = Registry(settings.tracking_uri, settings.artifacts_dir)
     cheap_ref = registry.resolve(workload.registered_model_name("cheap"), cheap)
     expensive_ref = registry.resolve(workload.registered_model_name("expensive"), expensive)
-    manifest = DatasetStore(settings.datasets_dir).get(
-        workload.name, cheap_ref.tags["dataset_version"]
-    )
+    versions = {ref.tags.get("dataset_version") for ref in (cheap_ref, expensive_ref)}
+    if len(versions) != 1:
+        raise ConfigError(
+            f"{cheap_ref.label} was trained on dataset version "
+            f"{cheap_ref.tags.get('dataset_version')} and {expensive_ref.label} on "
+            f"{expensive_ref.tags.get('dataset_version')}: calibrate a pair trained on the "
+            "same version (retrain one tier with --dataset-version <version>)"
+        )
+    manifest = DatasetStore(settings.datasets_dir).get(workload.name, versions.pop())
     cheap_dir, expensive_dir = registry.download(cheap_ref), registry.download(expensive_ref)
     margin = settings.calibrate.margin
     val = score_pair(read_split(settings, manifest, "val"), cheap_dir, expensive_dir)

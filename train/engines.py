@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.workloads import get_workload
+from train.deepspeed_config import steps_per_epoch
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +117,10 @@ class DataParallel:
             local_shuffle_buffer_size=cfg.micro_batch_size * 8,
             local_shuffle_seed=self.job.seed + epoch,
         )
-        for batch in batches:
+        # Whole accumulation windows only, the same count on every rank: an epoch (and
+        # the checkpoint after it) never ends with half-accumulated gradients.
+        micro_batches = steps_per_epoch(self.job.train_rows, cfg) * cfg.grad_accumulation
+        for batch in itertools.islice(batches, micro_batches):
             loss = F.cross_entropy(engine(batch["x"].to(self.dtype)), batch["y"])
             engine.backward(loss)
             stepped = engine.is_gradient_accumulation_boundary()

@@ -63,11 +63,17 @@ def train_tier(
                 f"run {resume} trained {job.workload}-{job.tier}, not {workload.name}-{tier}: "
                 f"resume it with --workload {job.workload} --tier {job.tier}"
             )
+        check_cluster_fits(job.train)
     else:
         run_name = run_name or f"{workload.name}-{tier}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        if (settings.runs_dir / run_name).exists():
+            raise ConfigError(
+                f"a training run named {run_name!r} already exists under {settings.runs_dir}: "
+                f"continue it with --resume {run_name}, or pick another --run-name"
+            )
+        check_cluster_fits(settings.train)  # before an MLflow run exists to be left open
         job = _new_job(settings, workload, tier, dataset_ref, run_name, registry)
     manifest = DatasetStore(settings.datasets_dir).get(workload.name, job.dataset_version)
-    check_cluster_fits(job.train)
     try:
         result = _fit(settings, manifest, job, run_name)
         outcome = _evaluate_and_register(settings, registry, manifest, job, run_name, result)
@@ -82,9 +88,16 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
     """Refuse a layout the cluster cannot place, instead of hanging in the scheduler."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
+    resources = ray.cluster_resources()
+    if cfg.use_gpu and resources.get("GPU", 0.0) < cfg.num_workers:
+        raise ConfigError(
+            f"train.use_gpu needs {cfg.num_workers} GPUs (one per worker) but the cluster has "
+            f"{resources.get('GPU', 0.0):g}: lower train.num_workers, add GPU nodes, or set "
+            "train.use_gpu=false (SCALEDL_TRAIN__USE_GPU)"
+        )
+    total = resources.get("CPU", 0.0)
     needed = cfg.num_workers * cfg.cpus_per_worker + SPARE_CPUS_FOR_DATA
-    if not cfg.use_gpu and total < needed:
+    if total < needed:
         raise ConfigError(
             f"training needs {needed:g} CPUs ({cfg.num_workers} workers x "
             f"{cfg.cpus_per_worker:g} + {SPARE_CPUS_FOR_DATA:g} for Ray Data) but the cluster "

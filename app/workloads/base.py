@@ -42,6 +42,7 @@ class Workload(ABC):
     label_column: ClassVar[str]
     feature_columns: ClassVar[tuple[str, ...]]
     num_classes: ClassVar[int]
+    input_name: ClassVar[str] = "features"  # the input tensor's name in the OIP v2 API
 
     @abstractmethod
     def contract(self) -> pa.DataFrameSchema:

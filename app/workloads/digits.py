@@ -23,6 +23,7 @@ class Digits(Workload):
     id_column = "id"
     label_column = "label"
     feature_columns = PIXELS
+    input_name = "pixels"
     num_classes = 10
 
     def contract(self) -> pa.DataFrameSchema:

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from app.keys import dev_key
+from app.registry import Registry
 from app.serving import Endpoint, deploy
 from app.settings import load_settings
 from app.workloads import get_workload
@@ -16,7 +18,7 @@ from data.versions import DatasetStore
 from tests.conftest import free_port
 from tests.integration.conftest import Platform
 
-KEY = "integration-key"
+KEY = "integration-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DIGITS = get_workload("digits")
 
@@ -28,7 +30,7 @@ def endpoint(platform: Platform) -> Iterator[Endpoint]:
     settings = load_settings(
         storage_root=platform.settings.storage_root, serve={"port": free_port()}
     )
-    yield deploy(settings, "digits", KEY)
+    yield deploy(settings, "digits", [dev_key(KEY)])
     serve.shutdown()
 
 
@@ -99,3 +101,46 @@ def test_request_id_is_echoed_and_errors_are_4xx(endpoint: Endpoint) -> None:
     assert (bad.status_code, bad.json()) == (400, {"error": "request body is not valid JSON"})
     assert httpx.get(f"{endpoint.base_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{endpoint.base_url}/docs").status_code == 200
+
+
+def test_the_serve_config_yaml_args_build_the_graph(platform: Platform) -> None:
+    """`serve deploy config.yaml` hands build_app its `args` as a plain dict."""
+    from pydantic import ValidationError
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from app.keys import key_sha256
+    from serve_graphs.builder import build_app
+
+    key = {"id": "ops", "scope": "admin", "sha256": key_sha256(KEY)}
+    args = {
+        "workload": "digits",
+        "tracking_uri": platform.settings.tracking_uri,
+        "api_keys": [key],
+        "serve": {"batch": {"max_batch_size": 32}},
+    }
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(app, Application)
+    with pytest.raises(ValidationError, match="api_keys"):
+        build_app({**args, "api_keys": [{**key, "sha256": "the-plain-key"}]})
+
+
+def test_the_open_inference_protocol_answers_through_the_cascade(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    x, y = test_rows
+    body = {
+        "id": "oip-1",
+        "inputs": [
+            {"name": "pixels", "shape": [8, 64], "datatype": "FP32", "data": x[:8].ravel().tolist()}
+        ],
+    }
+    base = endpoint.base_url
+    assert httpx.get(f"{base}/v2/health/ready").status_code == 200
+    resp = httpx.post(f"{base}/v2/models/digits/infer", json=body, headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    cascade = Registry(platform.settings.tracking_uri).resolve("digits-cascade")
+    assert (out["id"], out["model_version"]) == ("oip-1", cascade.version)
+    labels = next(o for o in out["outputs"] if o["name"] == "label")["data"]
+    assert np.mean(np.asarray(labels) == y[:8]) >= 0.75

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -95,9 +96,14 @@ def _kill_a_worker_after(run_dir: Path, checkpoints: int) -> None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     time.sleep(1.0)  # let Ray register the checkpoint it just wrote
+    import ray
+
+    # Workers are children of this test cluster's raylet: never another cluster's.
+    node = ray._private.worker._global_node
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
     workers = [
-        p for p in psutil.process_iter(["cmdline"])
-        if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker")
+        p for p in raylet.children(recursive=True)
+        if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")
     ]  # fmt: skip
     assert workers, "no Ray Train worker to kill"
     os.kill(workers[0].pid, signal.SIGKILL)
@@ -116,9 +122,10 @@ def _resume_lines() -> list[str]:
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    # rglob: Ray moves the logs of workers that have exited into logs/old/.
     return [
         line
-        for f in logs.glob("worker-*.out")
+        for f in logs.rglob("worker-*.out")
         for line in f.read_text(errors="replace").splitlines()
         if "[scaledl] resuming from checkpoint" in line
     ]
@@ -159,6 +166,9 @@ def test_a_layout_the_cluster_cannot_place_is_refused_before_training(platform: 
         check_cluster_fits(settings.train)
     with pytest.raises(ConfigError):
         train_tier(settings, DIGITS, "cheap")
+    gpu = load_settings(storage_root=platform.settings.storage_root, train={"use_gpu": True})
+    with pytest.raises(ConfigError, match="needs 2 GPUs .* the cluster has 0"):
+        check_cluster_fits(gpu.train)
 
 
 def test_calibration_keeps_accuracy_close_to_the_expensive_tier_for_less(
@@ -182,8 +192,13 @@ def test_a_damaged_checkpoint_fails_the_resume_with_a_clear_error(platform: Plat
 
     runs = Path(platform.settings.runs_dir)
     shutil.copytree(runs / platform.outcomes["cheap"].run_name, runs / "damaged-run")
-    job = runs / "damaged-run" / "scaledl-job.json"  # one attempt is enough to fail
-    job.write_text(job.read_text().replace('"max_failures": 1', '"max_failures": 0'))
+    job_file = runs / "damaged-run" / "scaledl-job.json"
+    job = json.loads(job_file.read_text())
+    job["train"]["max_failures"] = 0  # one attempt is enough to fail
+    # Its own MLflow run, so the failure does not mark the copied run FAILED.
+    registry = Registry(platform.settings.tracking_uri)
+    job["mlflow_run_id"] = registry.start_run("damaged-run", params={}, tags={})
+    job_file.write_text(json.dumps(job))
     latest = max(p for p in (runs / "damaged-run").glob("checkpoint_*") if p.is_dir())
     for state in latest.rglob("*.pt"):
         state.write_bytes(b"not a checkpoint")
@@ -192,3 +207,16 @@ def test_a_damaged_checkpoint_fails_the_resume_with_a_clear_error(platform: Plat
     found = find_scaledl_error(raised.value)
     assert isinstance(found, CheckpointError), raised.value
     assert "cannot be loaded" in found.message and "without --resume" in found.message
+    assert registry.client.get_run(job["mlflow_run_id"]).info.status == "FAILED"
+    original = platform.outcomes["cheap"].model.run_id
+    assert registry.client.get_run(original).info.status == "FINISHED"
+
+
+def test_a_new_run_may_not_reuse_an_existing_runs_name(platform: Platform) -> None:
+    name = platform.outcomes["cheap"].run_name
+    client = Registry(platform.settings.tracking_uri).client
+    experiment = client.get_experiment_by_name("scaledl").experiment_id
+    before = len(client.search_runs([experiment]))
+    with pytest.raises(ConfigError, match=f"continue it with --resume {name}"):
+        train_tier(platform.settings, DIGITS, "cheap", run_name=name)
+    assert len(client.search_runs([experiment])) == before  # no MLflow run left open

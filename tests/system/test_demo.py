@@ -38,6 +38,8 @@ def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
     assert measure(out, "failed requests") == "0"
     escalated = float(measure(out, "share escalated to expensive").rstrip("%"))
     assert 0 < escalated < 60
-    assert float(measure(out, "latency p99").removesuffix(" ms")) > 0
-    assert float(measure(out, "requests/s")) > 0
+    p50 = float(measure(out, "latency p50").removesuffix(" ms"))
+    p99 = float(measure(out, "latency p99").removesuffix(" ms"))
+    assert 0 < p50 <= p99 < 30_000  # under the client's timeout: nothing hung
+    assert float(measure(out, "requests/s")) >= 1
     assert (tmp_path / ".scaledl" / "mlflow.db").is_file()

@@ -14,6 +14,8 @@ from app.reports import SAMPLE_DIGIT
 from tests.conftest import free_port
 from tests.system.conftest import BIN, REPO, Head
 
+JOB_KEY = "job-key-for-the-system-test"
+
 pytestmark = pytest.mark.slow
 
 
@@ -71,14 +73,14 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
     port = free_port()
     deploy = submit(
         ray_head, storage, "serve", "--workload", "digits", "--no-keep",
-        env={"SCALEDL_API_KEY": "job-key", "SCALEDL_SERVE__PORT": str(port)},
+        env={"SCALEDL_API_KEY": JOB_KEY, "SCALEDL_SERVE__PORT": str(port)},
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     # The application outlives the job that deployed it.
     resp = httpx.post(
         f"http://127.0.0.1:{port}/v1/models/digits/predict",
         json={"instances": [SAMPLE_DIGIT]},
-        headers={"Authorization": "Bearer job-key"},
+        headers={"Authorization": f"Bearer {JOB_KEY}"},
         timeout=30,
     )
     assert resp.status_code == 200, resp.text

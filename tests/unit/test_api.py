@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from app.errors import ServiceUnavailable
+from app.keys import KeyRing, dev_key
 from app.model_artifact import LoadedModel, ModelMeta
 from app.workloads import get_workload
-from serve_graphs.api import build_api, key_sha256
+from serve_graphs.api import build_api
 from serve_graphs.cascade import Cascade, TierAnswer, TierFn
 
 with warnings.catch_warnings():
@@ -19,7 +21,7 @@ with warnings.catch_warnings():
 
 DIGITS = get_workload("digits")
 URL = "/v1/models/digits/predict"
-KEY = "s3cret-key"
+KEY = "s3cret-key-for-unit-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -41,9 +43,12 @@ def client(
     cascade = Cascade(
         local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), threshold
     )
-    return TestClient(
-        build_api(DIGITS, cascade, api_key_sha256=key_sha256(KEY), max_instances=max_instances)
-    )
+    return TestClient(api_for(cascade, max_instances))
+
+
+def api_for(cascade: Cascade, max_instances: int = 8, keys: KeyRing | None = None):  # noqa: ANN201
+    keys = keys or KeyRing([dev_key(KEY)])
+    return build_api(DIGITS, cascade, keys=keys, max_instances=max_instances, model_version="3")
 
 
 def digit_images(n: int) -> list[list[list[int]]]:
@@ -138,3 +143,15 @@ def test_unknown_model_is_404() -> None:
     )
     assert resp.status_code == 404
     assert "serves 'digits'" in resp.json()["error"]
+
+
+def test_a_tier_that_cannot_answer_is_a_503_with_retry_after() -> None:
+    async def unavailable(instances: np.ndarray) -> TierAnswer:
+        raise ServiceUnavailable("the expensive tier is at capacity: retry shortly")
+
+    cascade = Cascade(local_tier("cheap", []), unavailable, threshold=1.01)  # always escalate
+    api = TestClient(api_for(cascade))
+    resp = api.post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "1"
+    assert resp.json() == {"error": "the expensive tier is at capacity: retry shortly"}

@@ -67,6 +67,30 @@ def test_bad_input_exits_nonzero_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["serve", "-w", "digits", "--dev", "--no-keep"], {}, "set RAY_ADDRESS"),
+        (["data", "versions", "-w", "digits"], {"SCALEDL_API_KEY": ""}, "at least 16"),
+        (["data", "versions", "-w", "digits"], {"SCALEDL_CONFIG": "bad.yaml"}, "not valid YAML"),
+        (
+            ["data", "ingest", "-w", "digits"],
+            {"RAY_ADDRESS": "127.0.0.1:1", "SCALEDL_STORAGE_ROOT": "{tmp}/store"},
+            "no Ray cluster answers at 127.0.0.1:1",
+        ),
+    ],
+)
+def test_bad_config_is_refused_before_anything_runs(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: [1\n")
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    result = scaledl(*args, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_setting_from_env_is_named(tmp_path: Path) -> None:
     result = scaledl(
         "data", "versions", "-w", "digits", cwd=tmp_path, env={"SCALEDL_SERVE__PORT": "99999"}
@@ -84,3 +108,17 @@ def test_versions_and_show_describe_a_published_version(tmp_path: Path) -> None:
     shown = scaledl("data", "show", "abc1", "-w", "digits", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["version"] == "abc123def456"
+
+
+def test_keys_create_prints_the_key_once_and_stores_its_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    created = scaledl("keys", "create", "--scope", "predict", "--id", "web", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.splitlines()[1].strip()
+    stored = (tmp_path / ".scaledl" / "api-keys.txt").read_text()
+    assert stored == f"web predict {hashlib.sha256(secret.encode()).hexdigest()}\n"
+    listed = scaledl("keys", "list", cwd=tmp_path)
+    assert "web" in listed.stdout and secret not in listed.stdout
+    wrong = scaledl("keys", "create", "--scope", "root", cwd=tmp_path)
+    assert wrong.returncode == 2 and "unknown scope 'root'" in wrong.stderr

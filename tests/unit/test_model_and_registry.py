@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,40 @@ def test_first_version_is_champion_later_ones_challengers(
 def test_unknown_models_say_how_to_get_one(registry: Registry, ref: str) -> None:
     with pytest.raises(ModelNotFound, match="scaledl train --workload digits --tier expensive"):
         registry.resolve("digits-expensive", ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("digits-cascade", "scaledl calibrate --workload digits"),
+        ("digits-cheap-int8", "--tier cheap` (it registers the INT8 twin too)"),
+    ],
+)
+def test_missing_cascades_and_int8_twins_name_the_command_that_makes_them(
+    registry: Registry, name: str, hint: str
+) -> None:
+    with pytest.raises(ModelNotFound, match=re.escape(hint)):
+        registry.resolve(name)
+
+
+def test_calibrating_tiers_trained_on_different_data_is_refused(
+    registry: Registry, tmp_path: Path
+) -> None:
+    from app.errors import ConfigError
+    from app.settings import load_settings
+    from train.calibrate import calibrate
+
+    run = registry.start_run("r", params={}, tags={})
+    for tier, dataset in (("cheap", "ds1"), ("expensive", "ds2")):
+        registry.register(
+            f"digits-{tier}",
+            saved_model(tmp_path / tier, tier),
+            run_id=run,
+            artifact_path=tier,
+            tags={"dataset_version": dataset},
+        )
+    settings = load_settings(
+        storage_root=tmp_path / "store", mlflow_tracking_uri=registry.tracking_uri
+    )
+    with pytest.raises(ConfigError, match="dataset version ds1 .* on ds2: calibrate a pair"):
+        calibrate(settings, DIGITS, cheap="1", expensive="1")

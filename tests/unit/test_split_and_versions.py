@@ -81,3 +81,29 @@ def test_store_resolves_latest_prefix_and_explains_misses(tmp_path: Path) -> Non
         store.get("digits", "aa")
     with pytest.raises(DatasetVersionNotFound, match="pick one of: aab222, aaa111"):
         store.get("digits", "zzz")
+
+
+def test_publishing_the_same_version_twice_keeps_the_first_and_drops_the_copy(
+    tmp_path: Path,
+) -> None:
+    store = DatasetStore(tmp_path)
+    first = published(tmp_path, "ccc333")
+    staging = store.staging_dir("digits")
+    (staging / "shard.parquet").write_bytes(b"second copy")
+    final = store.publish(staging, first)  # a concurrent run with the same inputs
+    assert not staging.exists()
+    assert not (final / "shard.parquet").exists()
+    assert store.get("digits", "ccc333") == first
+
+
+def test_a_failed_publish_raises_and_keeps_the_staged_data(tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path)
+    manifest = _manifest("ddd444", datetime.now(UTC))
+    blocker = store.version_dir("digits", "ddd444")
+    blocker.mkdir(parents=True)
+    (blocker / "stray-file").write_text("not a published version")  # no manifest
+    staging = store.staging_dir("digits")
+    (staging / "shard.parquet").write_bytes(b"rows")
+    with pytest.raises(OSError):
+        store.publish(staging, manifest)
+    assert (staging / "shard.parquet").read_bytes() == b"rows"

@@ -1,0 +1,214 @@
+"""The Open Inference Protocol v2 (REST), as KServe and Triton serve it, free of Ray.
+
+One model per workload, named after it; its version is the calibrated cascade's
+registry version. The input is one tensor ``[n, F]`` (or any shape ``[n, ...]`` whose
+trailing dimensions hold F values, e.g. ``[n, 8, 8]``), the outputs are ``label``,
+``confidence``, ``tier`` and ``model_version``, one entry per instance. Errors are
+``400 {"error": ...}`` as the spec asks (404 for an unknown model or version).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.workloads import Workload
+from serve_graphs.cascade import Prediction
+
+NUMERIC = {
+    "BOOL": None,  # named so its refusal can say why
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+
+class Tensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    shape: list[int] = Field(description="Dimensions; the first is the number of instances.")
+    datatype: str = Field(description="FP32, FP64, INT64, … (any numeric type is accepted).")
+    data: list[Any] = Field(description="The values, flat in row-major order or nested.")
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[Tensor] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+class OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+OUTPUTS = {"label": "INT64", "confidence": "FP32", "tier": "BYTES", "model_version": "BYTES"}
+
+Predict = Callable[[np.ndarray], Awaitable[list[Prediction]]]
+
+
+def oip_router(
+    workload: Workload,
+    model_version: str,
+    predict: Predict,
+    *,
+    key_for: Callable[[str], Any],
+    max_instances: int,
+) -> APIRouter:
+    """The /v2 routes; ``predict`` takes a checked (n, F) matrix; ``key_for(scope)`` is
+    the auth dependency."""
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+    n_features = len(workload.feature_columns)
+    input_name = workload.input_name
+    name = workload.name
+
+    def check_model(model: str, version: str | None) -> None:
+        if model != name:
+            raise NotFound(f"unknown model {model!r}: this service serves {name!r}")
+        if version is not None and version != model_version:
+            raise NotFound(
+                f"model {name!r} has no version {version!r} here; it serves {model_version!r}"
+            )
+
+    @router.get("/health/live", summary="Liveness (no key needed)")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @router.get("/health/ready", summary="Readiness (no key needed)")
+    async def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @router.get("", dependencies=[Depends(key_for("predict"))], summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "scaledl", "version": "1", "extensions": []}
+
+    def metadata(model: str, version: str | None = None) -> dict[str, Any]:
+        check_model(model, version)
+        return {
+            "name": name,
+            "versions": [model_version],
+            "platform": "scaledl-cascade",
+            "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, n_features]}],
+            "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
+        }
+
+    def readiness(model: str, version: str | None = None) -> dict[str, Any]:
+        check_model(model, version)
+        return {"name": name, "ready": True}
+
+    async def infer(body: InferRequest, model: str, version: str | None = None) -> InferResponse:
+        check_model(model, version)
+        instances = _input_matrix(body.inputs, input_name, n_features, max_instances)
+        wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
+        unknown = [o for o in wanted if o not in OUTPUTS]
+        if unknown:
+            raise InvalidRequest(
+                f"unknown output {unknown[0]!r}: this model has {', '.join(OUTPUTS)}"
+            )
+        predictions = await predict(instances)
+        return InferResponse(
+            model_name=name,
+            model_version=model_version,
+            id=body.id,
+            outputs=[
+                OutputTensor(
+                    name=o,
+                    shape=[len(predictions)],
+                    datatype=OUTPUTS[o],
+                    data=[getattr(p, o) for p in predictions],
+                )
+                for o in wanted
+            ],
+        )
+
+    auth = [Depends(key_for("predict"))]
+    for path in ("/models/{model}", "/models/{model}/versions/{version}"):
+        router.add_api_route(path, metadata, methods=["GET"], dependencies=auth)
+        router.add_api_route(f"{path}/ready", readiness, methods=["GET"])
+        router.add_api_route(
+            f"{path}/infer",
+            infer,
+            methods=["POST"],
+            dependencies=auth,
+            response_model=InferResponse,
+            response_model_exclude_none=True,
+        )
+    return router
+
+
+def _input_matrix(
+    inputs: list[Tensor], input_name: str, n_features: int, max_instances: int
+) -> np.ndarray:
+    """The one input tensor as a float matrix (n, F), or a 4xx naming what is wrong."""
+    if len(inputs) != 1 or inputs[0].name != input_name:
+        names = ", ".join(repr(t.name) for t in inputs)
+        raise InvalidRequest(f"expected one input named {input_name!r}, got {names}")
+    tensor = inputs[0]
+    where = f"input {tensor.name!r}"
+    dtype = NUMERIC.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidRequest(
+            f"{where}: datatype {tensor.datatype!r} is not numeric; send FP32 (or another "
+            f"of {', '.join(k for k, v in NUMERIC.items() if v is not None)})"
+        )
+    shape = tensor.shape
+    if shape and shape[0] == 0:
+        raise InvalidRequest(f"{where}: shape {shape} holds no instances; send at least one")
+    if len(shape) < 2 or any(d < 1 for d in shape) or math.prod(shape[1:]) != n_features:
+        raise InvalidRequest(
+            f"{where}: shape {shape} does not hold {n_features} values per instance; "
+            f"send [n, {n_features}] (or [n, ...] with {n_features} values per instance)"
+        )
+    try:
+        values = np.asarray(tensor.data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{where}: data holds non-numbers or ragged rows") from None
+    if values.size != math.prod(shape):
+        raise InvalidRequest(
+            f"{where}: shape {shape} needs {math.prod(shape)} values, data holds {values.size}"
+        )
+    if shape[0] > max_instances:
+        raise PayloadTooLarge(
+            f"{where}: {shape[0]} instances in one request; the limit is {max_instances}: "
+            "split the request"
+        )
+    if not np.isfinite(values).all():
+        raise InvalidRequest(f"{where}: data holds NaN or infinity: send finite numbers")
+    if np.issubdtype(dtype, np.integer) and not np.array_equal(values, np.round(values)):
+        raise InvalidRequest(f"{where}: datatype {tensor.datatype} but data holds fractions")
+    return values.reshape(shape[0], n_features)
