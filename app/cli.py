@@ -29,9 +29,11 @@ cli = typer.Typer(
 data_cli = typer.Typer(help="Ingest raw data into versioned datasets.", no_args_is_help=True)
 models_cli = typer.Typer(help="Registered models and their aliases.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
+serve_cli = typer.Typer(help="Serve a workload's calibrated cascade over HTTP.")
 cli.add_typer(data_cli, name="data")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(serve_cli, name="serve")
 
 
 @functools.cache
@@ -299,10 +301,12 @@ def keys_list(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------------------- serve
 
 
-@cli.command("serve")
+@serve_cli.callback(invoke_without_command=True)
 def serve_cmd(
     ctx: typer.Context,
-    workload: WorkloadOpt,
+    workload: Annotated[
+        str | None, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")
+    ] = None,
     dev: Annotated[
         bool, typer.Option(help="Development: generate and print an API key if none is set.")
     ] = False,
@@ -312,10 +316,16 @@ def serve_cmd(
     ] = None,
     keep: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
 ) -> None:
-    """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs."""
+    """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs.
+
+    `scaledl serve config` prints the same application as a Serve config YAML instead."""
     from app.runtime import ray_session
     from app.serving import check_models, deploy, resolve_access, serve_until_interrupted
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if workload is None:
+        raise ConfigError("scaledl serve needs --workload, e.g. --workload digits")
     state: _State = ctx.obj
     settings = state.settings(serve=_drop_none(cascade_ref=cascade))
     if not keep and not settings.ray_address:
@@ -335,6 +345,26 @@ def serve_cmd(
         if keep:
             console().print("serving; press Ctrl-C to stop")
             serve_until_interrupted()
+
+
+@serve_cli.command("config")
+def serve_config_cmd(
+    ctx: typer.Context,
+    workload: WorkloadOpt,
+    cascade: Annotated[
+        str | None,
+        typer.Option(help="Calibrated cascade to serve: alias or version (serve.cascade_ref)."),
+    ] = None,
+) -> None:
+    """Print the Serve config YAML for `serve deploy` (e.g. > cluster/serve.yaml)."""
+    from app.serve_config import serve_config, to_yaml
+    from app.serving import check_models, resolve_access
+
+    state: _State = ctx.obj
+    settings = state.settings(serve=_drop_none(cascade_ref=cascade))
+    check_models(settings, workload)
+    access = resolve_access(settings, dev=False)
+    typer.echo(to_yaml(serve_config(settings, workload, access.keys)), nl=False)
 
 
 # ---------------------------------------------------------------------------- demo

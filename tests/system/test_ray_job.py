@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from app.registry import Registry
 from app.reports import SAMPLE_DIGIT
 from tests.conftest import free_port
-from tests.system.conftest import BIN, REPO, Head
+from tests.system.conftest import BIN, REPO, Head, clean_env
 
 JOB_KEY = "job-key-for-the-system-test"
 
@@ -85,6 +86,41 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
     )
     assert resp.status_code == 200, resp.text
     assert resp.json()["predictions"][0]["label"] == 0
+
+    # The same application as a Serve config YAML, redeployed by Ray's own `serve deploy`
+    # with a key from the keys file: once the new key is accepted, the YAML's app serves.
+    local = clean_env(SCALEDL_STORAGE_ROOT=str(storage), SCALEDL_SERVE__PORT=str(port))
+    created = scaledl_cli("keys", "create", "--scope", "predict", "--id", "yaml", env=local)
+    yaml_key = created.stdout.splitlines()[1].strip()
+    config = scaledl_cli("serve", "config", "--workload", "digits", env=local)
+    (tmp_path / "serve.yaml").write_text(config.stdout)
+    deploy_yaml = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(tmp_path / "serve.yaml"), "-a", ray_head.dashboard],
+        env=ray_head.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deploy_yaml.returncode == 0, deploy_yaml.stdout + deploy_yaml.stderr
+    deadline = time.monotonic() + 180
+    status = None
+    while status != 200 and time.monotonic() < deadline:
+        time.sleep(2)
+        try:
+            status = httpx.post(
+                f"http://127.0.0.1:{port}/v1/models/digits/predict",
+                json={"instances": [SAMPLE_DIGIT]},
+                headers={"Authorization": f"Bearer {yaml_key}"},
+                timeout=30,
+            ).status_code
+        except httpx.HTTPError:  # replicas being replaced
+            status = None
+    assert status == 200, f"the YAML-deployed app never accepted its key (last: {status})"
+
+
+def scaledl_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(BIN / "scaledl"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def test_a_failing_stage_fails_the_job_with_its_message(ray_head: Head, tmp_path: Path) -> None:
