@@ -196,6 +196,18 @@ class ServeConfig(_Section):
         128, ge=1, description="Requests one tier replica holds at once; room to form batches."
     )
     max_instances_per_request: int = Field(1024, ge=1, description="Instances in one request.")
+    expensive_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest wait for the expensive tier; past it the cheap answer returns "
+        "with degraded=true.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Expensive-tier failures in a row that open its circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        10.0, gt=0, description="Seconds an open breaker waits before one trial request."
+    )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
 

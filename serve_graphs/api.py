@@ -59,6 +59,10 @@ class PredictionOut(BaseModel):
     confidence: float
     tier: str = Field(description="Which tier answered: cheap, or expensive after escalation.")
     model_version: str = Field(description="Registered model and version, e.g. digits-cheap/3.")
+    degraded: bool = Field(
+        description="True when the expensive tier should have answered but was slow or "
+        "unavailable, so the cheap tier's answer stands."
+    )
 
 
 class PredictResponse(BaseModel):

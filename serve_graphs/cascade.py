@@ -1,12 +1,21 @@
 """The cascade decision, free of Ray: the cheap tier answers when it is sure enough,
-the expensive tier answers the rest."""
+the expensive tier answers the rest.
+
+The expensive tier sits behind a timeout and a circuit breaker. When it is slow,
+failing, or its breaker is open, the unsure instances get the cheap tier's answer with
+``degraded=True`` instead of an error: a worse answer now beats none.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from app.errors import ServiceUnavailable
 
 
 @dataclass(frozen=True)
@@ -26,13 +35,73 @@ class Prediction:
     confidence: float
     tier: str
     model_version: str
+    degraded: bool = False
+
+
+class CircuitBreaker:
+    """Closed; open after ``failures_to_open`` failures in a row; after ``reset_after_s``
+    one trial call is let through (half-open): its success closes the breaker, its
+    failure opens it again.
+
+    Hand-written rather than pybreaker: that library is synchronous (its async support
+    needs Tornado), and this is the whole of what the cascade needs.
+    """
+
+    def __init__(
+        self,
+        failures_to_open: int,
+        reset_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures_to_open = failures_to_open
+        self.reset_after_s = reset_after_s
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.trial_in_flight = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.reset_after_s else "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self.trial_in_flight:
+            self.trial_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.failures, self.opened_at, self.trial_in_flight = 0, None, False
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        self.trial_in_flight = False
+        if self.opened_at is not None or self.failures >= self.failures_to_open:
+            self.opened_at = self.clock()
 
 
 class Cascade:
-    def __init__(self, cheap: TierFn, expensive: TierFn, threshold: float) -> None:
+    def __init__(
+        self,
+        cheap: TierFn,
+        expensive: TierFn,
+        threshold: float,
+        *,
+        expensive_timeout_s: float = 2.0,
+        breaker: CircuitBreaker | None = None,
+        on_degraded: Callable[[int, str], None] = lambda n, reason: None,
+    ) -> None:
         self.cheap = cheap
         self.expensive = expensive
         self.threshold = threshold
+        self.expensive_timeout_s = expensive_timeout_s
+        self.breaker = breaker or CircuitBreaker(failures_to_open=5, reset_after_s=10.0)
+        self.on_degraded = on_degraded
 
     async def predict(self, instances: np.ndarray) -> list[Prediction]:
         """One prediction per instance; only the unsure ones reach the expensive tier."""
@@ -42,10 +111,29 @@ class Cascade:
         answers = [
             Prediction(int(p.argmax()), float(p.max()), "cheap", cheap.version) for p in cheap.probs
         ]
-        if escalate.size:
-            expensive = await self.expensive(instances[escalate])
-            for i, p in zip(escalate, expensive.probs, strict=True):
-                answers[i] = Prediction(
-                    int(p.argmax()), float(p.max()), "expensive", expensive.version
-                )
+        if not escalate.size:
+            return answers
+        expensive, reason = await self._expensive(instances[escalate])
+        if expensive is None:
+            self.on_degraded(len(escalate), reason)
+            for i in escalate:
+                answers[i] = Prediction(**{**answers[i].__dict__, "degraded": True})
+            return answers
+        for i, p in zip(escalate, expensive.probs, strict=True):
+            answers[i] = Prediction(int(p.argmax()), float(p.max()), "expensive", expensive.version)
         return answers
+
+    async def _expensive(self, instances: np.ndarray) -> tuple[TierAnswer | None, str]:
+        """The expensive tier's answer, or None and why it is unavailable."""
+        if not self.breaker.allow():
+            return None, "breaker_open"
+        try:
+            answer = await asyncio.wait_for(self.expensive(instances), self.expensive_timeout_s)
+        except TimeoutError:
+            self.breaker.record_failure()
+            return None, "timeout"
+        except ServiceUnavailable:
+            self.breaker.record_failure()
+            return None, "unavailable"
+        self.breaker.record_success()
+        return answer, ""

@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
@@ -16,7 +17,7 @@ from app.keys import KeyRing
 from app.workloads import get_workload
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs
-from serve_graphs.cascade import Cascade, TierAnswer, TierFn
+from serve_graphs.cascade import Cascade, CircuitBreaker, TierAnswer, TierFn
 
 log = logging.getLogger("ray.serve")
 
@@ -52,7 +53,21 @@ class Ingress:
     ) -> None:
         self.args = GraphArgs.model_validate(args)
         self.cascade_version = cascade_version
-        self.cascade = Cascade(tier_fn(cheap, "cheap"), tier_fn(expensive, "expensive"), threshold)
+        cfg = self.args.serve
+        degraded = metrics.Counter(
+            "scaledl_cascade_degraded_total",
+            description="Instances answered by the cheap tier because the expensive tier "
+            "was slow, failing or behind an open breaker.",
+            tag_keys=("reason",),
+        )
+        self.cascade = Cascade(
+            tier_fn(cheap, "cheap"),
+            tier_fn(expensive, "expensive"),
+            threshold,
+            expensive_timeout_s=cfg.expensive_timeout_s,
+            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
+            on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(

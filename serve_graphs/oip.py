@@ -3,7 +3,7 @@
 One model per workload, named after it; its version is the calibrated cascade's
 registry version. The input is one tensor ``[n, F]`` (or any shape ``[n, ...]`` whose
 trailing dimensions hold F values, e.g. ``[n, 8, 8]``), the outputs are ``label``,
-``confidence``, ``tier`` and ``model_version``, one entry per instance. Errors are
+``confidence``, ``tier``, ``model_version`` and ``degraded``, one entry per instance. Errors are
 ``400 {"error": ...}`` as the spec asks (404 for an unknown model or version).
 """
 
@@ -77,7 +77,13 @@ class InferResponse(BaseModel):
     outputs: list[OutputTensor]
 
 
-OUTPUTS = {"label": "INT64", "confidence": "FP32", "tier": "BYTES", "model_version": "BYTES"}
+OUTPUTS = {
+    "label": "INT64",
+    "confidence": "FP32",
+    "tier": "BYTES",
+    "model_version": "BYTES",
+    "degraded": "BOOL",
+}
 
 Predict = Callable[[np.ndarray], Awaitable[list[Prediction]]]
 

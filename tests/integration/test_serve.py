@@ -144,3 +144,24 @@ def test_the_open_inference_protocol_answers_through_the_cascade(
     assert (out["id"], out["model_version"]) == ("oip-1", cascade.version)
     labels = next(o for o in out["outputs"] if o["name"] == "label")["data"]
     assert np.mean(np.asarray(labels) == y[:8]) >= 0.75
+
+
+def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """Redeploys with an impossible expensive-tier deadline (keep this test last here)."""
+    port = int(endpoint.base_url.rsplit(":", 1)[1])
+    settings = load_settings(
+        storage_root=platform.settings.storage_root,
+        serve={"port": port, "expensive_timeout_s": 1e-4},
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
+    x, _ = test_rows
+    resp = httpx.post(
+        endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=60
+    )
+    assert resp.status_code == 200, resp.text
+    predictions = resp.json()["predictions"]
+    degraded = [p for p in predictions if p["degraded"]]
+    assert degraded and all(p["tier"] == "cheap" for p in degraded)
+    assert not any(p["tier"] == "expensive" for p in predictions)

@@ -145,13 +145,30 @@ def test_unknown_model_is_404() -> None:
     assert "serves 'digits'" in resp.json()["error"]
 
 
-def test_a_tier_that_cannot_answer_is_a_503_with_retry_after() -> None:
-    async def unavailable(instances: np.ndarray) -> TierAnswer:
-        raise ServiceUnavailable("the expensive tier is at capacity: retry shortly")
+async def unavailable(instances: np.ndarray) -> TierAnswer:
+    raise ServiceUnavailable("the tier is at capacity: retry shortly")
 
-    cascade = Cascade(local_tier("cheap", []), unavailable, threshold=1.01)  # always escalate
-    api = TestClient(api_for(cascade))
-    resp = api.post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+
+def test_when_the_cheap_tier_cannot_answer_the_request_is_a_503_with_retry_after() -> None:
+    cascade = Cascade(unavailable, local_tier("expensive", []), threshold=0.5)
+    resp = TestClient(api_for(cascade)).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 503
     assert resp.headers["retry-after"] == "1"
-    assert resp.json() == {"error": "the expensive tier is at capacity: retry shortly"}
+    assert resp.json() == {"error": "the tier is at capacity: retry shortly"}
+
+
+def test_when_the_expensive_tier_cannot_answer_the_cheap_answer_returns_degraded() -> None:
+    degraded: list[tuple[int, str]] = []
+    cascade = Cascade(
+        local_tier("cheap", []),
+        unavailable,
+        threshold=1.01,  # always escalate
+        on_degraded=lambda n, reason: degraded.append((n, reason)),
+    )
+    resp = TestClient(api_for(cascade)).post(URL, json={"instances": digit_images(2)}, headers=AUTH)
+    assert resp.status_code == 200
+    assert [(p["tier"], p["degraded"]) for p in resp.json()["predictions"]] == [
+        ("cheap", True),
+        ("cheap", True),
+    ]
+    assert degraded == [(2, "unavailable")]

@@ -46,7 +46,8 @@ def test_metadata_describes_the_input_and_outputs(api: TestClient) -> None:
     meta = api.get("/v2/models/digits", headers=AUTH).json()
     assert meta["versions"] == ["3"]
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
-    assert [o["name"] for o in meta["outputs"]] == ["label", "confidence", "tier", "model_version"]
+    names = [o["name"] for o in meta["outputs"]]
+    assert names == ["label", "confidence", "tier", "model_version", "degraded"]
 
 
 def test_infer_answers_flat_and_image_shaped_tensors_with_the_request_id(api: TestClient) -> None:

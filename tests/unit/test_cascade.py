@@ -1,0 +1,78 @@
+"""The cascade's protection of the expensive tier: timeout and circuit breaker (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from app.errors import ServiceUnavailable
+from serve_graphs.cascade import Cascade, CircuitBreaker, TierAnswer
+
+UNSURE = np.array([[0.6, 0.4]])  # below any threshold we use: always escalates
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_breaker_opens_after_failures_lets_one_trial_through_and_closes_on_success() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=2, reset_after_s=10, clock=clock)
+    breaker.record_failure()
+    assert breaker.allow()
+    breaker.record_failure()
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    clock.now = 10
+    assert breaker.state == "half-open"
+    assert breaker.allow() and not breaker.allow()  # one trial at a time
+    breaker.record_failure()  # the trial failed: open again, for another 10 s
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    clock.now = 20
+    assert breaker.allow()
+    breaker.record_success()
+    assert (breaker.state, breaker.failures) == ("closed", 0)
+
+
+def cascade_with(expensive, **kwargs) -> tuple[Cascade, list[tuple[int, str]], list[int]]:  # noqa: ANN001
+    cheap_calls: list[int] = []
+    degraded: list[tuple[int, str]] = []
+
+    async def cheap(x: np.ndarray) -> TierAnswer:
+        cheap_calls.append(len(x))
+        return TierAnswer(np.repeat(UNSURE, len(x), axis=0), "digits-cheap/1")
+
+    cascade = Cascade(
+        cheap, expensive, 0.9, on_degraded=lambda n, r: degraded.append((n, r)), **kwargs
+    )
+    return cascade, degraded, cheap_calls
+
+
+def test_a_slow_expensive_tier_times_out_into_a_degraded_answer() -> None:
+    async def slow(x: np.ndarray) -> TierAnswer:
+        await asyncio.sleep(5)
+        raise AssertionError("never reached")
+
+    cascade, degraded, _ = cascade_with(slow, expensive_timeout_s=0.05)
+    (answer,) = asyncio.run(cascade.predict(np.zeros((1, 2))))
+    assert (answer.tier, answer.degraded, answer.label) == ("cheap", True, 0)
+    assert degraded == [(1, "timeout")]
+
+
+def test_an_open_breaker_stops_calling_the_failing_tier() -> None:
+    calls: list[int] = []
+
+    async def failing(x: np.ndarray) -> TierAnswer:
+        calls.append(len(x))
+        raise ServiceUnavailable("the expensive tier could not answer")
+
+    breaker = CircuitBreaker(failures_to_open=3, reset_after_s=60)
+    cascade, degraded, _ = cascade_with(failing, breaker=breaker)
+    for _ in range(5):
+        asyncio.run(cascade.predict(np.zeros((1, 2))))
+    assert len(calls) == 3  # the 4th and 5th requests never reached it
+    assert [r for _, r in degraded] == ["unavailable"] * 3 + ["breaker_open"] * 2
