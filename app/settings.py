@@ -107,7 +107,8 @@ class TrainConfig(_Section):
         512,
         ge=0,
         description="Featurized splits smaller than this are computed once and kept in the "
-        "object store instead of being re-read every epoch (0 disables).",
+        "object store instead of being re-read every epoch, and a data-parallel worker's "
+        "training shard under it is kept in the worker as tensors (0 disables both).",
     )
     max_failures: int = Field(
         1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."

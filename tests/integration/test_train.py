@@ -143,7 +143,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes(platform: Platform) ->
 
 def test_a_stopped_run_continues_with_resume(platform: Platform) -> None:
     settings = load_settings(
-        storage_root=platform.settings.storage_root, train={"epochs": 4, "max_failures": 0}
+        storage_root=platform.settings.storage_root,
+        # No caching: this run streams its shard from Ray Data every epoch.
+        train={"epochs": 4, "max_failures": 0, "cache_inputs_below_mb": 0},
     )
     with pytest.raises(Exception, match="(?i)fail|died|killed"):
         _train_while_killing(settings, "cheap", "stopped-run")
