@@ -104,7 +104,7 @@ def main() -> None:
             ]  # fmt: skip
             if mb == 64:
                 runs += [
-                    ("Ray Train + DeepSpeed ZeRO-1, 2 w, no cache", 2,
+                    ("Ray Train + DeepSpeed ZeRO-1, 2w, no cache", 2,
                      ray_train(store, version, mb, num_workers=2, cache_inputs_below_mb=0)),
                     ("Ray Train + DeepSpeed ZeRO-2, 2 workers", 2,
                      ray_train(store, version, mb, num_workers=2, zero_stage=2)),
