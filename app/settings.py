@@ -196,6 +196,18 @@ class ServeConfig(_Section):
     tier_max_ongoing_requests: int = Field(
         128, ge=1, description="Requests one tier replica holds at once; room to form batches."
     )
+    ingress_max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="Requests waiting for an ingress replica; past it Serve's proxy answers "
+        "503 at once instead of letting requests hang.",
+    )
+    tier_max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Calls waiting for a tier replica; past it the request gets a 503 with "
+        "Retry-After (or a degraded answer, for the expensive tier).",
+    )
     max_instances_per_request: int = Field(1024, ge=1, description="Instances in one request.")
     expensive_timeout_s: float = Field(
         2.0,

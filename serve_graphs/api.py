@@ -70,7 +70,7 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
-RETRY_AFTER_S = "1"  # what 429/503 answers ask clients to wait, in seconds
+RETRY_AFTER_S = 1  # what 429/503 answers ask clients to wait, in seconds
 
 
 def build_api(
@@ -108,8 +108,8 @@ def build_api(
     async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
         headers = {
             401: {"WWW-Authenticate": "Bearer"},
-            429: {"Retry-After": RETRY_AFTER_S},
-            503: {"Retry-After": RETRY_AFTER_S},
+            429: {"Retry-After": str(RETRY_AFTER_S)},
+            503: {"Retry-After": str(RETRY_AFTER_S)},
         }.get(exc.status_code)
         return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
 

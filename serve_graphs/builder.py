@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
 from app.cascade_spec import load_cascade
 from app.registry import Registry
 from app.workloads import TIERS, get_workload
+from serve_graphs.api import RETRY_AFTER_S
 from serve_graphs.args import GraphArgs, TierArgs
 from serve_graphs.ingress import Ingress
 from serve_graphs.tier_model import TierModel
@@ -39,6 +41,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
             name=f"{tier}-tier",
             ray_actor_options={"num_cpus": serve_cfg.tier_num_cpus},
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
+            max_queued_requests=serve_cfg.tier_max_queued_requests,
             user_config=serve_cfg.batch.model_dump(),
             logging_config=LOGGING,
         ).bind(
@@ -53,5 +56,8 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     return Ingress.options(
         ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
+        max_queued_requests=serve_cfg.ingress_max_queued_requests,
+        # Shed load at the proxy with the same answer our own 503s give.
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         logging_config=LOGGING,
     ).bind(tiers["cheap"], tiers["expensive"], args.model_dump(), cascade.threshold, ref.version)

@@ -165,3 +165,34 @@ def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
     degraded = [p for p in predictions if p["degraded"]]
     assert degraded and all(p["tier"] == "cheap" for p in degraded)
     assert not any(p["tier"] == "expensive" for p in predictions)
+
+
+def test_overload_is_shed_with_503_and_retry_after_never_a_hang(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """Redeploys with room for one request and one queued (keep this test last here)."""
+    import asyncio
+
+    port = int(endpoint.base_url.rsplit(":", 1)[1])
+    settings = load_settings(
+        storage_root=platform.settings.storage_root,
+        serve={"port": port, "ingress_max_ongoing_requests": 1, "ingress_max_queued_requests": 1},
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
+    x, _ = test_rows
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        endpoint.predict_url, json={"instances": [row.tolist()]}, headers=AUTH
+                    )
+                    for row in x[:48]
+                )
+            )
+
+    responses = asyncio.run(fire())  # a hang would end in httpx's timeout error
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503}, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
