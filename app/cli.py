@@ -362,8 +362,13 @@ def serve_config_cmd(
 
     state: _State = ctx.obj
     settings = state.settings(serve=_drop_none(cascade_ref=cascade))
-    check_models(settings, workload)
     access = resolve_access(settings, dev=False)
+    if access.generated:  # SCALEDL_DEV: a key nobody could ever send
+        raise ConfigError(
+            "a Serve config needs keys someone holds: create one with "
+            "`scaledl keys create --scope predict` or set SCALEDL_API_KEY"
+        )
+    check_models(settings, workload)
     typer.echo(to_yaml(serve_config(settings, workload, access.keys)), nl=False)
 
 

@@ -32,7 +32,9 @@ class ApiKey(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=_ID.pattern, description="Who holds the key; shows in logs.")
-    scope: Scope = Field(description="predict: inference routes; admin: everything.")
+    scope: Scope = Field(
+        description="predict: inference routes; admin: everything (no route needs admin yet)."
+    )
     sha256: str = Field(pattern=_SHA256.pattern, description="Hex SHA-256 of the secret.")
 
     def grants(self, scope: Scope) -> bool:
@@ -91,9 +93,12 @@ def create_key(path: Path, scope: Scope, key_id: str | None = None) -> tuple[Api
     secret = secrets.token_urlsafe(32)
     key = ApiKey(id=key_id, scope=scope, sha256=key_sha256(secret))
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A hand-edited file may lack its last newline: never glue the new key onto it.
+    text = path.read_text() if path.is_file() else ""
+    lead = "\n" if text and not text.endswith("\n") else ""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as f:
-        f.write(f"{key.id} {key.scope} {key.sha256}\n")
+        f.write(f"{lead}{key.id} {key.scope} {key.sha256}\n")
     return key, secret
 
 

@@ -63,6 +63,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit():
         return
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:

@@ -75,6 +75,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def release_trial(self) -> None:
+        """The trial ended without a verdict (cancelled): let the next request try."""
+        self.trial_in_flight = False
+
     def record_success(self) -> None:
         self.failures, self.opened_at, self.trial_in_flight = 0, None, False
 
@@ -135,5 +139,8 @@ class Cascade:
         except ServiceUnavailable:
             self.breaker.record_failure()
             return None, "unavailable"
+        except BaseException:  # cancelled (client gone), or a bug: no verdict on the tier
+            self.breaker.release_trial()
+            raise
         self.breaker.record_success()
         return answer, ""

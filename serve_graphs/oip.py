@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -200,21 +201,34 @@ def _input_matrix(
             f"{where}: shape {shape} does not hold {n_features} values per instance; "
             f"send [n, {n_features}] (or [n, ...] with {n_features} values per instance)"
         )
-    try:
-        values = np.asarray(tensor.data, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{where}: data holds non-numbers or ragged rows") from None
-    if values.size != math.prod(shape):
-        raise InvalidRequest(
-            f"{where}: shape {shape} needs {math.prod(shape)} values, data holds {values.size}"
-        )
     if shape[0] > max_instances:
         raise PayloadTooLarge(
             f"{where}: {shape[0]} instances in one request; the limit is {max_instances}: "
             "split the request"
+        )
+    values = np.asarray(_numbers(tensor.data, where), dtype=np.float64)
+    if values.size != math.prod(shape):
+        raise InvalidRequest(
+            f"{where}: shape {shape} needs {math.prod(shape)} values, data holds {values.size}"
         )
     if not np.isfinite(values).all():
         raise InvalidRequest(f"{where}: data holds NaN or infinity: send finite numbers")
     if np.issubdtype(dtype, np.integer) and not np.array_equal(values, np.round(values)):
         raise InvalidRequest(f"{where}: datatype {tensor.datatype} but data holds fractions")
     return values.reshape(shape[0], n_features)
+
+
+def _numbers(data: list[Any], where: str) -> list[float]:
+    """The values of flat or nested ``data`` in row-major order; anything that is not a
+    number (a string, a bool, null) is a 400, as on /v1."""
+    out: list[float] = []
+    todo: list[Any] = [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, list):
+            todo.extend(reversed(item))
+        elif isinstance(item, Real) and not isinstance(item, bool):
+            out.append(float(item))
+        else:
+            raise InvalidRequest(f"{where}: data holds {item!r}, which is not a number")
+    return out

@@ -149,7 +149,7 @@ def test_the_open_inference_protocol_answers_through_the_cascade(
 def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
-    """Redeploys with an impossible expensive-tier deadline (keep this test last here)."""
+    """Redeploys with an impossible expensive-tier deadline (only redeploying tests follow)."""
     port = int(endpoint.base_url.rsplit(":", 1)[1])
     settings = load_settings(
         storage_root=platform.settings.storage_root,

@@ -76,3 +76,27 @@ def test_an_open_breaker_stops_calling_the_failing_tier() -> None:
         asyncio.run(cascade.predict(np.zeros((1, 2))))
     assert len(calls) == 3  # the 4th and 5th requests never reached it
     assert [r for _, r in degraded] == ["unavailable"] * 3 + ["breaker_open"] * 2
+
+
+def test_a_cancelled_trial_call_does_not_leave_the_breaker_stuck_open() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, reset_after_s=10, clock=clock)
+    started = asyncio.Event()
+
+    async def hanging(x: np.ndarray) -> TierAnswer:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("never reached")
+
+    cascade, _, _ = cascade_with(hanging, breaker=breaker, expensive_timeout_s=30)
+    breaker.record_failure()  # open
+    clock.now = 10  # half-open: the next call is the trial
+
+    async def cancel_the_trial() -> None:
+        task = asyncio.create_task(cascade.predict(np.zeros((1, 2))))
+        await started.wait()
+        task.cancel()  # the client went away mid-trial
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(cancel_the_trial())
+    assert breaker.state == "half-open" and breaker.allow()  # the next request may try

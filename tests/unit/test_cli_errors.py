@@ -71,6 +71,7 @@ def test_bad_input_exits_nonzero_with_one_line(
     ("args", "env", "message"),
     [
         (["serve", "-w", "digits", "--dev", "--no-keep"], {}, "set RAY_ADDRESS"),
+        (["serve", "config", "-w", "digits"], {"SCALEDL_DEV": "true"}, "keys someone holds"),
         (["data", "versions", "-w", "digits"], {"SCALEDL_API_KEY": ""}, "at least 16"),
         (["data", "versions", "-w", "digits"], {"SCALEDL_CONFIG": "bad.yaml"}, "not valid YAML"),
         (

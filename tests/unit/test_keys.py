@@ -65,3 +65,58 @@ def test_scopes_401_for_unknown_or_missing_403_for_the_wrong_scope(tmp_path: Pat
 def test_an_empty_key_ring_is_refused() -> None:
     with pytest.raises(ConfigError, match="never open"):
         KeyRing([])
+
+
+def test_a_key_is_never_glued_onto_a_hand_edited_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_text(f"ops admin {'a' * 64}")  # no trailing newline
+    key, _ = create_key(path, "predict", "web")
+    assert [k.id for k in read_keys_file(path)] == ["ops", "web"]
+
+
+@pytest.fixture
+def keys_settings(tmp_path: Path, clean_env: None):  # noqa: ANN201
+    from app.settings import load_settings
+
+    def make(**overrides: object):  # noqa: ANN202
+        return load_settings(storage_root=tmp_path / "store", **overrides)
+
+    return make
+
+
+def test_serving_takes_the_keys_file_and_the_env_key_together(
+    tmp_path: Path, keys_settings
+) -> None:  # noqa: ANN001
+    from app.serving import resolve_access
+
+    settings = keys_settings(api_key="an-env-key-of-16+chars")
+    create_key(settings.keys_file, "predict", "web")
+    access = resolve_access(settings, dev=False)
+    assert [k.id for k in access.keys] == ["web", "env"]
+    assert (access.client_key, access.generated) == ("an-env-key-of-16+chars", False)
+
+
+def test_serving_without_any_key_is_refused_outside_dev(keys_settings) -> None:  # noqa: ANN001
+    from app.serving import resolve_access
+
+    with pytest.raises(ConfigError, match="scaledl keys create --scope predict"):
+        resolve_access(keys_settings(), dev=False)
+    access = resolve_access(keys_settings(), dev=True)
+    assert access.generated and [k.id for k in access.keys] == ["dev"]
+
+
+def test_a_configured_keys_file_that_is_missing_is_an_error(tmp_path: Path, keys_settings) -> None:  # noqa: ANN001
+    from app.serving import resolve_access
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_access(keys_settings(api_keys_file=tmp_path / "nope.txt"), dev=True)
+
+
+def test_the_demo_gets_a_usable_key_when_only_a_keys_file_exists(keys_settings) -> None:  # noqa: ANN001
+    from app.serving import resolve_access
+
+    settings = keys_settings()
+    create_key(settings.keys_file, "predict", "web")
+    access = resolve_access(settings, dev=True, need_client_key=True)
+    assert access.generated and [k.id for k in access.keys] == ["web", "dev"]
+    assert KeyRing(access.keys).authorize(access.client_key, "predict").id == "dev"

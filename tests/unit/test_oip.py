@@ -53,6 +53,8 @@ def test_metadata_describes_the_input_and_outputs(api: TestClient) -> None:
 def test_infer_answers_flat_and_image_shaped_tensors_with_the_request_id(api: TestClient) -> None:
     images = digit_images(2)
     flat = np.asarray(images).reshape(-1).tolist()
+    v1 = api.post("/v1/models/digits/predict", json={"instances": images}, headers=AUTH).json()
+    expected = {k: [p[k] for p in v1["predictions"]] for k in ("label", "tier", "confidence")}
     for body in (tensor(flat, [2, 64]), tensor(images, [2, 8, 8], "INT64")):
         resp = api.post(INFER, json={**body, "id": "req-7"}, headers=AUTH)
         assert resp.status_code == 200, resp.text
@@ -60,7 +62,8 @@ def test_infer_answers_flat_and_image_shaped_tensors_with_the_request_id(api: Te
         assert (out["model_name"], out["model_version"], out["id"]) == ("digits", "3", "req-7")
         by_name = {o["name"]: o for o in out["outputs"]}
         assert by_name["label"]["shape"] == [2] and by_name["label"]["datatype"] == "INT64"
-        assert set(by_name["tier"]["data"]) <= {"cheap", "expensive"}
+        # Both tensor layouts are the same two images: the same answers as /v1.
+        assert {k: by_name[k]["data"] for k in expected} == expected
     only = api.post(
         "/v2/models/digits/versions/3/infer",
         json={**tensor(flat, [2, 64]), "outputs": [{"name": "label"}]},
@@ -77,7 +80,11 @@ def test_infer_answers_flat_and_image_shaped_tensors_with_the_request_id(api: Te
         (tensor([0] * 60, [1, 60]), 400, "does not hold 64 values per instance"),
         (tensor([0] * 60, [1, 64]), 400, "needs 64 values, data holds 60"),
         (tensor([0.5] * 64, [1, 64], "INT32"), 400, "holds fractions"),
-        (tensor(["a"] * 64, [1, 64]), 400, "non-numbers"),
+        (tensor(["a"] * 64, [1, 64]), 400, "holds 'a', which is not a number"),
+        (tensor(["1"] * 64, [1, 64]), 400, "holds '1', which is not a number"),
+        (tensor([True] * 64, [1, 64], "BOOL"), 400, "datatype 'BOOL' is not numeric"),
+        (tensor([True] * 64, [1, 64]), 400, "holds True, which is not a number"),
+        (tensor([None] * 64, [1, 64]), 400, "holds None, which is not a number"),
         (tensor([], [0, 64]), 400, "holds no instances"),
         (tensor([0] * 64 * 9, [9, 64]), 413, "the limit is 8"),
         (tensor([99] * 64, [1, 64]), 400, "px_00: in_range(0, 16)"),
