@@ -122,18 +122,7 @@ def build_api(
         status = 400 if request.url.path.startswith("/v2") else 422
         return JSONResponse({"error": _describe(errors)}, status_code=status)
 
-    @api.middleware("http")
-    async def _oip_bodies_are_json(request: Request, call_next):  # noqa: ANN001, ANN202
-        # OIP clients (Triton's among them) may send JSON without a JSON content type.
-        if request.method == "POST" and request.url.path.startswith("/v2/"):
-            if "inference-header-content-length" in request.headers:
-                return JSONResponse(
-                    {"error": "binary tensor data is not supported: send JSON tensors"},
-                    status_code=400,
-                )
-            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        return await call_next(request)
+    api.add_middleware(OipJsonBodies)
 
     @api.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz() -> dict[str, str]:
@@ -164,6 +153,29 @@ def build_api(
         )
     )
     return api
+
+
+class OipJsonBodies:
+    """Pure ASGI: POSTs under /v2 are JSON whatever their content type says (Triton's
+    client sends none); Triton's binary-tensor extension is refused. Other paths pass
+    through untouched, without the cost of a BaseHTTPMiddleware."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith("/v2/")
+        ):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            if any(k == b"inference-header-content-length" for k, _ in headers):
+                refusal = {"error": "binary tensor data is not supported: send JSON tensors"}
+                await JSONResponse(refusal, status_code=400)(scope, receive, send)
+                return
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 def to_matrix(instances: list[Instance], n_features: int, max_instances: int) -> np.ndarray:

@@ -146,16 +146,20 @@ def test_the_open_inference_protocol_answers_through_the_cascade(
     assert np.mean(np.asarray(labels) == y[:8]) >= 0.75
 
 
+def redeploy(endpoint: Endpoint, platform: Platform, **serve: object) -> None:
+    """The same application on the same port, with some serve settings changed."""
+    port = int(endpoint.base_url.rsplit(":", 1)[1])
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, serve={"port": port, **serve}
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
+
+
 def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
     """Redeploys with an impossible expensive-tier deadline (only redeploying tests follow)."""
-    port = int(endpoint.base_url.rsplit(":", 1)[1])
-    settings = load_settings(
-        storage_root=platform.settings.storage_root,
-        serve={"port": port, "expensive_timeout_s": 1e-4},
-    )
-    deploy(settings, "digits", [dev_key(KEY)])
+    redeploy(endpoint, platform, expensive_timeout_s=1e-4)
     x, _ = test_rows
     resp = httpx.post(
         endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=60
@@ -173,12 +177,7 @@ def test_overload_is_shed_with_503_and_retry_after_never_a_hang(
     """Redeploys with room for one request and one queued (keep this test last here)."""
     import asyncio
 
-    port = int(endpoint.base_url.rsplit(":", 1)[1])
-    settings = load_settings(
-        storage_root=platform.settings.storage_root,
-        serve={"port": port, "ingress_max_ongoing_requests": 1, "ingress_max_queued_requests": 1},
-    )
-    deploy(settings, "digits", [dev_key(KEY)])
+    redeploy(endpoint, platform, ingress_max_ongoing_requests=1, ingress_max_queued_requests=1)
     x, _ = test_rows
 
     async def fire() -> list[httpx.Response]:
