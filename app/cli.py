@@ -75,27 +75,78 @@ def _root(
 # ---------------------------------------------------------------------------- data
 
 
+@data_cli.command("generate")
+def data_generate(
+    workload: WorkloadOpt,
+    rows: Annotated[int, typer.Option(help="Records to write.")],
+    out: Annotated[Path, typer.Option(help="Folder for the shards (must not hold any yet).")],
+    fault_rate: Annotated[
+        float, typer.Option(help="Share of records that break exactly one contract rule.")
+    ] = 0.0,
+    faults: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated fault kinds to inject (default: all of them)."),
+    ] = None,
+    drift: Annotated[float, typer.Option(help="Shift of the distributions, 0 = none.")] = 0.0,
+    fmt: Annotated[str, typer.Option("--format", help="parquet, csv or jsonl.")] = "parquet",
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+    rows_per_shard: Annotated[int, typer.Option(help="Records per file.")] = 250_000,
+) -> None:
+    """Write realistic raw files (with faults and drift on request) for a workload."""
+    from app.workloads import get_workload
+    from data.generate import FAULTS, generate_transactions
+
+    if get_workload(workload).name != "transactions":
+        raise ConfigError(f"no generator for {workload!r}: only --workload transactions has one")
+    kinds = tuple(k.strip() for k in faults.split(",")) if faults else FAULTS
+    try:
+        with console().status(f"writing {rows:,} {fmt} records…"):
+            report = generate_transactions(
+                out,
+                rows=rows,
+                seed=seed,
+                fault_rate=fault_rate,
+                faults=kinds,
+                drift=drift,
+                fmt=fmt,
+                rows_per_shard=rows_per_shard,
+            )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    console().print(reports.generate_table(report))
+
+
 @data_cli.command("ingest")
 def data_ingest(
     ctx: typer.Context,
     workload: WorkloadOpt,
     source: Annotated[
-        Path | None,
-        typer.Option(help="Raw Parquet file or folder (default: the workload's built-in set)."),
+        str | None,
+        typer.Option(
+            help="Raw files: a Parquet/CSV/JSONL file or folder, as a path or a URI such as "
+            "s3://bucket/raw/ (default: the workload's built-in set)."
+        ),
     ] = None,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Generate a throwaway PII key if none is set.")
+    ] = False,
 ) -> None:
-    """Validate, split and version raw data; bad rows go to quarantine with a reason."""
+    """Validate, pseudonymize, split and version raw data; bad rows go to quarantine."""
     from app.runtime import ray_session
     from app.workloads import get_workload
     from data.pipeline import ingest
-    from data.sources import list_source_files
+    from data.sources import open_source
 
     state: _State = ctx.obj
-    settings = state.settings()
+    settings = state.settings(dev=dev or None)
     wl = get_workload(workload)
-    files = list_source_files(source) if source else None
-    with ray_session(settings, verbose=state.verbose), console().status("ingesting…"):
-        result = ingest(settings, wl, files)
+    raw = open_source(source) if source else None
+    with ray_session(settings, verbose=state.verbose):
+        if sys.stderr.isatty():  # Ray Data's own progress bar, on a terminal only
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = True
+        result = ingest(settings, wl, raw)
     console().print(reports.ingest_table(result))
     for line in reports.quarantine_lines(result):
         console().print(line)
@@ -109,7 +160,7 @@ def data_versions(ctx: typer.Context, workload: WorkloadOpt) -> None:
     from data.versions import DatasetStore
 
     settings = ctx.obj.settings()
-    table = Table("version", "created", "rows in", "valid", "quarantined")
+    table = Table("version", "created", "rows in", "valid", "quarantined", "parent")
     for m in DatasetStore(settings.datasets_dir).manifests(get_workload(workload).name):
         table.add_row(
             m.version,
@@ -117,6 +168,7 @@ def data_versions(ctx: typer.Context, workload: WorkloadOpt) -> None:
             f"{m.rows_in:,}",
             f"{m.rows_valid:,}",
             f"{m.rows_quarantined:,}",
+            m.parent or "—",
         )
     console().print(table)
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 WEIGHTS = "weights.pt"
 META = "model.json"
+PREPROCESSOR = "preprocessor.json"  # the features fitted with the dataset, if the workload has one
 INT8 = "dynamic-int8"
 
 
@@ -40,17 +41,27 @@ class ModelMeta:
     quantization: str | None = None
 
 
-def save_weights(directory: Path, weights: dict[str, torch.Tensor], meta: ModelMeta) -> Path:
+def save_weights(
+    directory: Path,
+    weights: dict[str, torch.Tensor],
+    meta: ModelMeta,
+    *,
+    preprocessor: dict | None = None,
+) -> Path:
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(weights, directory / WEIGHTS)
     (directory / META).write_text(json.dumps(asdict(meta), indent=2))
+    if preprocessor is not None:
+        (directory / PREPROCESSOR).write_text(json.dumps(preprocessor, indent=2))
     return directory
 
 
-def save_model(directory: Path, module: nn.Module, meta: ModelMeta) -> Path:
-    return save_weights(directory, module.state_dict(), meta)
+def save_model(
+    directory: Path, module: nn.Module, meta: ModelMeta, *, preprocessor: dict | None = None
+) -> Path:
+    return save_weights(directory, module.state_dict(), meta, preprocessor=preprocessor)
 
 
 @dataclass
@@ -68,9 +79,14 @@ class LoadedModel:
             logits = self.module(torch.from_numpy(np.ascontiguousarray(features, np.float32)))
             return torch.softmax(logits, dim=1).numpy()
 
-    def predict_proba(self, raw: np.ndarray) -> np.ndarray:
-        """Raw feature values (n, F), as a request or a raw row carries them."""
-        frame = pd.DataFrame(raw, columns=list(self.workload.feature_columns))
+    def predict_proba(self, raw: np.ndarray | pd.DataFrame) -> np.ndarray:
+        """Raw rows: a frame of the feature columns, or their values (n, F) as a request
+        carries them; the model's own preprocessor (if any) turns them into features."""
+        frame = (
+            raw
+            if isinstance(raw, pd.DataFrame)
+            else pd.DataFrame(raw, columns=list(self.workload.feature_columns))
+        )
         return self.predict_proba_features(self.workload.features(frame))
 
 
@@ -82,7 +98,15 @@ def load_model(directory: Path) -> LoadedModel:
             f"{directory} holds no model ({META} + {WEIGHTS}): register the model again"
         )
     meta = ModelMeta(**json.loads((directory / META).read_text()))
-    workload = get_workload(meta.workload)
+    preprocessor = directory / PREPROCESSOR
+    workload = get_workload(
+        meta.workload, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None
+    )
+    if workload.fitted and workload.preprocessor is None:
+        raise ModelNotFound(
+            f"{directory} holds a {meta.workload} model without its {PREPROCESSOR}: register "
+            "the model again from its training run"
+        )
     module = workload.build_model(meta.tier)
     module.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
     module.eval()

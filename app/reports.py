@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from app.registry import ModelRef
     from app.serving import Endpoint
     from app.traffic import TrafficReport
+    from data.generate import GenerateReport
     from data.pipeline import IngestResult
     from train.run import TrainOutcome
 
@@ -33,6 +34,18 @@ def ingest_table(result: IngestResult) -> Table:
     rate = "—" if result.reused else f"{result.rows_per_s:,.0f}"
     counts = (m.rows_in, m.rows_valid, m.rows_quarantined, *m.splits.values())
     table.add_row(*(f"{n:,}" for n in counts), rate)
+    return table
+
+
+def generate_table(report: GenerateReport) -> Table:
+    table = Table(title=f"generated {len(report.files)} files")
+    for col in ("records", "faulty", "records/s", "folder"):
+        table.add_column(col, justify="right")
+    folder = str(report.files[0].parent) if report.files else "—"
+    faulty = sum(report.injected.values())
+    table.add_row(f"{report.rows:,}", f"{faulty:,}", f"{report.rows_per_s:,.0f}", folder)
+    for kind, n in sorted(report.injected.items()):
+        table.add_row(f"  {kind}", f"{n:,}", "", "")
     return table
 
 

@@ -265,6 +265,15 @@ class Settings(BaseSettings):
         description="Keys file (`<id> <scope> <sha256>` per line) that `scaledl keys create` "
         "writes and serving reads; default <storage_root>/api-keys.txt.",
     )
+    pii_key: SecretStr | None = Field(
+        None,
+        description="Key of the PII pseudonyms (HMAC-SHA256), at least 16 characters. "
+        "Ingesting a workload with PII columns needs it (or pii_key_file) outside --dev; "
+        "keep it stable: it decides every pseudonym, so joins across versions still work.",
+    )
+    pii_key_file: Path | None = Field(
+        None, description="A secret file holding the PII key, instead of SCALEDL_PII_KEY."
+    )
     seed: int = Field(0, description="Seed for splits, initialisation and sampling.")
     dev: bool = Field(False, description="Development mode: allow generated secrets.")
     ingest: IngestConfig = IngestConfig()
@@ -305,6 +314,11 @@ class Settings(BaseSettings):
     @property
     def keys_file(self) -> Path:
         return self.api_keys_file or self.storage_root.resolve() / "api-keys.txt"
+
+    @property
+    def dev_pii_key_file(self) -> Path:
+        """Where --dev keeps the PII key it generates (never used outside --dev)."""
+        return self.storage_root.resolve() / "dev-pii-key.txt"
 
     @property
     def datasets_dir(self) -> Path:

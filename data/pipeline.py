@@ -1,8 +1,15 @@
-"""The ingest pipeline: raw Parquet -> contract check -> split -> versioned dataset.
+"""The ingest pipeline: raw files -> contract -> PII -> split -> versioned dataset.
 
-One streaming pass of Ray Data: every row is read once, checked once, and written once
-into the partition of its split, or into the quarantine partition with the rule it broke.
-Counts come from the written files' metadata and must reconcile with the input.
+One streaming pass of Ray Data reads every record once (data/readers.py), checks it
+against the workload's contract, pseudonymizes its PII, and writes it once: into the
+partition of its split, or into the quarantine with the rule it broke, its file and its
+record number. Then, on the written files only:
+
+- ids repeated across batches are moved to the quarantine (the contract's uniqueness);
+- counts per source file are reconciled with what each file holds;
+- the preprocessor is fitted on the training split, and the column statistics that the
+  drift monitor uses as reference are taken from it;
+- the version is published, or rejected (and kept for inspection) by the quarantine gate.
 """
 
 from __future__ import annotations
@@ -11,20 +18,27 @@ import functools
 import json
 import shutil
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from app.errors import DataContractError, find_scaledl_error
 from app.settings import IngestConfig, Settings
 from app.workloads import Workload, get_workload
-from data.sources import builtin_raw_file, file_sha256
+from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
+from data.pii import PiiKey, load_pii_key, redact_series
+from data.readers import ERROR, ROW, SOURCE, TEXT, RawFiles
+from data.sources import RawSource, builtin_raw_file, describe_file, file_sha256, local_source
 from data.split import assign_split
-from data.validate import arrow_schema, check_rows
+from data.validate import arrow_schema, check_rows, is_text
 from data.versions import (
+    PREPROCESSOR,
     QUARANTINE,
     SPLITS,
     Column,
@@ -38,11 +52,13 @@ from data.versions import (
 if TYPE_CHECKING:
     import pyarrow
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 SPLIT_COLUMN = "split"
 REASON_COLUMN = "_quarantine_reason"
 RAW_COLUMN = "_raw"
-SOURCE_COLUMN = "_source"
+SOURCE_COLUMN = SOURCE
+ROW_COLUMN = ROW
+STATS_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -63,54 +79,114 @@ def _contract(workload_name: str):  # noqa: ANN202 - pandera schema, built once 
 
 
 def mark_rows(
-    batch: pd.DataFrame, *, workload_name: str, fractions: tuple[float, float, float], seed: int
+    batch: pd.DataFrame,
+    *,
+    workload_name: str,
+    fractions: tuple[float, float, float],
+    seed: int,
+    pii_secret: bytes | None,
 ) -> pyarrow.Table:
-    """Give every row a split: train/val/test, or quarantine with the rule it broke.
+    """Give every record a split: train/val/test, or quarantine with the rule it broke.
 
-    Valid rows keep the contract's typed columns. A quarantined row may hold anything (a
-    word where a number belongs), so it is kept whole as JSON in ``_raw`` and its typed
-    columns are null: nothing is lost, whatever its types.
+    Valid rows keep the contract's typed columns, PII pseudonymized. A quarantined
+    record may hold anything (a word where a number belongs), so it is kept whole as
+    JSON in ``_raw`` (PII pseudonymized too) and its typed columns are null; a record
+    that could not even be parsed keeps its redacted text. Nothing is lost.
     """
     import pyarrow
 
     workload = get_workload(workload_name)
     contract = _contract(workload_name)
-    sources = batch.pop("path").map(lambda p: Path(p).name).reset_index(drop=True)
-    valid, reasons = check_rows(batch, contract, where=", ".join(sources.unique()))
+    key = PiiKey(pii_secret) if pii_secret else None
+    batch = batch.reset_index(drop=True)
+    unparsed = batch[ERROR].notna().to_numpy()
+    rows = batch.loc[~unparsed, list(contract.columns)].reset_index(drop=True)
+    lineage = batch.loc[~unparsed, [SOURCE, ROW]].reset_index(drop=True)
+    valid, reasons = check_rows(rows, contract, where=", ".join(batch[SOURCE].unique()))
     bad = reasons.notna().to_numpy()
     typed = arrow_schema(contract)
 
+    valid = protect(valid, workload, key)
     good = pyarrow.Table.from_pandas(valid[typed.names], schema=typed, preserve_index=False)
-    good = good.append_column(RAW_COLUMN, pyarrow.nulls(len(good), pyarrow.string()))
-    good = good.append_column(REASON_COLUMN, pyarrow.nulls(len(good), pyarrow.string()))
-    good = good.append_column(SOURCE_COLUMN, pyarrow.array(sources[~bad], pyarrow.string()))
-    split = assign_split(valid[workload.id_column], fractions, seed)
-    good = good.append_column(SPLIT_COLUMN, pyarrow.array(split, pyarrow.string()))
+    extra = {
+        RAW_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
+        REASON_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
+        SOURCE_COLUMN: pyarrow.array(lineage[SOURCE][~bad], pyarrow.string()),
+        ROW_COLUMN: pyarrow.array(lineage[ROW][~bad], pyarrow.int64()),
+        SPLIT_COLUMN: pyarrow.array(
+            assign_split(valid[workload.id_column], fractions, seed), pyarrow.string()
+        ),
+    }
+    for name, column in extra.items():
+        good = good.append_column(name, column)
 
-    raw = batch.reset_index(drop=True)[bad]
+    broken = protect(rows[bad], workload, key, everything=True)
+    texts = batch.loc[unparsed, TEXT].tolist()
     quarantined = pyarrow.table(
         {
-            **{f.name: pyarrow.nulls(len(raw), f.type) for f in typed},
-            RAW_COLUMN: [json.dumps(r, default=str) for r in raw.to_dict(orient="records")],
-            REASON_COLUMN: reasons[bad].astype(str).tolist(),
-            SOURCE_COLUMN: sources[bad].tolist(),
-            SPLIT_COLUMN: [QUARANTINE] * len(raw),
+            **{f.name: pyarrow.nulls(int(bad.sum()) + len(texts), f.type) for f in typed},
+            RAW_COLUMN: [json.dumps(r, default=str) for r in broken.to_dict(orient="records")]
+            + texts,
+            REASON_COLUMN: reasons[bad].astype(str).tolist() + batch.loc[unparsed, ERROR].tolist(),
+            SOURCE_COLUMN: lineage[SOURCE][bad].tolist() + batch.loc[unparsed, SOURCE].tolist(),
+            ROW_COLUMN: pyarrow.array(
+                lineage[ROW][bad].tolist() + batch.loc[unparsed, ROW].tolist(), pyarrow.int64()
+            ),
+            SPLIT_COLUMN: [QUARANTINE] * (int(bad.sum()) + len(texts)),
         },
         schema=good.schema,
     )
     return pyarrow.concat_tables([good, quarantined])
 
 
-def ingest(
-    settings: Settings, workload: Workload, source_files: list[Path] | None = None
-) -> IngestResult:
+def protect(
+    frame: pd.DataFrame, workload: Workload, key: PiiKey | None, *, everything: bool = False
+) -> pd.DataFrame:
+    """Pseudonymize the identifiers and redact the free text of ``frame`` (a copy).
+
+    ``everything``: also redact every other text column, for rows that broke the
+    contract and may hold PII anywhere (an email pasted into the wrong column).
+    """
+    if not workload.has_pii and not everything:
+        return frame
+    out = frame.copy()
+    for column in workload.pii_identifiers:
+        if key is None:
+            raise DataContractError(f"{workload.name} holds PII but no PII key was given")
+        out[column] = key.pseudonymize(out[column])
+    text = list(workload.pii_text)
+    if everything:
+        text = [
+            c
+            for c in out.columns
+            if c not in workload.pii_identifiers
+            and (pd.api.types.is_object_dtype(out[c]) or pd.api.types.is_string_dtype(out[c]))
+        ]
+    for column in text:
+        out[column] = redact_series(out[column])
+    return out
+
+
+def ingest(settings: Settings, workload: Workload, source: RawSource | None = None) -> IngestResult:
     """Turn raw files (default: the workload's built-in set) into a dataset version."""
     import ray.data
 
     started = time.perf_counter()
     cfg = settings.ingest
-    files = source_files or [builtin_raw_file(workload, settings.storage_root.resolve() / "raw")]
-    sources = [_describe_source(f, workload) for f in files]
+    key = (
+        load_pii_key(
+            settings.pii_key.get_secret_value() if settings.pii_key else None,
+            settings.pii_key_file,
+            dev=settings.dev,
+            dev_path=settings.dev_pii_key_file,
+        )
+        if workload.has_pii
+        else None
+    )
+    source = source or local_source(
+        builtin_raw_file(workload, settings.storage_root.resolve() / "raw")
+    )
+    sources = [_describe(source, path, workload) for path in source.paths]
     version = version_id(
         {
             "pipeline": PIPELINE_VERSION,
@@ -119,37 +195,51 @@ def ingest(
             "contract": contract_fingerprint(workload.contract()),
             "config": cfg.model_dump(),
             "seed": settings.seed,
+            "pii_key": key.fingerprint if key else None,
         }
     )
     store = DatasetStore(settings.datasets_dir)
     if store.version_dir(workload.name, version).exists():
         manifest = store.get(workload.name, version)
         return IngestResult(manifest, store.version_dir(workload.name, version), True, 0.0)
+    parent = next(iter(store.manifests(workload.name)), None)
 
     staging = store.staging_dir(workload.name)
+    columns = list(workload.contract().columns)
     try:
         (
-            ray.data.read_parquet([str(f) for f in files], include_paths=True)
+            ray.data.read_datasource(
+                RawFiles(source.paths, columns=columns, filesystem=source.filesystem)
+            )
             .map_batches(
                 mark_rows,
+                batch_size=None,  # a block as read: never concatenated with another file's
                 batch_format="pandas",
                 fn_kwargs={
                     "workload_name": workload.name,
                     "fractions": cfg.split_fractions,
                     "seed": settings.seed,
+                    "pii_secret": key.secret if key else None,
                 },
             )
             .write_parquet(str(staging / "rows"), partition_cols=[SPLIT_COLUMN])
         )
+        duplicates_moved(staging / "rows", workload, [s.path for s in sources])
+        preprocessor, stats = _fit_on_train(staging / "rows", workload)
+        if preprocessor is not None:
+            (staging / PREPROCESSOR).write_text(preprocessor.model_dump_json(indent=2))
     except Exception as exc:  # Ray wraps what a task raised; surface our own error
         shutil.rmtree(staging, ignore_errors=True)
         found = find_scaledl_error(exc)
         if found is None:
             raise
         raise found from None
-    manifest = _manifest(staging, workload, version, sources, cfg, settings.seed)
+    manifest = _manifest(staging, workload, version, sources, cfg, settings.seed, stats)
+    manifest = manifest.model_copy(
+        update={"parent": parent.version if parent else None, "pii_key": key and key.fingerprint}
+    )
     try:
-        _reconcile(manifest)
+        reconcile(manifest)
         _gate(manifest, cfg)
     except DataContractError as exc:
         kept = store.reject(staging, workload.name, version)
@@ -158,31 +248,131 @@ def ingest(
     return IngestResult(manifest, path, False, time.perf_counter() - started)
 
 
-def _describe_source(path: Path, workload: Workload) -> SourceFile:
-    """Size, hash and row count of a raw file, after checking it has the right columns."""
+def _describe(source: RawSource, path: str, workload: Workload) -> SourceFile:
+    size, sha256, rows = describe_file(source, path, workload)
+    return SourceFile(path=path, size=size, sha256=sha256, rows=rows)
+
+
+def _valid_files(rows_dir: Path) -> list[Path]:
+    return sorted(f for s in SPLITS for f in (rows_dir / f"{SPLIT_COLUMN}={s}").glob("*.parquet"))
+
+
+def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]) -> int:
+    """Enforce the id's uniqueness across the whole run, not just within a batch.
+
+    The first occurrence (by source file, then record number) stays; later ones move to
+    the quarantine. Reads only the id column of every file, then rewrites only the files
+    that hold a duplicate. Returns how many rows moved.
+    """
+    import pyarrow
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    try:
-        metadata = pq.read_metadata(path)
-        columns = set(pq.read_schema(path).names)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise DataContractError(
-            f"{path} is not a readable Parquet file ({exc}): re-export it or remove it "
-            "from the source"
-        ) from None
-    expected = set(workload.contract().columns)
-    if columns != expected:
-        missing, extra = sorted(expected - columns), sorted(columns - expected)
-        raise DataContractError(
-            f"{path.name}: "
-            + "; ".join(
-                [f"missing column {c!r}" for c in missing]
-                + [f"unexpected column {c!r}" for c in extra]
-            )
-            + " (fix the file or the workload's contract)"
+    id_column = workload.id_column
+    if not workload.contract().columns[id_column].unique:
+        return 0
+    files = _valid_files(rows_dir)
+    ids = [pq.read_table(f, columns=[id_column]).column(0).to_numpy() for f in files]
+    if not ids:
+        return 0
+    values, counts = np.unique(np.concatenate(ids), return_counts=True)
+    repeated = values[counts > 1]
+    if len(repeated) == 0:
+        return 0
+    order = {path: i for i, path in enumerate(source_order)}
+    touched = [f for f, v in zip(files, ids, strict=True) if np.isin(v, repeated).any()]
+    tables = {f: pq.read_table(f) for f in touched}
+    candidates = pd.concat(
+        [
+            t.select([id_column, SOURCE, ROW])
+            .filter(pc.is_in(t.column(id_column), pyarrow.array(repeated)))
+            .to_pandas()
+            .assign(_file=str(f), _order=lambda d: d[SOURCE].map(order))
+            for f, t in tables.items()
+        ],
+        ignore_index=True,
+    ).sort_values(["_order", ROW], kind="stable")
+    keep = ~candidates.duplicated(id_column, keep="first")
+    drop = candidates[~keep]
+    moved = []
+    for f, table in tables.items():
+        gone = drop[drop["_file"] == str(f)]
+        if gone.empty:
+            continue
+        mask = pc.is_in(
+            pc.binary_join_element_wise(
+                table.column(SOURCE), pc.cast(table.column(ROW), pyarrow.string()), "#"
+            ),
+            pyarrow.array((gone[SOURCE] + "#" + gone[ROW].astype(str)).tolist()),
         )
-    rows = metadata.num_rows
-    return SourceFile(path=str(path), size=path.stat().st_size, sha256=file_sha256(path), rows=rows)
+        dropped = table.filter(mask)
+        pq.write_table(table.filter(pc.invert(mask)), f)
+        moved.append(_as_duplicate(dropped, workload))
+    quarantine = rows_dir / f"{SPLIT_COLUMN}={QUARANTINE}"
+    quarantine.mkdir(exist_ok=True)
+    merged = pyarrow.concat_tables(moved)
+    pq.write_table(merged, quarantine / "duplicates.parquet")
+    return merged.num_rows
+
+
+def _as_duplicate(rows: pyarrow.Table, workload: Workload) -> pyarrow.Table:
+    """Valid-looking rows whose id came earlier: quarantine rows with the uniqueness rule."""
+    import pyarrow
+
+    frame = rows.to_pandas()
+    data = frame[list(workload.contract().columns)]
+    raw = [json.dumps(r, default=str) for r in data.to_dict(orient="records")]
+    out = rows.drop_columns([RAW_COLUMN, REASON_COLUMN])
+    nulls = {
+        name: pyarrow.nulls(len(out), out.schema.field(name).type)
+        for name in workload.contract().columns
+    }
+    for name, column in nulls.items():
+        out = out.set_column(out.schema.get_field_index(name), name, column)
+    out = out.append_column(RAW_COLUMN, pyarrow.array(raw, pyarrow.string()))
+    out = out.append_column(
+        REASON_COLUMN,
+        pyarrow.array([f"{workload.id_column}: field_uniqueness"] * len(out), pyarrow.string()),
+    )
+    return out.select(rows.schema.names)
+
+
+def _train_batches(rows_dir: Path, columns: list[str]) -> Callable[[], Iterator[pd.DataFrame]]:
+    import pyarrow.dataset as ds
+
+    def batches() -> Iterator[pd.DataFrame]:
+        files = sorted((rows_dir / f"{SPLIT_COLUMN}=train").glob("*.parquet"))
+        if not files:
+            return
+        dataset = ds.dataset([str(f) for f in files], format="parquet")
+        for batch in dataset.to_batches(columns=columns, batch_size=STATS_BATCH_ROWS):
+            yield batch.to_pandas()
+
+    return batches
+
+
+def _fit_on_train(
+    rows_dir: Path, workload: Workload
+) -> tuple[Preprocessor | None, dict[str, ColumnStats]]:
+    """The preprocessor (fitted workloads) and the column statistics, from the train split."""
+    contract = workload.contract()
+    hidden = {workload.id_column, *workload.pii_identifiers, *workload.pii_text}
+    described = [c for c in contract.columns if c not in hidden]
+    text = {c for c in described if is_text(contract.columns[c])}
+    categorical = [*sorted(text), workload.label_column]
+    numeric = [c for c in described if c not in categorical]
+    batches = _train_batches(rows_dir, described)
+    rows = sum(len(b) for b in _train_batches(rows_dir, [workload.label_column])())
+    stats = column_stats(batches(), numeric=numeric, categorical=categorical, rows=rows)
+    preprocessor = None
+    if workload.fitted:
+        preprocessor = fit_preprocessor(
+            workload.name,
+            (workload.derive(b) for b in batches()),
+            numeric=workload.numeric_features,
+            categorical=workload.categorical_features,
+        )
+    return preprocessor, stats
 
 
 def _manifest(
@@ -192,6 +382,7 @@ def _manifest(
     sources: list[SourceFile],
     cfg: IngestConfig,
     seed: int,
+    stats: dict[str, ColumnStats],
 ) -> DatasetManifest:
     import pandera
     import pyarrow
@@ -202,10 +393,25 @@ def _manifest(
     files = {s: sorted((rows_dir / f"{SPLIT_COLUMN}={s}").glob("*.parquet")) for s in SPLITS}
     quarantined = sorted((rows_dir / f"{SPLIT_COLUMN}={QUARANTINE}").glob("*.parquet"))
     counts = {s: sum(pq.read_metadata(f).num_rows for f in fs) for s, fs in files.items()}
-    reasons: dict[str, int] = {}
-    if quarantined:
-        table = pq.read_table(quarantined, columns=[REASON_COLUMN])
-        reasons = table.column(REASON_COLUMN).to_pandas().value_counts().to_dict()
+    reasons: Counter = Counter()
+    for f in quarantined:
+        reasons.update(pq.read_table(f, columns=[REASON_COLUMN]).column(0).to_pylist())
+    per_file = {kind: Counter() for kind in ("valid", "quarantined")}
+    for kind, paths in (
+        ("valid", [f for fs in files.values() for f in fs]),
+        ("quarantined", quarantined),
+    ):
+        for f in paths:
+            per_file[kind].update(pq.read_table(f, columns=[SOURCE]).column(0).to_pylist())
+    sources = [
+        s.model_copy(
+            update={
+                "rows_valid": per_file["valid"][s.path],
+                "rows_quarantined": per_file["quarantined"][s.path],
+            }
+        )
+        for s in sources
+    ]
     any_file = next((f for fs in (*files.values(), quarantined) for f in fs), None)
     schema = pq.read_schema(any_file) if any_file else pyarrow.schema([])
     every_file = sorted(rows_dir.rglob("*.parquet"))
@@ -222,6 +428,7 @@ def _manifest(
         splits=counts,
         quarantine_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         columns=[Column(name=f.name, type=str(f.type)) for f in schema],
+        stats=stats,
         content_hash=content,
         config={"ingest": cfg.model_dump(), "seed": seed, "pipeline": PIPELINE_VERSION},
         libraries={
@@ -233,12 +440,19 @@ def _manifest(
     )
 
 
-def _reconcile(m: DatasetManifest) -> None:
-    if m.rows_in != m.rows_valid + m.rows_quarantined:
+def reconcile(m: DatasetManifest) -> None:
+    """Every record of every file is valid or quarantined, exactly once; else no version."""
+    off = [s for s in m.sources if s.rows != s.rows_valid + s.rows_quarantined]
+    if off or m.rows_in != m.rows_valid + m.rows_quarantined:
+        detail = "; ".join(
+            f"{Path(s.path).name}: {s.rows} in, {s.rows_valid} valid + "
+            f"{s.rows_quarantined} quarantined"
+            for s in off[:5]
+        )
         raise DataContractError(
             f"reconciliation failed for {m.workload}: read {m.rows_in} rows but wrote "
-            f"{m.rows_valid} valid + {m.rows_quarantined} quarantined; rows were lost or "
-            "duplicated, so this version is not published"
+            f"{m.rows_valid} valid + {m.rows_quarantined} quarantined ({detail or 'totals'}); "
+            "rows were lost or duplicated, so this version is not published"
         )
 
 
@@ -248,11 +462,21 @@ def _gate(m: DatasetManifest, cfg: IngestConfig) -> None:
         raise DataContractError(f"the sources of {m.workload} hold no rows: check --source")
     if share > cfg.max_quarantine_share:
         top = ", ".join(f"{rule} ({n})" for rule, n in list(m.quarantine_reasons.items())[:3])
-        files = ", ".join(Path(s.path).name for s in m.sources)
+        worst = sorted(m.sources, key=lambda s: -s.rows_quarantined / max(s.rows, 1))
+        files = ", ".join(
+            f"{Path(s.path).name} ({s.rows_quarantined / max(s.rows, 1):.1%})" for s in worst[:3]
+        )
         raise DataContractError(
             f"{share:.1%} of rows from {files} broke the contract, over the limit of "
             f"{cfg.max_quarantine_share:.1%} (ingest.max_quarantine_share); top rules: {top}"
         )
+
+
+def load_preprocessor(settings: Settings, manifest: DatasetManifest) -> Preprocessor | None:
+    """The preprocessor fitted with a dataset version (None for workloads without one)."""
+    path = DatasetStore(settings.datasets_dir).version_dir(manifest.workload, manifest.version)
+    file = path / PREPROCESSOR
+    return Preprocessor.model_validate_json(file.read_text()) if file.is_file() else None
 
 
 def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:

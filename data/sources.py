@@ -1,14 +1,36 @@
-"""Where raw rows come from: the workload's built-in set or files the user names."""
+"""Where raw rows come from: the workload's built-in set, or files under any URI.
+
+A source is a file or a folder, named by a local path or by any URI pyarrow has a
+filesystem for (``s3://bucket/raw/``, ``gs://…``, ``hdfs://…``; credentials come from
+the usual environment of that store). Each file is described before the run: its size,
+its SHA-256 (the dataset version id is made of these) and how many records it holds,
+counted independently of the parser, so the run can be reconciled against it.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from app.errors import ConfigError
+from app.errors import ConfigError, DataContractError
 from app.workloads import Workload
+from data.readers import EXTENSIONS, check_columns, csv_header, file_format
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 _CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RawSource:
+    """The files of one source and the filesystem they live on."""
+
+    uri: str
+    filesystem: pyarrow.fs.FileSystem
+    paths: list[str]  # as the filesystem names them, sorted
 
 
 def builtin_raw_file(workload: Workload, raw_dir: Path) -> Path:
@@ -25,22 +47,94 @@ def builtin_raw_file(workload: Workload, raw_dir: Path) -> Path:
     return path
 
 
-def list_source_files(source: Path) -> list[Path]:
-    """The Parquet files of ``source`` (a file or a folder), sorted, or a ConfigError."""
-    if source.is_file():
-        files = [source]
-    elif source.is_dir():
-        files = sorted(p for p in source.rglob("*.parquet") if p.is_file())
-    else:
+def open_source(uri: str | Path) -> RawSource:
+    """The raw files under ``uri`` (a file or a folder, searched recursively)."""
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    try:
+        if "://" in text:
+            filesystem, root = pafs.FileSystem.from_uri(text)
+        else:
+            filesystem, root = pafs.LocalFileSystem(), str(Path(text).resolve())
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            paths = [root]
+        elif info.type == pafs.FileType.Directory:
+            listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+            paths = sorted(
+                i.path
+                for i in listing
+                if i.type == pafs.FileType.File and file_format(i.path) is not None
+            )
+        else:
+            raise ConfigError(f"source {text} does not exist: pass a file or a folder of them")
+    except (OSError, ValueError) as exc:  # unknown scheme, no credentials, unreachable store
+        raise ConfigError(f"cannot open source {text}: {exc}") from None
+    if not paths:
         raise ConfigError(
-            f"source {source} does not exist: pass a Parquet file or a folder of them"
+            f"source {text} holds no {', '.join(sorted(EXTENSIONS))} files: point --source at "
+            "raw data"
         )
-    if not files:
-        raise ConfigError(f"source {source} holds no *.parquet files: point --source at raw data")
-    unsupported = [f for f in files if f.suffix != ".parquet"]
+    unsupported = [p for p in paths if file_format(p) is None]
     if unsupported:
-        raise ConfigError(f"{unsupported[0]} is not a .parquet file: convert it or pass Parquet")
-    return [f.resolve() for f in files]
+        raise ConfigError(f"{unsupported[0]} is not a supported file: use .parquet, .csv or .jsonl")
+    return RawSource(text, filesystem, paths)
+
+
+def local_source(path: Path) -> RawSource:
+    import pyarrow.fs as pafs
+
+    return RawSource(str(path), pafs.LocalFileSystem(), [str(path.resolve())])
+
+
+def describe_file(source: RawSource, path: str, workload: Workload) -> tuple[int, str, int]:
+    """(size, sha256, records) of one raw file, after checking its columns.
+
+    Records: Parquet's row count from its footer; for CSV the physical lines after the
+    header, for JSON lines every physical line. An unreadable or empty file, or one with
+    a missing or extra column, is refused here, naming the file, before anything runs.
+    """
+    kind = file_format(path)
+    expected = list(workload.contract().columns)
+    digest, size, newlines, first, last = hashlib.sha256(), 0, 0, b"", b"\n"
+    with source.filesystem.open_input_stream(path) as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            newlines += chunk.count(b"\n")
+            if not first:
+                first = chunk[: 1 << 16]
+            last = chunk[-1:]
+    if size == 0:
+        raise DataContractError(
+            f"{path} is empty (0 bytes): remove it from the source or re-export it"
+        )
+    lines = newlines + (last != b"\n")
+    if kind == "parquet":
+        records = _parquet_rows(source, path, expected)
+    elif kind == "csv":
+        check_columns(csv_header(first, path), expected, path)
+        records = lines - 1
+    else:
+        records = lines
+    return size, digest.hexdigest(), records
+
+
+def _parquet_rows(source: RawSource, path: str, expected: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        with source.filesystem.open_input_file(path) as fh:
+            parquet = pq.ParquetFile(fh)
+            names, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataContractError(
+            f"{path} is not a readable Parquet file ({exc}): re-export it or remove it from "
+            "the source"
+        ) from None
+    check_columns(names, expected, path)
+    return rows
 
 
 def file_sha256(path: Path) -> str:

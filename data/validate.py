@@ -62,11 +62,19 @@ def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
 
     fields = []
     for name, column in schema.columns.items():
-        dtype = np.dtype(str(column.dtype)) if str(column.dtype) not in ("str", "string") else None
-        fields.append(
-            (name, pyarrow.from_numpy_dtype(dtype) if dtype is not None else pyarrow.string())
-        )
+        dtype = column.dtype.type  # the pandas/numpy dtype the column is coerced to
+        if isinstance(dtype, pd.DatetimeTZDtype):
+            arrow = pyarrow.timestamp(dtype.unit, tz=str(dtype.tz))
+        elif is_text(column):
+            arrow = pyarrow.string()
+        else:
+            arrow = pyarrow.from_numpy_dtype(np.dtype(str(column.dtype)))
+        fields.append((name, arrow))
     return pyarrow.schema(fields)
+
+
+def is_text(column: pa.Column) -> bool:
+    return pd.api.types.is_string_dtype(column.dtype.type) or str(column.dtype) == "str"
 
 
 def _describe_table_errors(cases: pd.DataFrame) -> str:

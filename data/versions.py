@@ -7,6 +7,7 @@ A version lives in ``<datasets>/<workload>/<version>/``::
     rows/split=val/*.parquet
     rows/split=test/*.parquet
     rows/split=quarantine/*.parquet     rows that broke the contract, with the rule
+    preprocessor.json                   features fitted on the train split (some workloads)
 
 A version id is a hash of the inputs (file hashes), the contract and the pipeline
 config, so the same inputs give the same id and an ingest of them is a no-op.
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from app.errors import DatasetVersionNotFound
+from data.features import ColumnStats
 
 if TYPE_CHECKING:
     import pandera.pandas as pa
@@ -32,13 +34,18 @@ if TYPE_CHECKING:
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 QUARANTINE = "quarantine"
 MANIFEST = "manifest.json"
+PREPROCESSOR = "preprocessor.json"
 
 
 class SourceFile(BaseModel):
+    """One raw file: ``rows`` records in it, each valid or quarantined exactly once."""
+
     path: str
     size: int
     sha256: str
     rows: int
+    rows_valid: int = 0
+    rows_quarantined: int = 0
 
 
 class Column(BaseModel):
@@ -62,6 +69,8 @@ class DatasetManifest(BaseModel):
     splits: dict[str, int]
     quarantine_reasons: dict[str, int]
     columns: list[Column]
+    stats: dict[str, ColumnStats] = {}  # of the train split: the drift monitor's reference
+    pii_key: str | None = None  # fingerprint of the key behind the pseudonyms, not the key
     content_hash: str
     config: dict[str, Any]
     libraries: dict[str, str]

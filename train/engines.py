@@ -157,7 +157,7 @@ class DataParallel:
             yield x[idx], y[idx]
 
     def _cacheable(self) -> bool:
-        width = len(get_workload(self.job.workload).feature_columns) + 1
+        width = get_workload(self.job.workload).input_width + 1
         megabytes = self.job.train_rows / self.job.train.data_parallel * width * 4 / 2**20
         return megabytes < self.job.train.cache_inputs_below_mb
 

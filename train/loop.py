@@ -45,6 +45,7 @@ class TrainJob(BaseModel):
     deepspeed: dict[str, Any]
     tracking_uri: str
     mlflow_run_id: str
+    preprocessor: dict[str, Any] | None = None  # fitted with the dataset version, if any
 
 
 @dataclass
@@ -57,9 +58,11 @@ class Progress:
     resumed_from_step: int = -1
 
 
-def to_model_inputs(batch: pd.DataFrame, *, workload_name: str) -> dict[str, np.ndarray]:
+def to_model_inputs(
+    batch: pd.DataFrame, *, workload_name: str, preprocessor: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """Raw rows -> model inputs ``x`` and labels ``y`` (a Ray Data batch transform)."""
-    workload = get_workload(workload_name)
+    workload = get_workload(workload_name, preprocessor)
     return {
         "x": workload.features(batch),
         "y": batch[workload.label_column].to_numpy(dtype=np.int64),
@@ -184,7 +187,7 @@ def report_and_checkpoint(
             meta = ModelMeta(
                 workload=job.workload, tier=job.tier, dataset_version=job.dataset_version
             )
-            save_weights(directory / MODEL_DIR, weights, meta)
+            save_weights(directory / MODEL_DIR, weights, meta, preprocessor=job.preprocessor)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

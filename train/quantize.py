@@ -38,7 +38,7 @@ def _speedup(fp32_dir: Path, int8_dir: Path) -> float:
     import torch
 
     fp32, int8 = load_model(fp32_dir), load_model(int8_dir)
-    batch = torch.rand(SPEED_BATCH, len(fp32.workload.feature_columns))
+    batch = torch.rand(SPEED_BATCH, fp32.workload.input_width)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as a serving replica has
     try:

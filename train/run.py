@@ -17,7 +17,7 @@ from app.errors import CheckpointError, ConfigError
 from app.registry import ModelRef, Registry
 from app.settings import Settings, TrainConfig
 from app.workloads import Workload, get_workload
-from data.pipeline import read_split
+from data.pipeline import load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
 from train.evaluate import score
@@ -127,6 +127,7 @@ def _new_job(
     cfg = settings.train
     check_layout(workload, tier, cfg)
     manifest = DatasetStore(settings.datasets_dir).get(workload.name, dataset_ref)
+    preprocessor = load_preprocessor(settings, manifest)
     total_steps = steps_per_epoch(manifest.splits["train"], cfg) * cfg.epochs
     deepspeed = build_deepspeed_config(cfg, total_steps=total_steps)
     tags = {
@@ -157,6 +158,7 @@ def _new_job(
         deepspeed=deepspeed,
         tracking_uri=settings.tracking_uri,
         mlflow_run_id=run_id,
+        preprocessor=preprocessor.model_dump() if preprocessor else None,
     )
     run_dir = settings.runs_dir / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,7 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
     from ray.train.torch import TorchTrainer
 
     cfg = job.train
-    datasets = {split: _model_inputs(settings, manifest, split, cfg) for split in ("train", "val")}
+    datasets = {split: _model_inputs(settings, manifest, split, job) for split in ("train", "val")}
     if cfg.pipeline_stages > 1:
         # Every stage of a pipe reads the whole split in the same order (see engines.py).
         order = ExecutionOptions(preserve_order=True)
@@ -212,16 +214,16 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
     return trainer.fit()
 
 
-def _model_inputs(
-    settings: Settings, manifest: DatasetManifest, split: str, cfg: TrainConfig
-) -> Any:
+def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job: TrainJob) -> Any:
     """The split as model inputs, streamed; small ones are computed once, not every epoch."""
     dataset = read_split(settings, manifest, split).map_batches(
-        to_model_inputs, fn_kwargs={"workload_name": manifest.workload}, batch_format="pandas"
+        to_model_inputs,
+        fn_kwargs={"workload_name": manifest.workload, "preprocessor": job.preprocessor},
+        batch_format="pandas",
     )
-    width = len(get_workload(manifest.workload).feature_columns) + 1
+    width = get_workload(manifest.workload).input_width + 1
     megabytes = manifest.splits[split] * width * 4 / 2**20
-    return dataset.materialize() if megabytes < cfg.cache_inputs_below_mb else dataset
+    return dataset.materialize() if megabytes < job.train.cache_inputs_below_mb else dataset
 
 
 def _evaluate_and_register(

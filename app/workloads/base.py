@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import pandera.pandas as pa
     from torch import nn
 
+    from data.features import Preprocessor
+
 TIERS: tuple[str, ...] = ("cheap", "expensive")
 
 
@@ -43,6 +45,38 @@ class Workload(ABC):
     feature_columns: ClassVar[tuple[str, ...]]
     num_classes: ClassVar[int]
     input_name: ClassVar[str] = "features"  # the input tensor's name in the OIP v2 API
+    # PII: identifier columns get keyed pseudonyms, free-text columns get redacted.
+    pii_identifiers: ClassVar[tuple[str, ...]] = ()
+    pii_text: ClassVar[tuple[str, ...]] = ()
+    # A fitted workload's features need the preprocessor fitted on its training split:
+    # derive() gives these columns, the Preprocessor scales and one-hot encodes them.
+    numeric_features: ClassVar[tuple[str, ...]] = ()
+    categorical_features: ClassVar[dict[str, int]] = {}  # feature -> largest vocabulary
+
+    def __init__(self, preprocessor: Preprocessor | None = None) -> None:
+        self.preprocessor = preprocessor
+
+    @property
+    def fitted(self) -> bool:
+        """Whether features need a preprocessor fitted on the data (see data/features.py)."""
+        return bool(self.numeric_features or self.categorical_features)
+
+    @property
+    def has_pii(self) -> bool:
+        return bool(self.pii_identifiers or self.pii_text)
+
+    @property
+    def input_width(self) -> int:
+        """Columns of the model's input matrix."""
+        if self.fitted:
+            return len(self.numeric_features) + sum(
+                n + 1 for n in self.categorical_features.values()
+            )
+        return len(self.feature_columns)
+
+    def derive(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw rows -> the columns the preprocessor transforms (fitted workloads only)."""
+        raise NotImplementedError(f"{self.name} has no fitted features")
 
     @abstractmethod
     def contract(self) -> pa.DataFrameSchema:
@@ -68,6 +102,13 @@ class Workload(ABC):
 
     def features(self, frame: pd.DataFrame) -> np.ndarray:
         """Raw rows -> model inputs. Training and serving both call this, so they agree."""
+        if self.fitted:
+            if self.preprocessor is None:
+                raise ConfigError(
+                    f"the {self.name} workload's features need the preprocessor fitted on "
+                    "its dataset version: load the model (or dataset version) it belongs to"
+                )
+            return self.preprocessor.transform(self.derive(frame))
         return frame.loc[:, list(self.feature_columns)].to_numpy(dtype=np.float32)
 
     def instance_contract(self) -> pa.DataFrameSchema:

@@ -40,7 +40,14 @@ class Digits(Workload):
         )
         return pa.DataFrameSchema(
             {
-                self.id_column: pa.Column(int, pa.Check.ge(0), nullable=False, coerce=True),
+                self.id_column: pa.Column(
+                    int,
+                    pa.Check.ge(0),
+                    nullable=False,
+                    unique=True,
+                    report_duplicates="exclude_first",
+                    coerce=True,
+                ),
                 **{px: pixel for px in PIXELS},
                 self.label_column: pa.Column(
                     int, pa.Check.isin(list(range(self.num_classes))), nullable=False, coerce=True

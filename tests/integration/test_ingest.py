@@ -13,6 +13,7 @@ from app.errors import DataContractError
 from app.settings import Settings
 from app.workloads import get_workload
 from data.pipeline import RAW_COLUMN, REASON_COLUMN, ingest
+from data.sources import open_source
 from data.versions import QUARANTINE, SPLITS, DatasetStore
 from tests.conftest import corrupt
 
@@ -58,7 +59,7 @@ def test_bad_rows_are_quarantined_with_their_rule_and_counted(
 ) -> None:
     bad, broken = corrupt(digits_frame.head(200))
     source = write(bad, tmp_path / "raw" / "batch-1.parquet")
-    result = ingest(store_settings, DIGITS, [source])
+    result = ingest(store_settings, DIGITS, open_source(source))
     m = result.manifest
     assert (m.rows_in, m.rows_valid, m.rows_quarantined) == (200, 195, 5)
     assert m.quarantine_reasons == {rule: 1 for rule in broken.values()}
@@ -69,7 +70,10 @@ def test_bad_rows_are_quarantined_with_their_rule_and_counted(
         r["id"]: reason for r, reason in zip(raw, quarantine[REASON_COLUMN], strict=True)
     } == broken
     assert "smudge" in {r["px_05"] for r in raw}
-    assert set(quarantine["_source"]) == {"batch-1.parquet"}
+    assert {Path(p).name for p in quarantine["_source"]} == {"batch-1.parquet"}
+    # Each quarantined row says where it came from: file and record number (1-based).
+    assert sorted(quarantine["_row"]) == [2, 3, 4, 5, 6]
+    assert [(s.rows, s.rows_valid, s.rows_quarantined) for s in m.sources] == [(200, 195, 5)]
     # A changed input is a new version.
     assert m.version != ingest(store_settings, DIGITS).manifest.version
 
@@ -82,7 +86,7 @@ def test_too_much_quarantine_fails_the_run_and_keeps_its_output(
     with pytest.raises(
         DataContractError, match=r"12\.5% of rows from noisy\.parquet .* top rules: "
     ) as err:
-        ingest(store_settings, DIGITS, [source])
+        ingest(store_settings, DIGITS, open_source(source))
     assert "_rejected" in str(err.value)
     assert DatasetStore(store_settings.datasets_dir).manifests("digits") == []
 
@@ -94,7 +98,7 @@ def test_a_file_with_a_missing_column_fails_naming_the_file(
         digits_frame.head(50).drop(columns=["px_07"]), tmp_path / "raw" / "short.parquet"
     )
     with pytest.raises(DataContractError, match=r"short\.parquet: missing column 'px_07'"):
-        ingest(store_settings, DIGITS, [source])
+        ingest(store_settings, DIGITS, open_source(source))
 
 
 def test_a_truncated_parquet_file_is_refused_before_reading(
@@ -104,4 +108,4 @@ def test_a_truncated_parquet_file_is_refused_before_reading(
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"PAR1 this is not really parquet")
     with pytest.raises(DataContractError, match=r"cut\.parquet is not a readable Parquet file"):
-        ingest(store_settings, DIGITS, [broken])
+        ingest(store_settings, DIGITS, open_source(broken))

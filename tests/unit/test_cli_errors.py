@@ -45,7 +45,7 @@ def scaledl(
         (
             ["data", "ingest", "-w", "digits", "--source", "missing/"],
             2,
-            "source missing does not exist",
+            "source missing/ does not exist",
         ),
         (["serve", "-w", "digits"], 2, "set SCALEDL_API_KEY"),
         (

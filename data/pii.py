@@ -1,0 +1,136 @@
+"""PII handling: keyed pseudonyms for identifiers, redaction for free text.
+
+Identifiers (a card number, an email) become ``HMAC-SHA256(key, value)`` in hex: the same
+value always gives the same pseudonym under one key, so joins and counts still work, and
+without the key nobody can go back. Free text keeps its words but loses every email,
+card number and IP address inside it. Both run before anything is written: valid rows,
+the quarantine, features and logs only ever see the pseudonyms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from app.errors import ConfigError
+
+PII_KEY_ENV = "SCALEDL_PII_KEY"
+MIN_KEY_LENGTH = 16
+PSEUDONYM_HEX = 32  # 128 bits: collisions are not a concern at any realistic row count
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# 13-19 digits, optionally grouped by spaces or dashes: every common card layout.
+_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+# Candidates only (a clock time looks alike): ipaddress decides what is an IPv6 address.
+_IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+
+
+def _ipv6(match: re.Match[str]) -> str:
+    try:
+        ipaddress.IPv6Address(match.group(0))
+    except ValueError:
+        return match.group(0)
+    return "[IP]"
+
+
+REDACTIONS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (_EMAIL, "[EMAIL]"),
+    (_CARD, "[CARD]"),
+    (_IPV4, "[IP]"),
+    (_IPV6, _ipv6),
+)
+
+
+@dataclass(frozen=True)
+class PiiKey:
+    """The secret behind the pseudonyms; its fingerprint (not the key) enters version ids."""
+
+    secret: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return hmac.new(self.secret, b"scaledl-pii-key-id", hashlib.sha256).hexdigest()[:12]
+
+    def pseudonymize(self, values: pd.Series) -> pd.Series:
+        """Each non-null value -> its pseudonym; nulls stay null. Repeated values are
+        hashed once (identifiers repeat a lot: one card, many transactions)."""
+        present = values.notna()
+        if not present.any():
+            return values.astype(object)
+        text = values[present].astype(str)
+        uniques, inverse = np.unique(text.to_numpy(dtype=str), return_inverse=True)
+        digests = np.asarray([self.pseudonym(u) for u in uniques], dtype=object)
+        out = pd.Series(None, index=values.index, dtype=object)
+        out[present] = digests[inverse]
+        return out
+
+    def pseudonym(self, value: str) -> str:
+        return hmac.new(self.secret, value.encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every email, card number and IP address replaced by a marker."""
+    for pattern, marker in REDACTIONS:
+        text = pattern.sub(marker, text)
+    return text
+
+
+def redact_series(values: pd.Series) -> pd.Series:
+    """:func:`redact_text` over a column (vectorised by pandas; nulls stay null)."""
+    out = values.astype(object)
+    present = out.notna()
+    if present.any():
+        text = out[present].astype(str)
+        for pattern, marker in REDACTIONS:
+            text = text.str.replace(pattern, marker, regex=True)
+        out[present] = text
+    return out
+
+
+def load_pii_key(key: str | None, key_file: Path | None, *, dev: bool, dev_path: Path) -> PiiKey:
+    """The PII key: ``SCALEDL_PII_KEY``, else the key file, else (``--dev`` only) a key
+    generated once into ``dev_path``. Anything else is refused with how to set one."""
+    if key:
+        return _checked(key.encode(), PII_KEY_ENV)
+    if key_file is not None:
+        if not key_file.is_file():
+            raise ConfigError(
+                f"PII key file {key_file} does not exist: create it (e.g. `python -c "
+                f"'import secrets; print(secrets.token_urlsafe(32))' > {key_file}`) or unset "
+                "pii_key_file"
+            )
+        return _checked(key_file.read_bytes().strip(), str(key_file))
+    if dev:
+        if not dev_path.is_file():
+            dev_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(dev_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+        return _checked(dev_path.read_bytes().strip(), str(dev_path))
+    raise ConfigError(
+        "this workload holds PII and no PII key is set: export "
+        f"{PII_KEY_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') "
+        "or set pii_key_file to a secret file (keep the key: it decides every pseudonym); "
+        "for a throwaway local run pass --dev"
+    )
+
+
+def _checked(secret: bytes, where: str) -> PiiKey:
+    if len(secret) < MIN_KEY_LENGTH:
+        raise ConfigError(
+            f"the PII key from {where} has {len(secret)} characters; it needs at least "
+            f"{MIN_KEY_LENGTH}: generate one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`"
+        )
+    return PiiKey(secret)

@@ -1,0 +1,61 @@
+"""Raw file readers: every record comes out, parsed or with why it could not be."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from app.errors import DataContractError
+from data.readers import ERROR, ROW, SOURCE, TEXT, read_csv, read_jsonl
+
+COLUMNS = ["id", "amount", "email"]
+
+
+def frame(blocks) -> pd.DataFrame:  # noqa: ANN001
+    return pd.concat(list(blocks), ignore_index=True).sort_values(ROW, ignore_index=True)
+
+
+def test_csv_keeps_bad_lines_with_their_line_number_and_redacted_text() -> None:
+    data = (
+        b"id,amount,email\n"
+        b"1,2.5,a@b.io\n"
+        b"2,oops;x@y.io\n"  # one field short
+        b"\xff\xfe,3,c@d.io\n"  # not UTF-8
+        b"\n"  # an empty line: a record of nulls, for the contract to refuse
+        b"4,abc,e@f.io\n"  # a word for a number: the contract's business, not the parser's
+        b"5,1"  # cut off
+    )
+    out = frame(read_csv(data, "s3://bucket/raw.csv", COLUMNS))
+    assert out[ROW].tolist() == [2, 3, 4, 5, 6, 7]
+    assert (out[SOURCE] == "s3://bucket/raw.csv").all()
+    assert out[ERROR].isna().tolist() == [True, False, False, True, True, False]
+    assert out.loc[out[ROW] == 3, TEXT].item() == "2,oops;[EMAIL]"  # no PII in the quarantine
+    assert "not UTF-8" in out.loc[out[ROW] == 4, ERROR].item()
+    assert "expected 3 fields" in out.loc[out[ROW] == 7, ERROR].item()
+    assert out.loc[out[ROW] == 6, "amount"].item() == "abc"
+    assert out.loc[out[ROW] == 5, COLUMNS].isna().all(axis=None)
+
+
+def test_csv_with_a_wrong_header_names_the_file_and_columns() -> None:
+    with pytest.raises(DataContractError, match=r"x\.csv: missing column 'email'; unexpected"):
+        list(read_csv(b"id,amount,mail\n1,2,a@b.io\n", "x.csv", COLUMNS))
+
+
+def test_jsonl_keeps_bad_lines_and_records_with_wrong_fields() -> None:
+    data = (
+        b'{"id": 1, "amount": 2.5, "email": "a@b.io"}\n'
+        b'{"id": 2, "amount": 2.5\n'
+        b'{"id": 3, "amount": 1, "email": "c@d.io", "extra": 1}\n'
+        b"[1, 2, 3]\n"
+        b'{"id": 5, "amount": "abc", "email": "\xff"}\n'
+    )
+    out = frame(read_jsonl(data, "raw.jsonl", COLUMNS))
+    assert out[ROW].tolist() == [1, 2, 3, 4, 5]
+    assert out[ERROR].tolist()[1:] == [
+        "unparseable: not valid JSON",
+        "record: unexpected field 'extra'",
+        "unparseable: not a JSON object",
+        "unparseable: not UTF-8 text",
+    ]
+    assert "[EMAIL]" in out.loc[out[ROW] == 3, TEXT].item()
+    assert out.loc[0, COLUMNS].tolist() == [1, 2.5, "a@b.io"]
