@@ -29,9 +29,10 @@ MIN_KEY_LENGTH = 16
 PSEUDONYM_HEX = 32  # 128 bits: collisions are not a concern at any realistic row count
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-# 13-19 digits, optionally grouped by spaces or dashes: every common card layout.
-_CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
-_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+# 13-19 digits, optionally grouped by spaces, dashes or dots: every common card layout,
+# also glued to letters ("card4111…"), which a word boundary would miss.
+_CARD = re.compile(r"(?<!\d)\d(?:[ .-]?\d){12,18}(?!\d)")
+_IPV4 = re.compile(r"(?<!\d)(?:\d{1,3}\.){3}\d{1,3}(?!\d)")
 # Candidates only (a clock time looks alike): ipaddress decides what is an IPv6 address.
 _IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 
@@ -65,23 +66,34 @@ class PiiKey:
     def pseudonymize(self, values: pd.Series) -> pd.Series:
         """Each non-null value -> its pseudonym; nulls stay null. Repeated values are
         hashed once (identifiers repeat a lot: one card, many transactions)."""
-        present = values.notna()
-        if not present.any():
-            return values.astype(object)
-        text = values[present].astype(str)
-        uniques, inverse = np.unique(text.to_numpy(dtype=str), return_inverse=True)
-        digests = np.asarray([self.pseudonym(u) for u in uniques], dtype=object)
-        out = pd.Series(None, index=values.index, dtype=object)
-        out[present] = digests[inverse]
-        return out
+        codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
+        digests = np.asarray([self.pseudonym(str(u)) for u in uniques] + [None], dtype=object)
+        return pd.Series(digests[codes], index=values.index, dtype=object)  # -1 -> None
 
     def pseudonym(self, value: str) -> str:
-        return hmac.new(self.secret, value.encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
+        return hmac.digest(self.secret, value.encode(), "sha256").hex()[:PSEUDONYM_HEX]
 
 
 def redact_text(text: str) -> str:
     """``text`` with every email, card number and IP address replaced by a marker."""
     for pattern, marker in REDACTIONS:
+        text = pattern.sub(marker, text)
+    return text
+
+
+# A line that could not be parsed may be cut anywhere, inside an email or a card number:
+# its text also loses every token with an @ and every run of 6 or more digits.
+_FRAGMENTS = (
+    (re.compile(r"[^\s\"',;:{}\[\]<>]*@[^\s\"',;:{}\[\]<>]*"), "[EMAIL]"),
+    (re.compile(r"(?<!\d)\d(?:[ .-]?\d){5,}"), "[NUMBER]"),
+)
+
+
+def redact_fragments(text: str) -> str:
+    """:func:`redact_text`, then also partial emails and long numbers: for text cut at an
+    unknown place, where a whole value cannot be told from a fragment of one."""
+    text = redact_text(text)
+    for pattern, marker in _FRAGMENTS:
         text = pattern.sub(marker, text)
     return text
 

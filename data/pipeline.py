@@ -56,8 +56,6 @@ PIPELINE_VERSION = "2"
 SPLIT_COLUMN = "split"
 REASON_COLUMN = "_quarantine_reason"
 RAW_COLUMN = "_raw"
-SOURCE_COLUMN = SOURCE
-ROW_COLUMN = ROW
 STATS_BATCH_ROWS = 65_536
 
 
@@ -74,8 +72,12 @@ class IngestResult:
 
 
 @functools.cache
-def _contract(workload_name: str):  # noqa: ANN202 - pandera schema, built once per worker
-    return get_workload(workload_name).contract()
+def _batch_contract(workload_name: str):  # noqa: ANN202 - pandera schema, once per worker
+    """The contract as one batch can check it: the id's uniqueness is a property of the
+    whole run, checked after the pass (:func:`duplicates_moved`), so that which
+    occurrence stays never depends on where a batch happened to end."""
+    workload = get_workload(workload_name)
+    return workload.contract().update_column(workload.id_column, unique=False)
 
 
 def mark_rows(
@@ -96,7 +98,7 @@ def mark_rows(
     import pyarrow
 
     workload = get_workload(workload_name)
-    contract = _contract(workload_name)
+    contract = _batch_contract(workload_name)
     key = PiiKey(pii_secret) if pii_secret else None
     batch = batch.reset_index(drop=True)
     unparsed = batch[ERROR].notna().to_numpy()
@@ -111,8 +113,8 @@ def mark_rows(
     extra = {
         RAW_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
         REASON_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
-        SOURCE_COLUMN: pyarrow.array(lineage[SOURCE][~bad], pyarrow.string()),
-        ROW_COLUMN: pyarrow.array(lineage[ROW][~bad], pyarrow.int64()),
+        SOURCE: pyarrow.array(lineage[SOURCE][~bad], pyarrow.string()),
+        ROW: pyarrow.array(lineage[ROW][~bad], pyarrow.int64()),
         SPLIT_COLUMN: pyarrow.array(
             assign_split(valid[workload.id_column], fractions, seed), pyarrow.string()
         ),
@@ -125,11 +127,10 @@ def mark_rows(
     quarantined = pyarrow.table(
         {
             **{f.name: pyarrow.nulls(int(bad.sum()) + len(texts), f.type) for f in typed},
-            RAW_COLUMN: [json.dumps(r, default=str) for r in broken.to_dict(orient="records")]
-            + texts,
+            RAW_COLUMN: records_json(broken) + texts,
             REASON_COLUMN: reasons[bad].astype(str).tolist() + batch.loc[unparsed, ERROR].tolist(),
-            SOURCE_COLUMN: lineage[SOURCE][bad].tolist() + batch.loc[unparsed, SOURCE].tolist(),
-            ROW_COLUMN: pyarrow.array(
+            SOURCE: lineage[SOURCE][bad].tolist() + batch.loc[unparsed, SOURCE].tolist(),
+            ROW: pyarrow.array(
                 lineage[ROW][bad].tolist() + batch.loc[unparsed, ROW].tolist(), pyarrow.int64()
             ),
             SPLIT_COLUMN: [QUARANTINE] * (int(bad.sum()) + len(texts)),
@@ -144,8 +145,9 @@ def protect(
 ) -> pd.DataFrame:
     """Pseudonymize the identifiers and redact the free text of ``frame`` (a copy).
 
-    ``everything``: also redact every other text column, for rows that broke the
-    contract and may hold PII anywhere (an email pasted into the wrong column).
+    ``everything``: also redact every other column, whatever its type, for records that
+    broke the contract and may hold PII anywhere (an email in the wrong column, a card
+    number where the amount belongs).
     """
     if not workload.has_pii and not everything:
         return frame
@@ -154,23 +156,67 @@ def protect(
         if key is None:
             raise DataContractError(f"{workload.name} holds PII but no PII key was given")
         out[column] = key.pseudonymize(out[column])
-    text = list(workload.pii_text)
-    if everything:
-        text = [
-            c
-            for c in out.columns
-            if c not in workload.pii_identifiers
-            and (pd.api.types.is_object_dtype(out[c]) or pd.api.types.is_string_dtype(out[c]))
-        ]
-    for column in text:
-        out[column] = redact_series(out[column])
+    if not everything:
+        for column in workload.pii_text:
+            out[column] = redact_series(out[column])
+        return out
+    for column in out.columns:
+        if column in workload.pii_identifiers:
+            continue
+        values = out[column].astype(object)
+        present = values.notna()
+        text = values[present].astype(str)
+        redacted = redact_series(text)
+        changed = present.copy()
+        changed[present] = (redacted != text).to_numpy()
+        if changed.any():
+            values[changed] = redacted[changed[present].to_numpy()]
+            out[column] = values
     return out
 
 
-def ingest(settings: Settings, workload: Workload, source: RawSource | None = None) -> IngestResult:
-    """Turn raw files (default: the workload's built-in set) into a dataset version."""
+def records_json(frame: pd.DataFrame) -> list[str]:
+    """Each row as a JSON object; nulls (NaN, NaT, None) as null, so it is valid JSON."""
+    plain = frame.astype(object).where(frame.notna(), None)
+    return [json.dumps(r, default=str, allow_nan=False) for r in plain.to_dict(orient="records")]
+
+
+Mark = Callable[[pd.DataFrame], "pyarrow.Table"]
+Pass = Callable[[RawSource, list[str], Path, Mark], None]
+
+
+def ray_pass(source: RawSource, columns: list[str], rows_dir: Path, mark: Mark) -> None:
+    """The streaming pass on Ray Data: read, mark and write, a block at a time."""
     import ray.data
 
+    (
+        ray.data.read_datasource(
+            RawFiles(source.paths, columns=columns, filesystem=source.filesystem),
+            # One read task per file, not split further: then read, mark and write fuse
+            # into one task and no block crosses the object store.
+            override_num_blocks=len(source.paths),
+        )
+        .map_batches(
+            mark,
+            batch_size=None,  # a block as read: never concatenated with another file's
+            batch_format="pandas",
+        )
+        .write_parquet(str(rows_dir), partition_cols=[SPLIT_COLUMN])
+    )
+
+
+def ingest(
+    settings: Settings,
+    workload: Workload,
+    source: RawSource | None = None,
+    *,
+    run_pass: Pass = ray_pass,
+) -> IngestResult:
+    """Turn raw files (default: the workload's built-in set) into a dataset version.
+
+    ``run_pass`` is the engine of the one pass over the records; the benchmark swaps in
+    a single-process one to measure what Ray Data adds.
+    """
     started = time.perf_counter()
     cfg = settings.ingest
     key = (
@@ -205,25 +251,15 @@ def ingest(settings: Settings, workload: Workload, source: RawSource | None = No
     parent = next(iter(store.manifests(workload.name)), None)
 
     staging = store.staging_dir(workload.name)
-    columns = list(workload.contract().columns)
+    mark = functools.partial(
+        mark_rows,
+        workload_name=workload.name,
+        fractions=cfg.split_fractions,
+        seed=settings.seed,
+        pii_secret=key.secret if key else None,
+    )
     try:
-        (
-            ray.data.read_datasource(
-                RawFiles(source.paths, columns=columns, filesystem=source.filesystem)
-            )
-            .map_batches(
-                mark_rows,
-                batch_size=None,  # a block as read: never concatenated with another file's
-                batch_format="pandas",
-                fn_kwargs={
-                    "workload_name": workload.name,
-                    "fractions": cfg.split_fractions,
-                    "seed": settings.seed,
-                    "pii_secret": key.secret if key else None,
-                },
-            )
-            .write_parquet(str(staging / "rows"), partition_cols=[SPLIT_COLUMN])
-        )
+        run_pass(source, list(workload.contract().columns), staging / "rows", mark)
         duplicates_moved(staging / "rows", workload, [s.path for s in sources])
         preprocessor, stats = _fit_on_train(staging / "rows", workload)
         if preprocessor is not None:
@@ -261,8 +297,9 @@ def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]
     """Enforce the id's uniqueness across the whole run, not just within a batch.
 
     The first occurrence (by source file, then record number) stays; later ones move to
-    the quarantine. Reads only the id column of every file, then rewrites only the files
-    that hold a duplicate. Returns how many rows moved.
+    the quarantine. Reads the id column of every file, then the lineage of the repeated
+    ids only, then rewrites the files that hold a later occurrence one at a time, so
+    memory stays bounded by one file. Returns how many rows moved.
     """
     import pyarrow
     import pyarrow.compute as pc
@@ -276,38 +313,35 @@ def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]
     if not ids:
         return 0
     values, counts = np.unique(np.concatenate(ids), return_counts=True)
-    repeated = values[counts > 1]
+    repeated = pyarrow.array(values[counts > 1])
     if len(repeated) == 0:
         return 0
+    holders = [f for f, v in zip(files, ids, strict=True) if np.isin(v, repeated).any()]
+    del ids
     order = {path: i for i, path in enumerate(source_order)}
-    touched = [f for f, v in zip(files, ids, strict=True) if np.isin(v, repeated).any()]
-    tables = {f: pq.read_table(f) for f in touched}
     candidates = pd.concat(
         [
-            t.select([id_column, SOURCE, ROW])
-            .filter(pc.is_in(t.column(id_column), pyarrow.array(repeated)))
+            pq.read_table(
+                f, columns=[id_column, SOURCE, ROW], filters=[(id_column, "in", repeated)]
+            )
             .to_pandas()
-            .assign(_file=str(f), _order=lambda d: d[SOURCE].map(order))
-            for f, t in tables.items()
+            .assign(_file=str(f))
+            for f in holders
         ],
         ignore_index=True,
-    ).sort_values(["_order", ROW], kind="stable")
-    keep = ~candidates.duplicated(id_column, keep="first")
-    drop = candidates[~keep]
+    )
+    candidates["_order"] = candidates[SOURCE].map(order)
+    candidates = candidates.sort_values(["_order", ROW], kind="stable")
+    later = candidates[candidates.duplicated(id_column, keep="first")]
     moved = []
-    for f, table in tables.items():
-        gone = drop[drop["_file"] == str(f)]
-        if gone.empty:
-            continue
-        mask = pc.is_in(
-            pc.binary_join_element_wise(
-                table.column(SOURCE), pc.cast(table.column(ROW), pyarrow.string()), "#"
-            ),
-            pyarrow.array((gone[SOURCE] + "#" + gone[ROW].astype(str)).tolist()),
+    for f, gone in later.groupby("_file", sort=True):
+        table = pq.read_table(f)
+        keys = pc.binary_join_element_wise(
+            table.column(SOURCE), pc.cast(table.column(ROW), pyarrow.string()), "#"
         )
-        dropped = table.filter(mask)
+        mask = pc.is_in(keys, pyarrow.array((gone[SOURCE] + "#" + gone[ROW].astype(str)).tolist()))
+        moved.append(_as_duplicate(table.filter(mask), workload))
         pq.write_table(table.filter(pc.invert(mask)), f)
-        moved.append(_as_duplicate(dropped, workload))
     quarantine = rows_dir / f"{SPLIT_COLUMN}={QUARANTINE}"
     quarantine.mkdir(exist_ok=True)
     merged = pyarrow.concat_tables(moved)
@@ -320,8 +354,7 @@ def _as_duplicate(rows: pyarrow.Table, workload: Workload) -> pyarrow.Table:
     import pyarrow
 
     frame = rows.to_pandas()
-    data = frame[list(workload.contract().columns)]
-    raw = [json.dumps(r, default=str) for r in data.to_dict(orient="records")]
+    raw = records_json(frame[list(workload.contract().columns)])
     out = rows.drop_columns([RAW_COLUMN, REASON_COLUMN])
     nulls = {
         name: pyarrow.nulls(len(out), out.schema.field(name).type)
@@ -355,6 +388,8 @@ def _fit_on_train(
     rows_dir: Path, workload: Workload
 ) -> tuple[Preprocessor | None, dict[str, ColumnStats]]:
     """The preprocessor (fitted workloads) and the column statistics, from the train split."""
+    import pyarrow.parquet as pq
+
     contract = workload.contract()
     hidden = {workload.id_column, *workload.pii_identifiers, *workload.pii_text}
     described = [c for c in contract.columns if c not in hidden]
@@ -362,7 +397,9 @@ def _fit_on_train(
     categorical = [*sorted(text), workload.label_column]
     numeric = [c for c in described if c not in categorical]
     batches = _train_batches(rows_dir, described)
-    rows = sum(len(b) for b in _train_batches(rows_dir, [workload.label_column])())
+    rows = sum(
+        pq.read_metadata(f).num_rows for f in (rows_dir / f"{SPLIT_COLUMN}=train").glob("*.parquet")
+    )
     stats = column_stats(batches(), numeric=numeric, categorical=categorical, rows=rows)
     preprocessor = None
     if workload.fitted:
@@ -395,14 +432,12 @@ def _manifest(
     counts = {s: sum(pq.read_metadata(f).num_rows for f in fs) for s, fs in files.items()}
     reasons: Counter = Counter()
     for f in quarantined:
-        reasons.update(pq.read_table(f, columns=[REASON_COLUMN]).column(0).to_pylist())
+        reasons.update(_value_counts(pq.read_table(f, columns=[REASON_COLUMN]).column(0)))
     per_file = {kind: Counter() for kind in ("valid", "quarantined")}
-    for kind, paths in (
-        ("valid", [f for fs in files.values() for f in fs]),
-        ("quarantined", quarantined),
-    ):
+    valid_files = [f for fs in files.values() for f in fs]
+    for kind, paths in (("valid", valid_files), ("quarantined", quarantined)):
         for f in paths:
-            per_file[kind].update(pq.read_table(f, columns=[SOURCE]).column(0).to_pylist())
+            per_file[kind].update(_value_counts(pq.read_table(f, columns=[SOURCE]).column(0)))
     sources = [
         s.model_copy(
             update={
@@ -438,6 +473,14 @@ def _manifest(
             "pandera": pandera.__version__,
         },
     )
+
+
+def _value_counts(column: pyarrow.ChunkedArray) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(column)
+    names, counts = counted.field("values").to_pylist(), counted.field("counts").to_pylist()
+    return dict(zip(names, counts, strict=True))
 
 
 def reconcile(m: DatasetManifest) -> None:

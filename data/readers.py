@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,8 @@ import pandas as pd
 from ray.data.datasource import FileBasedDatasource
 
 from app.errors import DataContractError
-from data.pii import redact_text
+from data.pii import redact_fragments
+from data.validate import mismatch
 
 if TYPE_CHECKING:
     import pyarrow
@@ -40,6 +41,7 @@ ERROR = "_error"
 TEXT = "_text"
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 BLOCK_ROWS = 65_536
+BOM = b"\xef\xbb\xbf"  # Excel's UTF-8 exports start with one
 MAX_TEXT = 500  # characters of an unparseable line kept (redacted) in the quarantine
 
 
@@ -62,15 +64,19 @@ class RawFiles(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pd.DataFrame]:
-        kind = file_format(path)
-        if kind == "parquet":
-            yield from read_parquet(f, path, self.columns)
-        elif kind == "csv":
-            yield from read_csv(f.readall(), path, self.columns)
-        elif kind == "jsonl":
-            yield from read_jsonl(f.readall(), path, self.columns)
-        else:
-            raise DataContractError(f"{path}: unsupported file type; use .parquet, .csv or .jsonl")
+        return read_stream(f, path, self.columns)
+
+
+def read_stream(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
+    """The blocks of one open file (random access for Parquet), by its extension."""
+    kind = file_format(path)
+    if kind == "parquet":
+        return read_parquet(f, path, columns)
+    if kind == "csv":
+        return read_csv(f.readall(), path, columns)
+    if kind == "jsonl":
+        return read_jsonl(f.readall(), path, columns)
+    raise DataContractError(f"{path}: unsupported file type; use .parquet, .csv or .jsonl")
 
 
 def read_parquet(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
@@ -83,7 +89,16 @@ def read_parquet(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterat
             f"{path} is not a readable Parquet file ({exc}): re-export it or remove it"
         ) from None
     offset = 0
-    for batch in parquet.iter_batches(batch_size=BLOCK_ROWS, columns=columns):
+    batches = parquet.iter_batches(batch_size=BLOCK_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a damaged data page behind an intact footer
+            raise DataContractError(
+                f"{path} is damaged after row {offset} ({exc}): re-export it or remove it"
+            ) from None
+        if batch is None:
+            return
         frame = batch.to_pandas()
         yield _with_lineage(frame, path, np.arange(offset + 1, offset + 1 + len(frame)))
         offset += len(frame)
@@ -94,20 +109,17 @@ def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFram
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    data = data.removeprefix(BOM)
     header = csv_header(data, path)
     check_columns(header, columns, path)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    not_utf8 = {}
-    for i, line in enumerate(lines):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            not_utf8[i + 1] = line.decode("utf-8", errors="replace")
-            lines[i] = b""  # an empty line: parsed as one all-null row, marked below
-    if not_utf8:
-        data = b"\n".join(lines) + b"\n"
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    if lines <= 1:
+        return  # a header and no records
+    not_utf8: dict[int, str] = {}
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        data, not_utf8 = _blank_non_utf8_lines(data)
     invalid: dict[int, str] = {}
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -124,7 +136,7 @@ def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFram
             column_types={c: pa.string() for c in header}, strings_can_be_null=True
         ),
     )
-    good = np.setdiff1d(np.arange(2, len(lines) + 1), np.fromiter(invalid, int, len(invalid)))
+    good = np.setdiff1d(np.arange(2, lines + 1), np.fromiter(invalid, int, len(invalid)))
     if len(good) != table.num_rows:
         raise DataContractError(
             f"{path}: read {table.num_rows} rows from {len(good)} well-formed lines; quoted "
@@ -145,9 +157,25 @@ def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFram
     yield from _blocks(pd.concat([frame, _unparsed(broken, path, columns)], ignore_index=True))
 
 
+def _blank_non_utf8_lines(data: bytes) -> tuple[bytes, dict[int, str]]:
+    """Lines that are not UTF-8 become empty lines (one all-null record each, so the line
+    numbers hold), returned with their text to be marked as unparseable."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    bad: dict[int, str] = {}
+    for i, line in enumerate(lines):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad[i + 1] = line.decode("utf-8", errors="replace")
+            lines[i] = b""
+    return b"\n".join(lines) + b"\n", bad
+
+
 def read_jsonl(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
     """One JSON object per line with exactly the contract's fields; else ``_error``."""
-    lines = data.split(b"\n")
+    lines = data.removeprefix(BOM).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     expected = set(columns)
@@ -166,13 +194,11 @@ def read_jsonl(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFr
         if not isinstance(record, dict):
             broken.append((number, "unparseable: not a JSON object", text))
             continue
+        if "\\u" in text and not _encodable(record):  # an escaped lone surrogate
+            broken.append((number, "unparseable: not UTF-8 text", text))
+            continue
         if record.keys() != expected:
-            missing, extra = sorted(expected - record.keys()), sorted(record.keys() - expected)
-            why = "; ".join(
-                [f"missing field {k!r}" for k in missing]
-                + [f"unexpected field {k!r}" for k in extra]
-            )
-            broken.append((number, f"record: {why}", text))
+            broken.append((number, f"record: {mismatch(record, columns, 'field')}", text))
             continue
         records.append(record)
         rows.append(number)
@@ -189,28 +215,29 @@ def read_jsonl(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFr
     yield from _blocks(pd.concat([frame, _unparsed(unparsed, path, columns)], ignore_index=True))
 
 
+def _encodable(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def csv_header(data: bytes, path: str) -> list[str]:
-    first = data.split(b"\n", 1)[0]
+    first = data.removeprefix(BOM).split(b"\n", 1)[0]
     try:
         return next(csv.reader([first.decode("utf-8").rstrip("\r")]))
-    except (UnicodeDecodeError, StopIteration):
+    except (UnicodeDecodeError, StopIteration, csv.Error):
         raise DataContractError(
             f"{path}: the first line is not a readable CSV header: export the file with a "
-            "header row of column names in UTF-8"
+            "header row of column names, in UTF-8, with \\n or \\r\\n line endings"
         ) from None
 
 
-def check_columns(found: list[str] | set[str], expected: list[str], path: str) -> None:
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or extra:
-        raise DataContractError(
-            f"{path}: "
-            + "; ".join(
-                [f"missing column {c!r}" for c in missing]
-                + [f"unexpected column {c!r}" for c in extra]
-            )
-            + " (fix the file or the workload's contract)"
-        )
+def check_columns(found: Iterable[str], expected: list[str], path: str) -> None:
+    problem = mismatch(found, expected, "column")
+    if problem:
+        raise DataContractError(f"{path}: {problem} (fix the file or the workload's contract)")
 
 
 def _with_lineage(frame: pd.DataFrame, path: str, rows: np.ndarray) -> pd.DataFrame:
@@ -229,7 +256,7 @@ def _unparsed(broken: pd.DataFrame, path: str, columns: list[str]) -> pd.DataFra
 
 
 def _redacted(text: str) -> str:
-    return redact_text(text)[:MAX_TEXT]  # redact first: a cut must not split a card number
+    return redact_fragments(text)[:MAX_TEXT]  # redact first: a cut must not split a card
 
 
 def _blocks(frame: pd.DataFrame) -> Iterator[pd.DataFrame]:

@@ -6,7 +6,7 @@ request, tests directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +37,9 @@ def check_rows(
 
     pending = frame.reset_index(drop=True)
     reasons = pd.Series([None] * len(pending), dtype=object)
+    for position, reason in _precoerce(pending, schema).items():
+        reasons.loc[position] = reason
+    pending = pending.drop(index=reasons.index[reasons.notna()])
     for _ in range(_MAX_PASSES):
         try:
             return schema.validate(pending, lazy=True), reasons
@@ -50,10 +53,43 @@ def check_rows(
         first = by_row.groupby("index", sort=False).first()
         reasons.loc[first.index.astype(int)] = (first["column"] + ": " + first["check"]).to_numpy()
         pending = pending.drop(index=first.index.astype(int))
-    raise DataContractError(
-        f"{where}: rows still break the contract after {_MAX_PASSES} passes; "
-        f"the contract may contradict itself: {_describe_table_errors(cases)}"
+    rules = sorted({f"{c}: {k}" for c, k in cases[["column", "check"]].itertuples(index=False)})
+    raise DataContractError(  # rules only: the failing values may be PII
+        f"{where}: rows still break the contract after {_MAX_PASSES} passes; the contract "
+        f"may contradict itself: {'; '.join(rules[:8])}"
     )
+
+
+def _precoerce(pending: pd.DataFrame, schema: pa.DataFrameSchema) -> dict[int, str]:
+    """Coercions pandera does not judge row by row, done here (in place, on ``pending``).
+
+    A text timestamp in another layout (a space for the T, fractions of a second) makes
+    pandera fail the whole column, so times are parsed as ISO 8601 here, and what does
+    not parse is that row's fault. A fraction where an integer belongs (``0.5`` as a
+    label) would be silently truncated by the cast, so it is refused here. Returns the
+    position -> rule of every row that cannot be coerced.
+    """
+    broken: dict[int, str] = {}
+    for name, column in schema.columns.items():
+        if name not in pending.columns or not column.coerce:
+            continue
+        values, target = pending[name], column.dtype.type
+        rule = f"{name}: coerce_dtype('{column.dtype}')"
+        if isinstance(target, pd.DatetimeTZDtype) and not isinstance(
+            values.dtype, pd.DatetimeTZDtype
+        ):
+            parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+            bad = parsed.isna() & values.notna()
+            pending[name] = parsed
+        elif pd.api.types.is_integer_dtype(target) and not pd.api.types.is_integer_dtype(
+            values.dtype
+        ):
+            numbers = pd.to_numeric(values, errors="coerce")
+            bad = numbers.notna() & (numbers != np.floor(numbers))
+        else:
+            continue
+        broken.update(dict.fromkeys(values.index[bad.to_numpy()], rule))
+    return broken
 
 
 def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
@@ -71,6 +107,16 @@ def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
             arrow = pyarrow.from_numpy_dtype(np.dtype(str(column.dtype)))
         fields.append((name, arrow))
     return pyarrow.schema(fields)
+
+
+def mismatch(found: Iterable[str], expected: Iterable[str], what: str) -> str | None:
+    """``missing <what> 'a'; unexpected <what> 'b'`` (a repeat counts too), or None."""
+    found, expected = list(found), list(expected)
+    missing = [c for c in expected if c not in found]
+    extra = sorted({c for c in found if c not in expected or found.count(c) > 1})
+    parts = [f"missing {what} {c!r}" for c in missing]
+    parts += [f"{'repeated' if c in expected else 'unexpected'} {what} {c!r}" for c in extra]
+    return "; ".join(parts) or None
 
 
 def is_text(column: pa.Column) -> bool:

@@ -10,6 +10,7 @@ from numbers import Real
 from typing import Annotated, Any
 
 import numpy as np
+import pandas as pd
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,20 +20,31 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge, ScaledlError
 from app.keys import KeyRing, Scope
 from app.workloads import Workload
-from data.validate import CompiledContract
-from serve_graphs.cascade import Cascade, Prediction
+from data.validate import CompiledContract, check_rows, mismatch
+from serve_graphs.cascade import Cascade, Instances, Prediction
 from serve_graphs.oip import oip_router
 
-# Instances are checked by to_matrix rather than by a pydantic union, whose errors list
-# every branch that failed; the schema still tells clients what to send.
+# Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
+# errors list every branch that failed; the schema still tells clients what to send.
 Instance = Annotated[
-    list[Any],
+    list[Any] | dict[str, Any],
     WithJsonSchema(
         {
-            "type": "array",
-            "items": {
-                "anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]
-            },
+            "anyOf": [
+                {
+                    "type": "array",
+                    "items": {
+                        "anyOf": [
+                            {"type": "number"},
+                            {"type": "array", "items": {"type": "number"}},
+                        ]
+                    },
+                },
+                {
+                    "type": "object",
+                    "description": "A record (workloads of records): feature -> value.",
+                },
+            ]
         }
     ),
 ]
@@ -49,7 +61,8 @@ class PredictRequest(BaseModel):
     instances: list[Instance] = Field(
         min_length=1,
         description="Raw inputs, one per prediction: a flat list of the model's features "
-        "or a 2-D array of them (an 8x8 digits image, say).",
+        "or a 2-D array of them (an 8x8 digits image, say), or for workloads of records "
+        "(transactions) an object of feature -> value.",
         examples=[[[0, 0, 5, 13, 9, 1, 0, 0] * 8]],
     )
 
@@ -88,8 +101,7 @@ def build_api(
         description=f"Predictions for the {workload.name} workload: {workload.description}.",
         version="1",
     )
-    contract = CompiledContract(workload.instance_contract())
-    n_features = len(workload.feature_columns)
+    check = InputCheck(workload)
 
     def key_for(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
         async def require(credentials: BearerCredentials) -> None:
@@ -97,12 +109,8 @@ def build_api(
 
         return require
 
-    async def predict_checked(instances: np.ndarray) -> list[Prediction]:
-        broken = [(i, r) for i, r in enumerate(contract.row_errors(instances)) if r is not None]
-        if broken:
-            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
-            raise InvalidRequest(f"instances break the input contract: {shown}")
-        return await cascade.predict(instances)
+    async def predict_checked(instances: Instances) -> list[Prediction]:
+        return await cascade.predict(check(instances))
 
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
@@ -137,7 +145,12 @@ def build_api(
     async def predict(name: str, body: PredictRequest) -> PredictResponse:
         if name != workload.name:
             raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
-        predictions = await predict_checked(to_matrix(body.instances, n_features, max_instances))
+        instances = (
+            to_frame(body.instances, workload, max_instances)
+            if workload.fitted
+            else to_matrix(body.instances, len(workload.feature_columns), max_instances)
+        )
+        predictions = await predict_checked(instances)
         return PredictResponse(
             model=workload.name,
             predictions=[PredictionOut(**p.__dict__) for p in predictions],
@@ -178,15 +191,65 @@ class OipJsonBodies:
         await self.app(scope, receive, send)
 
 
+class InputCheck:
+    """The workload's contract, applied to every request: the same rules as at ingest.
+
+    Numbers (digits) go through the compiled contract, well under a millisecond;
+    records (transactions) through pandera itself, which also coerces their types.
+    Either way a broken instance is a 400 naming the instance and the rule, never the
+    value (it may be PII).
+    """
+
+    def __init__(self, workload: Workload) -> None:
+        self.contract = workload.instance_contract()
+        self.compiled = None if workload.fitted else CompiledContract(self.contract)
+
+    def __call__(self, instances: Instances) -> Instances:
+        if isinstance(instances, pd.DataFrame):
+            valid, reasons = check_rows(instances, self.contract, where="request")
+            errors, checked = reasons.tolist(), valid
+        else:
+            errors, checked = self.compiled.row_errors(instances), instances
+        broken = [(i, r) for i, r in enumerate(errors) if r is not None]
+        if broken:
+            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
+            raise InvalidRequest(f"instances break the input contract: {shown}")
+        return checked
+
+
+def _check_count(n: int, max_instances: int) -> None:
+    if n > max_instances:
+        raise PayloadTooLarge(
+            f"{n} instances in one request; the limit is {max_instances}: split the request"
+        )
+
+
+def to_frame(instances: list[Instance], workload: Workload, max_instances: int) -> pd.DataFrame:
+    """Record instances -> a frame of the feature columns, or a 4xx naming what is wrong."""
+    _check_count(len(instances), max_instances)
+    columns = list(workload.feature_columns)
+    for i, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise InvalidRequest(
+                f"instance {i} is not an object: send one object of {', '.join(columns)} "
+                "per instance"
+            )
+        problem = mismatch(instance, columns, "field")
+        if problem:
+            raise InvalidRequest(f"instance {i}: {problem}")
+    return pd.DataFrame.from_records(instances, columns=columns)
+
+
 def to_matrix(instances: list[Instance], n_features: int, max_instances: int) -> np.ndarray:
     """Instances -> a float matrix (n, F), or a 4xx naming what is wrong."""
-    if len(instances) > max_instances:
-        raise PayloadTooLarge(
-            f"{len(instances)} instances in one request; the limit is {max_instances}: "
-            "split the request"
-        )
+    _check_count(len(instances), max_instances)
     rows = []
     for i, instance in enumerate(instances):
+        if isinstance(instance, dict):
+            raise InvalidRequest(
+                f"instance {i} is an object; this model takes {n_features} numbers per "
+                "instance (a flat list, or a 2-D array of them)"
+            )
         values = _flatten(instance, i)
         row = np.asarray(values, dtype=np.float64)
         if not np.isfinite(row).all():

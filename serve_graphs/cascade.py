@@ -14,8 +14,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from app.errors import ServiceUnavailable
+
+# A request's rows: a float matrix (n, F) for workloads of plain numbers (digits), a frame
+# of the feature columns for workloads of records (transactions).
+Instances = np.ndarray | pd.DataFrame
+
+
+def take(instances: Instances, index: np.ndarray | slice) -> Instances:
+    """Rows of ``instances`` by position, whatever their form."""
+    if isinstance(instances, pd.DataFrame):
+        return instances.iloc[index]
+    return instances[index]
+
+
+def concat(parts: list[Instances]) -> Instances:
+    if isinstance(parts[0], pd.DataFrame):
+        return pd.concat(parts, ignore_index=True)
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -26,7 +44,7 @@ class TierAnswer:
     version: str
 
 
-TierFn = Callable[[np.ndarray], Awaitable[TierAnswer]]
+TierFn = Callable[[Instances], Awaitable[TierAnswer]]
 
 
 @dataclass(frozen=True)
@@ -107,7 +125,7 @@ class Cascade:
         self.breaker = breaker or CircuitBreaker(failures_to_open=5, reset_after_s=10.0)
         self.on_degraded = on_degraded
 
-    async def predict(self, instances: np.ndarray) -> list[Prediction]:
+    async def predict(self, instances: Instances) -> list[Prediction]:
         """One prediction per instance; only the unsure ones reach the expensive tier."""
         cheap = await self.cheap(instances)
         confidence = cheap.probs.max(axis=1)
@@ -117,7 +135,7 @@ class Cascade:
         ]
         if not escalate.size:
             return answers
-        expensive, reason = await self._expensive(instances[escalate])
+        expensive, reason = await self._expensive(take(instances, escalate))
         if expensive is None:
             self.on_degraded(len(escalate), reason)
             for i in escalate:
@@ -127,7 +145,7 @@ class Cascade:
             answers[i] = Prediction(int(p.argmax()), float(p.max()), "expensive", expensive.version)
         return answers
 
-    async def _expensive(self, instances: np.ndarray) -> tuple[TierAnswer | None, str]:
+    async def _expensive(self, instances: Instances) -> tuple[TierAnswer | None, str]:
         """The expensive tier's answer, or None and why it is unavailable."""
         if not self.breaker.allow():
             return None, "breaker_open"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayError
@@ -17,7 +16,7 @@ from app.keys import KeyRing
 from app.workloads import get_workload
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs
-from serve_graphs.cascade import Cascade, CircuitBreaker, TierAnswer, TierFn
+from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
 
 log = logging.getLogger("ray.serve")
 
@@ -25,7 +24,7 @@ log = logging.getLogger("ray.serve")
 def tier_fn(handle: DeploymentHandle, tier: str) -> TierFn:
     """A tier as the cascade sees it; a tier that cannot answer is a 503, never a 500."""
 
-    async def call(instances: np.ndarray) -> TierAnswer:
+    async def call(instances: Instances) -> TierAnswer:
         try:
             probs, version = await handle.predict.remote(instances)
         except BackPressureError as exc:

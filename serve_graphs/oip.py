@@ -1,8 +1,10 @@
 """The Open Inference Protocol v2 (REST), as KServe and Triton serve it, free of Ray.
 
 One model per workload, named after it; its version is the calibrated cascade's
-registry version. The input is one tensor ``[n, F]`` (or any shape ``[n, ...]`` whose
-trailing dimensions hold F values, e.g. ``[n, 8, 8]``), the outputs are ``label``,
+registry version. For a workload of numbers the input is one tensor ``[n, F]`` (or any
+shape ``[n, ...]`` whose trailing dimensions hold F values, e.g. ``[n, 8, 8]``); for a
+workload of records it is one ``[n]`` tensor per feature column (``BYTES`` for text and
+times, ``FP64``/``INT64`` for numbers), as Triton takes a table. The outputs are ``label``,
 ``confidence``, ``tier``, ``model_version`` and ``degraded``, one entry per instance. Errors are
 ``400 {"error": ...}`` as the spec asks (404 for an unknown model or version).
 """
@@ -15,12 +17,14 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.workloads import Workload
-from serve_graphs.cascade import Prediction
+from data.validate import mismatch
+from serve_graphs.cascade import Instances, Prediction
 
 NUMERIC = {
     "BOOL": None,  # named so its refusal can say why
@@ -86,7 +90,7 @@ OUTPUTS = {
     "degraded": "BOOL",
 }
 
-Predict = Callable[[np.ndarray], Awaitable[list[Prediction]]]
+Predict = Callable[[Instances], Awaitable[list[Prediction]]]
 
 
 def oip_router(
@@ -103,6 +107,12 @@ def oip_router(
     n_features = len(workload.feature_columns)
     input_name = workload.input_name
     name = workload.name
+    columns = record_inputs(workload) if workload.fitted else None
+    inputs = (
+        [{"name": c, "datatype": t, "shape": [-1]} for c, t in columns.items()]
+        if columns
+        else [{"name": input_name, "datatype": "FP32", "shape": [-1, n_features]}]
+    )
 
     def check_model(model: str, version: str | None) -> None:
         if model != name:
@@ -130,7 +140,7 @@ def oip_router(
             "name": name,
             "versions": [model_version],
             "platform": "scaledl-cascade",
-            "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, n_features]}],
+            "inputs": inputs,
             "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
         }
 
@@ -140,7 +150,11 @@ def oip_router(
 
     async def infer(body: InferRequest, model: str, version: str | None = None) -> InferResponse:
         check_model(model, version)
-        instances = _input_matrix(body.inputs, input_name, n_features, max_instances)
+        instances = (
+            _input_frame(body.inputs, columns, max_instances)
+            if columns
+            else _input_matrix(body.inputs, input_name, n_features, max_instances)
+        )
         wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
         unknown = [o for o in wanted if o not in OUTPUTS]
         if unknown:
@@ -176,6 +190,53 @@ def oip_router(
             response_model_exclude_none=True,
         )
     return router
+
+
+def record_inputs(workload: Workload) -> dict[str, str]:
+    """Feature column -> the OIP datatype a client sends it as."""
+    contract = workload.instance_contract()
+    out = {}
+    for column in workload.feature_columns:
+        dtype = str(contract.columns[column].dtype)
+        out[column] = "FP64" if "float" in dtype else "INT64" if "int" in dtype else "BYTES"
+    return out
+
+
+def _input_frame(inputs: list[Tensor], columns: dict[str, str], max_instances: int) -> pd.DataFrame:
+    """One ``[n]`` tensor per feature column -> a frame, or a 4xx naming what is wrong."""
+    names = [t.name for t in inputs]
+    problem = mismatch(names, columns, "input")
+    if problem:
+        raise InvalidRequest(f"{problem} (send one [n] tensor for each of {', '.join(columns)})")
+    data, lengths = {}, set()
+    for tensor in inputs:
+        where = f"input {tensor.name!r}"
+        if tensor.datatype != columns[tensor.name] and not (
+            columns[tensor.name] != "BYTES" and NUMERIC.get(tensor.datatype) is not None
+        ):
+            raise InvalidRequest(
+                f"{where}: datatype {tensor.datatype!r}; send {columns[tensor.name]}"
+            )
+        if len(tensor.shape) not in (1, 2) or tensor.shape[1:] not in ([], [1]):
+            raise InvalidRequest(f"{where}: shape {tensor.shape}; send [n] (or [n, 1])")
+        values = [v for item in tensor.data for v in (item if isinstance(item, list) else [item])]
+        if len(values) != tensor.shape[0]:
+            raise InvalidRequest(
+                f"{where}: shape {tensor.shape} needs {tensor.shape[0]} values, data holds "
+                f"{len(values)}"
+            )
+        data[tensor.name] = values
+        lengths.add(len(values))
+    if len(lengths) > 1:
+        raise InvalidRequest(f"inputs hold different numbers of instances: {sorted(lengths)}")
+    n = lengths.pop()
+    if n == 0:
+        raise InvalidRequest("the inputs hold no instances; send at least one")
+    if n > max_instances:
+        raise PayloadTooLarge(
+            f"{n} instances in one request; the limit is {max_instances}: split the request"
+        )
+    return pd.DataFrame({c: data[c] for c in columns})
 
 
 def _input_matrix(

@@ -12,6 +12,7 @@ from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
 from app.settings import BatchConfig
 from serve_graphs.args import TierArgs
+from serve_graphs.cascade import Instances, concat, take
 
 log = logging.getLogger("ray.serve")
 
@@ -29,13 +30,13 @@ class TierRunner:
         ref = registry.resolve(args.registered_name, args.model_ref)
         return cls(load_model(registry.download(ref)), ref.label)
 
-    def predict_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    def predict_many(self, batches: list[Instances]) -> list[np.ndarray]:
         """Run several requests' rows as one forward pass and split the answer back."""
-        probs = self.model.predict_proba(np.concatenate(batches))
+        probs = self.model.predict_proba(concat(batches))
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
 
-def _rows(batches: list[np.ndarray]) -> int:
+def _rows(batches: list[Instances]) -> int:
     """Batch size in rows, not requests: one 64-row request fills a 64-row batch."""
     return sum(len(b) for b in batches)
 
@@ -59,15 +60,15 @@ class TierModel:
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
-    async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    async def predict_batch(self, batches: list[Instances]) -> list[np.ndarray]:
         return self.runner.predict_many(batches)
 
-    async def predict(self, instances: np.ndarray) -> tuple[np.ndarray, str]:
-        """Probabilities (n, C) for raw rows (n, F), and the version that produced them.
+    async def predict(self, instances: Instances) -> tuple[np.ndarray, str]:
+        """Probabilities (n, C) for raw rows, and the version that produced them.
 
         A request larger than a batch is split into batch-sized chunks, which join other
         requests' rows in the batcher."""
         step = self.max_rows
-        chunks = [instances[i : i + step] for i in range(0, len(instances), step)]
+        chunks = [take(instances, slice(i, i + step)) for i in range(0, len(instances), step)]
         probs = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
         return np.concatenate(probs), self.runner.version

@@ -7,6 +7,8 @@ report (with a checkpoint every N epochs), stop early when validation stops impr
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ from app.errors import CheckpointError
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
 from app.settings import TrainConfig
-from app.workloads import get_workload
+from app.workloads import Workload, get_workload
 from train.engines import DataParallel, Pipeline, build_engine
 
 log = logging.getLogger("scaledl.train")
@@ -59,14 +61,21 @@ class Progress:
 
 
 def to_model_inputs(
-    batch: pd.DataFrame, *, workload_name: str, preprocessor: dict[str, Any] | None = None
+    batch: pd.DataFrame, *, workload_name: str, preprocessor: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Raw rows -> model inputs ``x`` and labels ``y`` (a Ray Data batch transform)."""
-    workload = get_workload(workload_name, preprocessor)
+    """Raw rows -> model inputs ``x`` and labels ``y`` (a Ray Data batch transform);
+    ``preprocessor`` is the fitted one's JSON, for workloads that have one."""
+    workload = _bound_workload(workload_name, preprocessor)
     return {
         "x": workload.features(batch),
         "y": batch[workload.label_column].to_numpy(dtype=np.int64),
     }
+
+
+@functools.cache
+def _bound_workload(workload_name: str, preprocessor: str | None) -> Workload:
+    """Built once per worker process, not per batch."""
+    return get_workload(workload_name, json.loads(preprocessor) if preprocessor else None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:

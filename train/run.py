@@ -218,7 +218,10 @@ def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job
     """The split as model inputs, streamed; small ones are computed once, not every epoch."""
     dataset = read_split(settings, manifest, split).map_batches(
         to_model_inputs,
-        fn_kwargs={"workload_name": manifest.workload, "preprocessor": job.preprocessor},
+        fn_kwargs={
+            "workload_name": manifest.workload,
+            "preprocessor": json.dumps(job.preprocessor) if job.preprocessor else None,
+        },
         batch_format="pandas",
     )
     width = get_workload(manifest.workload).input_width + 1

@@ -113,7 +113,10 @@ class Workload(ABC):
 
     def instance_contract(self) -> pa.DataFrameSchema:
         """The contract restricted to what a prediction request carries (the features)."""
-        return self.contract().remove_columns([self.id_column, self.label_column])
+        contract = self.contract()
+        return contract.remove_columns(
+            [c for c in contract.columns if c not in self.feature_columns]
+        )
 
     def check_tier(self, tier: str) -> str:
         if tier not in TIERS:

@@ -17,9 +17,10 @@ from app.errors import ConfigError, DataContractError
 from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from app.workloads.transactions import CARD, EMAIL, IPV4
-from data.generate import generate_transactions
+from data.generate import generate_transactions, transactions_frame
 from data.pii import PiiKey
-from data.pipeline import RAW_COLUMN, REASON_COLUMN, ROW_COLUMN, SOURCE_COLUMN, ingest
+from data.pipeline import RAW_COLUMN, REASON_COLUMN, ingest
+from data.readers import ROW, SOURCE
 from data.sources import open_source
 from data.versions import PREPROCESSOR, QUARANTINE, DatasetStore
 
@@ -73,13 +74,8 @@ def test_every_fault_is_quarantined_with_its_rule_and_every_record_reconciles(
 
     quarantine = pq.read_table(result.path / "rows" / f"split={QUARANTINE}").to_pandas()
     assert len(quarantine) == m.rows_quarantined
-    assert (
-        quarantine[SOURCE_COLUMN]
-        .map(lambda p: Path(p).name)
-        .isin([f.name for f in report.files])
-        .all()
-    )
-    assert (quarantine[ROW_COLUMN] >= 1).all() and quarantine[RAW_COLUMN].notna().all()
+    assert quarantine[SOURCE].map(lambda p: Path(p).name).isin([f.name for f in report.files]).all()
+    assert (quarantine[ROW] >= 1).all() and quarantine[RAW_COLUMN].notna().all()
     seen = Counter(k for reason in quarantine[REASON_COLUMN] for k in kind_of(reason))
     for kind, n in report.injected.items():
         if kind in ("malformed", "truncated"):
@@ -98,11 +94,13 @@ def test_a_truncated_parquet_file_is_refused_naming_it(tmp_path: Path, clean_env
         ingest(settings_for(tmp_path), TRANSACTIONS, open_source(raw))
 
 
-def test_no_pii_reaches_any_output(tmp_path: Path, clean_env: None) -> None:
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_no_pii_reaches_any_output(tmp_path: Path, clean_env: None, fmt: str) -> None:
     raw = tmp_path / "raw"
-    generate_transactions(raw, rows=4000, seed=3, fault_rate=0.05, fmt="csv", rows_per_shard=2000)
-    frames = [pd.read_csv(f, dtype=str, on_bad_lines="skip") for f in sorted(raw.glob("*.csv"))]
-    original = pd.concat(frames)
+    generate_transactions(raw, rows=4000, seed=3, fault_rate=0.05, fmt=fmt, rows_per_shard=2000)
+    original = pd.concat(  # every record, the malformed ones too, as far as they parse
+        [transactions_frame(2000, seed=3, start_id=start) for start in (0, 2000)]
+    ).astype({"txn_id": str})
     patterns = {"card_number": CARD, "email": EMAIL, "ip_address": IPV4}
     secrets = {  # a malformed line shifts its fields: keep what really looks like PII
         v
@@ -110,6 +108,8 @@ def test_no_pii_reaches_any_output(tmp_path: Path, clean_env: None) -> None:
         for v in original[column].dropna().unique()
         if re.fullmatch(pattern, v) and len(v) >= 9
     }
+    # A malformed line is cut anywhere: the part of an email before the @ must go too.
+    secrets |= {e.split("@")[0] for e in original["email"] if len(e.split("@")[0]) >= 8}
     assert len(secrets) > 100
     result = ingest(settings_for(tmp_path), TRANSACTIONS, open_source(raw))
 
@@ -141,6 +141,20 @@ def test_no_pii_reaches_any_output(tmp_path: Path, clean_env: None) -> None:
     assert any(json.loads(r).get("card_number") for r in quarantine[RAW_COLUMN] if r[0] == "{")
 
 
+def test_too_many_broken_records_fail_the_run_naming_files_and_rules(
+    tmp_path: Path, clean_env: None
+) -> None:
+    raw = tmp_path / "raw"
+    generate_transactions(raw, rows=1000, fault_rate=0.3, faults=("range",), fmt="csv")
+    settings = load_settings(storage_root=tmp_path / "store", pii_key=PII_KEY)
+    with pytest.raises(DataContractError) as err:
+        ingest(settings, TRANSACTIONS, open_source(raw))
+    message = str(err.value)
+    assert "transactions-00000.csv (" in message and "top rules: amount: " in message
+    assert "ingest.max_quarantine_share" in message and "_rejected" in message
+    assert DatasetStore(settings.datasets_dir).manifests("transactions") == []
+
+
 def test_pii_needs_a_key_outside_dev(tmp_path: Path, clean_env: None) -> None:
     raw = tmp_path / "raw"
     generate_transactions(raw, rows=100)
@@ -166,6 +180,10 @@ def test_same_inputs_same_version_changed_inputs_a_child_version(
     m = second.manifest
     assert m.version != first.manifest.version and m.parent == first.manifest.version
     assert m.rows_in == 2500 and len(m.sources) == 3
+    # The extra file repeats ids 0-499 of the first: those later copies are quarantined.
+    assert m.quarantine_reasons == {"txn_id: field_uniqueness": 500}
+    quarantine = pq.read_table(second.path / "rows" / f"split={QUARANTINE}").to_pandas()
+    assert {Path(p).name for p in quarantine[SOURCE]} == {"transactions-extra.parquet"}
     assert all(len(s.sha256) == 64 and s.size > 0 for s in m.sources)
     amount = m.stats["amount"]
     assert amount.quantiles["0.5"] > 0 and len(amount.histogram["counts"]) == 20

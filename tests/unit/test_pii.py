@@ -60,3 +60,11 @@ def test_no_key_outside_dev_is_refused_with_how_to_set_one(tmp_path: Path) -> No
         load_pii_key("short", None, dev=False, dev_path=tmp_path / "x")
     with pytest.raises(ConfigError, match="does not exist"):
         load_pii_key(None, tmp_path / "missing", dev=False, dev_path=tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["cc_4111111111111111", "card4111111111111111", "4111.1111.1111.1111", "ip_10.0.0.1"],
+)
+def test_values_glued_to_words_are_redacted_too(text: str) -> None:
+    assert not any(ch.isdigit() for ch in redact_text(text).replace("cc_", ""))

@@ -59,3 +59,64 @@ def test_jsonl_keeps_bad_lines_and_records_with_wrong_fields() -> None:
     ]
     assert "[EMAIL]" in out.loc[out[ROW] == 3, TEXT].item()
     assert out.loc[0, COLUMNS].tolist() == [1, 2.5, "a@b.io"]
+
+
+def test_csv_from_excel_and_windows_bom_and_crlf() -> None:
+    data = b"\xef\xbb\xbfid,amount,email\r\n1,2.5,a@b.io\r\n2,3,c@d.io\r\n"
+    out = frame(read_csv(data, "x.csv", COLUMNS))
+    assert out[ROW].tolist() == [2, 3] and out[ERROR].isna().all()
+    assert out["email"].tolist() == ["a@b.io", "c@d.io"]  # no stray \r
+
+
+def test_a_header_only_csv_holds_no_records() -> None:
+    assert list(read_csv(b"id,amount,email", "x.csv", COLUMNS)) == []
+    assert list(read_csv(b"id,amount,email\n", "x.csv", COLUMNS)) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"id,amount,email,email\n1,2,a@b.io,a@b.io\n", "repeated column 'email'"),
+        (b"id,amount,email\r1,2,a@b.io\r", "not a readable CSV header"),
+        (b"\xff\xfeid,amount\n", "not a readable CSV header"),
+    ],
+)
+def test_a_csv_whose_header_cannot_be_used_is_refused_by_name(data: bytes, message: str) -> None:
+    with pytest.raises(DataContractError, match=rf"x\.csv: .*{message}"):
+        list(read_csv(data, "x.csv", COLUMNS))
+
+
+def test_jsonl_with_a_bom_and_an_escaped_lone_surrogate() -> None:
+    data = (
+        b'\xef\xbb\xbf{"id": 1, "amount": 2.5, "email": "a@b.io"}\n'
+        b'{"id": 2, "amount": 2.5, "email": "\\ud800@b.io"}\n'
+    )
+    out = frame(read_jsonl(data, "raw.jsonl", COLUMNS))
+    assert pd.isna(out.loc[0, ERROR]) and out.loc[0, "id"] == 1  # the BOM is not a field
+    assert out.loc[1, ERROR] == "unparseable: not UTF-8 text"
+
+
+def test_a_cut_line_loses_even_partial_pii() -> None:
+    data = b'{"id": 1, "amount": 2.5, "email": "kofi.silva52@exam\n{"id": 2, "card": "4816792982'
+    out = frame(read_jsonl(data, "raw.jsonl", COLUMNS))
+    text = " ".join(out[TEXT])
+    assert "kofi" not in text and "4816792982" not in text
+    assert "[EMAIL]" in text and "[NUMBER]" in text
+
+
+def test_a_parquet_file_damaged_inside_is_refused_by_name(tmp_path) -> None:  # noqa: ANN001
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from data.readers import read_parquet
+
+    path = tmp_path / "x.parquet"
+    table = pa.table({"id": list(range(5000)), "amount": [1.5] * 5000, "email": ["a@b.io"] * 5000})
+    pq.write_table(table, path, compression="snappy", use_dictionary=False)
+    raw = bytearray(path.read_bytes())
+    raw[200:1200] = b"\x00" * 1000  # the first data page, the footer intact
+    path.write_bytes(bytes(raw))
+    with pafs.LocalFileSystem().open_input_file(str(path)) as f:
+        with pytest.raises(DataContractError, match=r"x\.parquet is damaged"):
+            list(read_parquet(f, str(path), COLUMNS))
