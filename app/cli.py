@@ -178,14 +178,19 @@ def data_show(
     ctx: typer.Context,
     version: Annotated[str, typer.Argument(help="Version id, a prefix of one, or latest.")],
     workload: WorkloadOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="The whole manifest as JSON.")] = False,
 ) -> None:
-    """Print a dataset version's manifest."""
+    """Explain a dataset version: lineage, files and their counts, quarantine, columns."""
     from app.workloads import get_workload
     from data.versions import DatasetStore
 
     settings = ctx.obj.settings()
     manifest = DatasetStore(settings.datasets_dir).get(get_workload(workload).name, version)
-    console().print_json(manifest.model_dump_json())
+    if as_json:
+        console().print_json(manifest.model_dump_json())
+        return
+    for part in reports.dataset_summary(manifest):
+        console().print(part)
 
 
 # ---------------------------------------------------------------------------- train

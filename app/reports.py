@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from app.traffic import TrafficReport
     from data.generate import GenerateReport
     from data.pipeline import IngestResult
+    from data.versions import DatasetManifest
     from train.run import TrainOutcome
 
 
@@ -35,6 +36,40 @@ def ingest_table(result: IngestResult) -> Table:
     counts = (m.rows_in, m.rows_valid, m.rows_quarantined, *m.splits.values())
     table.add_row(*(f"{n:,}" for n in counts), rate)
     return table
+
+
+def dataset_summary(m: DatasetManifest) -> list:
+    """What `scaledl data show` prints: lineage, files, quarantine, column statistics."""
+    lines = [
+        f"dataset {m.workload} {m.version}, created {m.created_at:%Y-%m-%d %H:%M} UTC, "
+        f"parent {m.parent or '—'}, content {m.content_hash}"
+        + (f", PII key {m.pii_key}" if m.pii_key else ""),
+        "splits: " + ", ".join(f"{s} {n:,}" for s, n in m.splits.items()),
+    ]
+    files = Table("file", "bytes", "sha256", "records", "valid", "quarantined", title="sources")
+    for s in m.sources:
+        files.add_row(
+            s.path, f"{s.size:,}", s.sha256[:12], f"{s.rows:,}", f"{s.rows_valid:,}",
+            f"{s.rows_quarantined:,}",
+        )  # fmt: skip
+    parts: list = [*lines, files]
+    if m.quarantine_reasons:
+        rules = Table("rule", "rows", title="quarantine")
+        for rule, n in m.quarantine_reasons.items():
+            rules.add_row(rule, f"{n:,}")
+        parts.append(rules)
+    if m.stats:
+        columns = Table("column", "kind", "nulls", "median / top values", title="train split")
+        for name, st in m.stats.items():
+            if st.quantiles:
+                q = st.quantiles
+                shape = f"{q['0.5']:,.4g} (p1 {q['0.01']:,.4g}, p99 {q['0.99']:,.4g})"
+            else:
+                shape = ", ".join(f"{v} {n:,}" for v, n in list((st.top_values or {}).items())[:4])
+            columns.add_row(name, st.kind, f"{st.nulls:,}", shape)
+        parts.append(columns)
+    parts.append("the whole manifest: scaledl data show <version> --json")
+    return parts
 
 
 def generate_table(report: GenerateReport) -> Table:

@@ -117,7 +117,7 @@ class ColumnStats(BaseModel):
 
     rows: int
     nulls: int
-    kind: str  # "numeric" or "categorical"
+    kind: str  # "numeric", "hour_of_day" (of a timestamp column) or "categorical"
     mean: float | None = None
     quantiles: dict[str, float] | None = None
     histogram: dict[str, list[float]] | None = None  # {"edges": [...], "counts": [...]}
@@ -136,8 +136,10 @@ def column_stats(
     nulls = dict.fromkeys([*numeric, *categorical], 0)
     seen = 0
     counts: dict[str, Counter] = {c: Counter() for c in categorical}
+    times: set[str] = set()
     for batch in batches:
         seen += len(batch)
+        times |= {c for c in numeric if pd.api.types.is_datetime64_any_dtype(batch[c])}
         keep = rng.random(len(batch)) < rate
         for c in numeric:
             values = _as_float(batch[c])
@@ -151,9 +153,8 @@ def column_stats(
     for c in numeric:
         sample = np.concatenate(samples[c]) if samples[c] else np.empty(0)
         mean = moments[c].mean_std()[0] if moments[c].n else None
-        out[c] = ColumnStats(
-            rows=seen, nulls=nulls[c], kind="numeric", mean=mean, **_numeric(sample)
-        )
+        kind = "hour_of_day" if c in times else "numeric"
+        out[c] = ColumnStats(rows=seen, nulls=nulls[c], kind=kind, mean=mean, **_numeric(sample))
     for c in categorical:
         top = dict(counts[c].most_common(TOP_VALUES))
         out[c] = ColumnStats(

@@ -51,13 +51,25 @@ def check_rows(
         # A null in a text column also fails coercion; "not_nullable" is the real cause.
         by_row = by_row.sort_values("check", key=lambda c: c != "not_nullable", kind="stable")
         first = by_row.groupby("index", sort=False).first()
-        reasons.loc[first.index.astype(int)] = (first["column"] + ": " + first["check"]).to_numpy()
+        checks = first["check"].map(_short)
+        reasons.loc[first.index.astype(int)] = (first["column"] + ": " + checks).to_numpy()
         pending = pending.drop(index=first.index.astype(int))
     rules = sorted({f"{c}: {k}" for c, k in cases[["column", "check"]].itertuples(index=False)})
     raise DataContractError(  # rules only: the failing values may be PII
         f"{where}: rows still break the contract after {_MAX_PASSES} passes; the contract "
         f"may contradict itself: {'; '.join(rules[:8])}"
     )
+
+
+MAX_RULE_CHARS = 60
+
+
+def _short(check: str) -> str:
+    """A check's name as a rule; a long list of allowed values is summarised (the
+    contract holds the list): ``isin(12 values)``."""
+    if len(check) <= MAX_RULE_CHARS or not check.startswith("isin("):
+        return check
+    return f"isin({check.count(',') + 1} values)"
 
 
 def _precoerce(pending: pd.DataFrame, schema: pa.DataFrameSchema) -> dict[int, str]:

@@ -143,3 +143,30 @@ def test_serving_applies_the_same_features_as_training() -> None:
     served = BOUND.features(pd.DataFrame(records(5)).astype({"amount": float}))
     trained = BOUND.features(FRAME.head(5))
     np.testing.assert_allclose(served, trained, rtol=1e-6)
+
+
+def test_unsure_records_escalate_as_a_frame_of_just_those_rows() -> None:
+    calls: dict[str, list] = {"cheap": [], "expensive": []}
+    cascade = Cascade(
+        local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), 1.01
+    )
+    api = build_api(TX, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="2")
+    resp = TestClient(api).post(URL, json={"instances": records(3)}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert [p["tier"] for p in resp.json()["predictions"]] == ["expensive"] * 3
+    escalated = calls["expensive"][0]
+    assert isinstance(escalated, pd.DataFrame) and len(escalated) == 3
+
+
+def test_a_tier_batches_several_requests_frames_into_one_pass() -> None:
+    from serve_graphs.tier_model import TierRunner
+
+    torch.manual_seed(0)
+    model = LoadedModel(
+        BOUND.build_model("cheap").eval(), ModelMeta("transactions", "cheap", "v"), BOUND
+    )
+    runner = TierRunner(model, "transactions-cheap/1")
+    frames = [FRAME[list(TX.feature_columns)].iloc[a:b] for a, b in ((0, 2), (2, 7), (7, 8))]
+    out = runner.predict_many(frames)
+    assert [len(p) for p in out] == [2, 5, 1]
+    np.testing.assert_allclose(np.concatenate(out), model.predict_proba(FRAME.head(8)), rtol=1e-5)

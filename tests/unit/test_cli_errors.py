@@ -106,9 +106,12 @@ def test_versions_and_show_describe_a_published_version(tmp_path: Path) -> None:
     published(tmp_path / ".scaledl" / "datasets", "abc123def456")
     listed = scaledl("data", "versions", "-w", "digits", cwd=tmp_path)
     assert listed.returncode == 0 and "abc123def456" in listed.stdout
-    shown = scaledl("data", "show", "abc1", "-w", "digits", cwd=tmp_path)
+    shown = scaledl("data", "show", "abc1", "-w", "digits", "--json", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["version"] == "abc123def456"
+    explained = scaledl("data", "show", "latest", "-w", "digits", cwd=tmp_path)
+    assert explained.returncode == 0, explained.stderr
+    assert "dataset digits abc123def456" in explained.stdout and "sources" in explained.stdout
 
 
 def test_keys_create_prints_the_key_once_and_stores_its_hash(tmp_path: Path) -> None:
