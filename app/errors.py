@@ -85,6 +85,12 @@ class PayloadTooLarge(ScaledlError):
     status_code = 413
 
 
+class GatewayTimeout(ScaledlError):
+    """A request that took longer than the service allows."""
+
+    status_code = 504
+
+
 class ServiceUnavailable(ScaledlError):
     """A dependency (a model tier, the registry) cannot answer right now."""
 

@@ -209,6 +209,12 @@ class ServeConfig(_Section):
         "Retry-After (or a degraded answer, for the expensive tier).",
     )
     max_instances_per_request: int = Field(1024, ge=1, description="Instances in one request.")
+    max_body_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest request body; a larger one is a 413."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a prediction may take; past it the answer is a 504."
+    )
     expensive_timeout_s: float = Field(
         2.0,
         gt=0,

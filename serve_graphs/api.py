@@ -6,6 +6,7 @@ to Serve, tests drive it with a TestClient.
 
 from __future__ import annotations
 
+import asyncio
 from numbers import Real
 from typing import Annotated, Any
 
@@ -16,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from starlette.exceptions import HTTPException
 
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge, ScaledlError
+from app.errors import GatewayTimeout, InvalidRequest, NotFound, PayloadTooLarge, ScaledlError
 from app.keys import KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract, check_rows, mismatch
@@ -93,6 +95,8 @@ def build_api(
     keys: KeyRing,
     max_instances: int,
     model_version: str,
+    max_body_bytes: int = 4 * 2**20,
+    request_timeout_s: float = 10.0,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
     is the served cascade's registry version."""
@@ -110,7 +114,14 @@ def build_api(
         return require
 
     async def predict_checked(instances: Instances) -> list[Prediction]:
-        return await cascade.predict(check(instances))
+        checked = check(instances)
+        try:
+            return await asyncio.wait_for(cascade.predict(checked), request_timeout_s)
+        except TimeoutError:
+            raise GatewayTimeout(
+                f"no answer within {request_timeout_s:g} s (serve.request_timeout_s): retry, "
+                "or send fewer instances per request"
+            ) from None
 
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
@@ -120,6 +131,10 @@ def build_api(
             503: {"Retry-After": str(RETRY_AFTER_S)},
         }.get(exc.status_code)
         return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -131,6 +146,7 @@ def build_api(
         return JSONResponse({"error": _describe(errors)}, status_code=status)
 
     api.add_middleware(OipJsonBodies)
+    api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @api.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz() -> dict[str, str]:
@@ -166,6 +182,39 @@ def build_api(
         )
     )
     return api
+
+
+class BodyLimit:
+    """Pure ASGI: a body over ``max_bytes`` is a 413 before it is parsed, whether it
+    announces its length or streams in chunks."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"the request body is over {self.max_bytes:,} bytes (serve.max_body_bytes): "
+            "split the request"
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.max_bytes:  # a chunked body: FastAPI passes HTTPExceptions on
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 class OipJsonBodies:

@@ -74,5 +74,7 @@ class Ingress:
             self.cascade,
             keys=KeyRing(self.args.api_keys),
             max_instances=self.args.serve.max_instances_per_request,
+            max_body_bytes=self.args.serve.max_body_bytes,
+            request_timeout_s=self.args.serve.request_timeout_s,
             model_version=self.cascade_version,
         )

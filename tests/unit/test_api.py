@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import warnings
 
 import numpy as np
@@ -172,3 +174,40 @@ def test_when_the_expensive_tier_cannot_answer_the_cheap_answer_returns_degraded
         ("cheap", True),
     ]
     assert degraded == [(2, "unavailable")]
+
+
+def test_a_body_over_the_limit_is_a_413_announced_or_streamed() -> None:
+    cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.0)
+    api = build_api(
+        DIGITS, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="3",
+        max_body_bytes=1024,
+    )  # fmt: skip
+    big = {"instances": digit_images(8)}  # about 1.8 KB of JSON
+    resp = TestClient(api).post(URL, json=big, headers=AUTH)
+    assert resp.status_code == 413 and "serve.max_body_bytes" in resp.json()["error"]
+
+    def chunks():  # no content-length: the body streams in
+        yield b'{"instances": ['
+        for i in range(40):
+            yield (b"," if i else b"") + json.dumps(digit_images(1)[0]).encode()
+        yield b"]}"
+
+    resp = TestClient(api).post(
+        URL, content=chunks(), headers={**AUTH, "content-type": "application/json"}
+    )
+    assert resp.status_code == 413 and "serve.max_body_bytes" in resp.json()["error"]
+    small = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+    assert small.status_code == 200
+
+
+def test_a_prediction_past_the_timeout_is_a_504() -> None:
+    async def slow(instances: np.ndarray) -> TierAnswer:
+        await asyncio.sleep(5)
+        raise AssertionError("not reached")
+
+    api = build_api(
+        DIGITS, Cascade(slow, slow, 0.0), keys=KeyRing([dev_key(KEY)]), max_instances=8,
+        model_version="3", request_timeout_s=0.2,
+    )  # fmt: skip
+    resp = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+    assert resp.status_code == 504 and "serve.request_timeout_s" in resp.json()["error"]
