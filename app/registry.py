@@ -125,6 +125,17 @@ class Registry:
             ) from None
         return ModelRef(name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
 
+    def int8_twin(self, name: str, version: str) -> ModelRef:
+        """The dynamic-INT8 variant registered together with ``name`` version ``version``."""
+        twin = f"{name}-int8"
+        for ref, _ in self.versions(twin):
+            if ref.tags.get("fp32_version") == str(version):
+                return ref
+        raise ModelNotFound(
+            f"{name} version {version} has no INT8 twin in {twin}: {_how_to_register(twin)}, "
+            "or drop the tier from serve.int8_tiers"
+        )
+
     def download(self, ref: ModelRef) -> Path:
         """A local folder holding the version's model files."""
         from mlflow.artifacts import download_artifacts

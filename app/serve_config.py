@@ -1,8 +1,9 @@
 """The Serve config YAML (`serve deploy` takes it), generated from the settings.
 
 `scaledl serve config --workload digits > cluster/serve.yaml` writes what
-`scaledl serve` would deploy: the builder's import path and its typed ``args`` (the
-registry, the cascade to serve, batching, limits, and the accepted keys, hashed).
+`scaledl serve` deploys: the builder's import path, its typed ``args`` (the registry,
+limits, and the accepted keys, hashed) and each deployment's ``user_config`` (the
+versions that serve, batching).
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ BUILDER = "serve_graphs.builder:build_app"
 
 
 def serve_config(settings: Settings, workload_name: str, keys: list[ApiKey]) -> dict[str, Any]:
-    """A config that Ray's own ServeDeploySchema accepts, or its validation error."""
+    """A config that Ray's own ServeDeploySchema accepts, or its validation error.
+
+    ``args`` hold what does not change when models do; which versions serve (the
+    cascade, INT8 twins) and the batching are the deployments' ``user_config``,
+    resolved from the registry now. Deploying a regenerated config after a new cascade
+    is promoted therefore changes only user_configs, and Serve applies them in place
+    (``reconfigure``) without restarting a replica.
+    """
     from ray.serve.schema import ServeDeploySchema
 
     from serve_graphs.args import GraphArgs
+    from serve_graphs.builder import stable_args, user_configs
 
     workload = get_workload(workload_name)
     args = GraphArgs.from_settings(settings, workload.name, keys)
@@ -34,7 +43,11 @@ def serve_config(settings: Settings, workload_name: str, keys: list[ApiKey]) -> 
                 "name": workload.name,
                 "route_prefix": "/",
                 "import_path": BUILDER,
-                "args": args.model_dump(mode="json"),
+                "args": stable_args(args),
+                "deployments": [
+                    {"name": name, "user_config": user_config}
+                    for name, user_config in user_configs(args).items()
+                ],
             }
         ],
     }

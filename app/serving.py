@@ -5,10 +5,11 @@ from __future__ import annotations
 import secrets
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 from app.cascade_spec import load_cascade
-from app.errors import ConfigError
+from app.errors import ConfigError, ServiceUnavailable
 from app.keys import ApiKey, dev_key, read_keys_file
 from app.registry import Registry
 from app.settings import Settings
@@ -62,21 +63,53 @@ def check_models(settings: Settings, workload_name: str) -> None:
     registry.resolve(workload.registered_model_name("expensive"), spec.expensive_version)
 
 
-def deploy(settings: Settings, workload_name: str, keys: list[ApiKey]) -> Endpoint:
-    """Run the graph for ``workload_name`` on the connected Ray cluster."""
-    from ray import serve
+def deploy(
+    settings: Settings, workload_name: str, keys: list[ApiKey], *, timeout_s: float = 300
+) -> Endpoint:
+    """Deploy the graph for ``workload_name`` on the connected Ray cluster, as
+    `serve deploy` would deploy the config `scaledl serve config` prints.
 
-    from serve_graphs.args import GraphArgs
-    from serve_graphs.builder import build_app
+    Declaratively, not with ``serve.run``: Serve then compares the new config with the
+    running one, and when only user_configs differ (a new cascade, an INT8 twin, batch
+    settings) it reconfigures the running replicas in place instead of replacing them.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.serve_config import serve_config
 
     workload = get_workload(workload_name)
     check_models(settings, workload_name)  # fail here, not in a replica
-    args = GraphArgs.from_settings(settings, workload.name, keys)
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    serve.run(build_app(args), name=workload.name, route_prefix="/", blocking=False)
+    config = serve_config(settings, workload.name, keys)
+    serve.start(http_options=config["http_options"])
+    started = time.time()
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    wait_until_running(workload.name, since=started, timeout_s=timeout_s)
     host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
     base = f"http://{host}:{settings.serve.port}"
     return Endpoint(base, f"{base}/v1/models/{workload.name}/predict")
+
+
+def wait_until_running(app_name: str, *, since: float, timeout_s: float) -> None:
+    """Until the application deployed at ``since`` or later runs, or why it does not."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        fresh = app is not None and app.last_deployed_time_s >= since - 1.0
+        if fresh and app.status == "RUNNING":
+            return
+        if fresh and app.status == "DEPLOY_FAILED":
+            raise ServiceUnavailable(f"the {app_name} application failed to deploy: {app.message}")
+        if time.monotonic() > deadline:
+            state = f"{app.status}: {app.message}" if app else "not created"
+            raise ServiceUnavailable(
+                f"the {app_name} application is not running after {timeout_s:g} s ({state}); "
+                "see the Serve logs in the Ray dashboard"
+            )
+        time.sleep(0.5)
 
 
 def serve_until_interrupted() -> None:

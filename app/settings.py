@@ -227,6 +227,11 @@ class ServeConfig(_Section):
     breaker_reset_s: float = Field(
         10.0, gt=0, description="Seconds an open breaker waits before one trial request."
     )
+    int8_tiers: list[Literal["cheap", "expensive"]] = Field(
+        [],
+        description="Tiers served by the dynamic-INT8 twin of their cascade version. A "
+        "changed list is applied to running replicas in place (a hot swap).",
+    )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
 

@@ -7,6 +7,7 @@ to Serve, tests drive it with a TestClient.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from numbers import Real
 from typing import Annotated, Any
 
@@ -94,12 +95,12 @@ def build_api(
     *,
     keys: KeyRing,
     max_instances: int,
-    model_version: str,
+    model_version: str | Callable[[], str],
     max_body_bytes: int = 4 * 2**20,
     request_timeout_s: float = 10.0,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
-    is the served cascade's registry version."""
+    is the served cascade's registry version (a callable, where a hot swap changes it)."""
     api = FastAPI(
         title="scaledl",
         description=f"Predictions for the {workload.name} workload: {workload.description}.",

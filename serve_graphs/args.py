@@ -5,17 +5,35 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.keys import ApiKey
-from app.settings import ServeConfig, Settings
+from app.settings import BatchConfig, ServeConfig, Settings
 
 
-class TierArgs(BaseModel):
-    """Which model version a tier serves, and from which registry."""
+class TierModelRef(BaseModel):
+    """Which model version a tier serves."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     registered_name: str = Field(description="Registry name, e.g. digits-cheap.")
     model_ref: str = Field("champion", description="Alias or version number to load.")
-    tracking_uri: str = Field(description="MLflow registry URI.")
+
+
+class TierConfig(BaseModel):
+    """A tier's Serve ``user_config``: applied in place by ``reconfigure``, so a new
+    model version (or its INT8 twin) and new batch settings need no replica restart."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: TierModelRef
+    batch: BatchConfig = BatchConfig()
+
+
+class IngressConfig(BaseModel):
+    """The ingress's ``user_config``: the cascade it runs, swapped in place with the tiers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(ge=0, le=1, description="Cheap-tier confidence that suffices.")
+    cascade_version: str = Field(description="Registry version of <workload>-cascade.")
 
 
 class GraphArgs(BaseModel):

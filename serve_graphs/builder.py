@@ -16,7 +16,7 @@ from app.cascade_spec import load_cascade
 from app.registry import Registry
 from app.workloads import TIERS, get_workload
 from serve_graphs.api import RETRY_AFTER_S
-from serve_graphs.args import GraphArgs, TierArgs
+from serve_graphs.args import GraphArgs, IngressConfig, TierConfig, TierModelRef
 from serve_graphs.ingress import Ingress
 from serve_graphs.tier_model import TierModel
 
@@ -24,40 +24,84 @@ from serve_graphs.tier_model import TierModel
 LOGGING = LoggingConfig(encoding="JSON").model_dump()
 
 
+INGRESS = "Ingress"
+SWAPPABLE = {"cascade_ref", "int8_tiers", "batch"}  # reach replicas as user_config
+
+
+def tier_deployment(tier: str) -> str:
+    return f"{tier}-tier"
+
+
 def build_app(args: GraphArgs | dict[str, Any]) -> Application:
-    """Resolve the cascade once, here, so every replica loads exactly the same versions.
+    """The graph: an ingress and one deployment per tier.
 
     Serve hands the config YAML's ``args`` over as a dict (it converts only when the
     annotation is a class, and ``from __future__ import annotations`` makes it a string),
-    so they are validated here.
+    so they are validated here. Which versions serve (the cascade, INT8 twins) and the
+    batching are each deployment's ``user_config`` (:func:`user_configs`), resolved here
+    once so every replica loads the same versions; a Serve config may override them, and
+    a change to them alone is applied in place.
     """
     args = GraphArgs.model_validate(args)
     serve_cfg = args.serve
-    workload = get_workload(args.workload)
-    cascade, ref = load_cascade(Registry(args.tracking_uri), workload.name, serve_cfg.cascade_ref)
-    versions = {"cheap": cascade.cheap_version, "expensive": cascade.expensive_version}
+    configs = user_configs(args)
     tiers = {
         tier: TierModel.options(
-            name=f"{tier}-tier",
+            name=tier_deployment(tier),
             ray_actor_options={"num_cpus": serve_cfg.tier_num_cpus},
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
             max_queued_requests=serve_cfg.tier_max_queued_requests,
-            user_config=serve_cfg.batch.model_dump(),
+            user_config=configs[tier_deployment(tier)],
             logging_config=LOGGING,
-        ).bind(
-            TierArgs(
-                registered_name=workload.registered_model_name(tier),
-                model_ref=versions[tier],
-                tracking_uri=args.tracking_uri,
-            ).model_dump()
-        )
+        ).bind(args.tracking_uri)
         for tier in TIERS
     }
     return Ingress.options(
+        name=INGRESS,
         ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
         max_queued_requests=serve_cfg.ingress_max_queued_requests,
         # Shed load at the proxy with the same answer our own 503s give.
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         logging_config=LOGGING,
-    ).bind(tiers["cheap"], tiers["expensive"], args.model_dump(), cascade.threshold, ref.version)
+        user_config=configs[INGRESS],
+    ).bind(tiers["cheap"], tiers["expensive"], stable_args(args))
+
+
+def stable_args(args: GraphArgs) -> dict[str, Any]:
+    """The args without what travels as user_config: the same for every model swap."""
+    return args.model_dump(mode="json", exclude={"serve": SWAPPABLE})
+
+
+def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:
+    """Deployment name -> user_config: the pinned cascade, its tiers (or their INT8
+    twins) and batching, resolved from the registry now."""
+    serve_cfg = args.serve
+    workload = get_workload(args.workload)
+    registry = Registry(args.tracking_uri)
+    cascade, ref = load_cascade(registry, workload.name, serve_cfg.cascade_ref)
+    versions = {"cheap": cascade.cheap_version, "expensive": cascade.expensive_version}
+    configs = {
+        tier_deployment(tier): TierConfig(
+            model=tier_model(
+                registry,
+                workload.registered_model_name(tier),
+                versions[tier],
+                int8=tier in serve_cfg.int8_tiers,
+            ),
+            batch=serve_cfg.batch,
+        ).model_dump(mode="json")
+        for tier in TIERS
+    }
+    configs[INGRESS] = IngressConfig(
+        threshold=cascade.threshold, cascade_version=ref.version
+    ).model_dump(mode="json")
+    return configs
+
+
+def tier_model(registry: Registry, name: str, version: str, *, int8: bool) -> TierModelRef:
+    """A tier's pinned version, or the INT8 twin registered with it."""
+    if not int8:
+        return TierModelRef(registered_name=name, model_ref=version)
+    twin = registry.int8_twin(name, version)
+    return TierModelRef(registered_name=twin.name, model_ref=twin.version)

@@ -15,7 +15,7 @@ from app.errors import ServiceUnavailable
 from app.keys import KeyRing
 from app.workloads import get_workload
 from serve_graphs.api import build_api
-from serve_graphs.args import GraphArgs
+from serve_graphs.args import GraphArgs, IngressConfig
 from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
 
 log = logging.getLogger("ray.serve")
@@ -42,16 +42,12 @@ def tier_fn(handle: DeploymentHandle, tier: str) -> TierFn:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(
-        self,
-        cheap: DeploymentHandle,
-        expensive: DeploymentHandle,
-        args: dict,
-        threshold: float,
-        cascade_version: str,
-    ) -> None:
+    """The cascade's threshold and version come with ``user_config`` (IngressConfig), so
+    a newly calibrated cascade is swapped in place together with its tiers."""
+
+    def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
         self.args = GraphArgs.model_validate(args)
-        self.cascade_version = cascade_version
+        self.cascade_version = ""
         cfg = self.args.serve
         degraded = metrics.Counter(
             "scaledl_cascade_degraded_total",
@@ -62,11 +58,17 @@ class Ingress:
         self.cascade = Cascade(
             tier_fn(cheap, "cheap"),
             tier_fn(expensive, "expensive"),
-            threshold,
+            threshold=1.0,  # until reconfigure, which Serve calls before the first request
             expensive_timeout_s=cfg.expensive_timeout_s,
             breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
             on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
         )
+
+    def reconfigure(self, user_config: dict) -> None:
+        cfg = IngressConfig.model_validate(user_config)
+        self.cascade.threshold = cfg.threshold
+        self.cascade_version = cfg.cascade_version
+        log.info("cascade %s, threshold %.4f", cfg.cascade_version, cfg.threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(
@@ -76,5 +78,5 @@ class Ingress:
             max_instances=self.args.serve.max_instances_per_request,
             max_body_bytes=self.args.serve.max_body_bytes,
             request_timeout_s=self.args.serve.request_timeout_s,
-            model_version=self.cascade_version,
+            model_version=lambda: self.cascade_version,
         )

@@ -95,7 +95,7 @@ Predict = Callable[[Instances], Awaitable[list[Prediction]]]
 
 def oip_router(
     workload: Workload,
-    model_version: str,
+    model_version: str | Callable[[], str],
     predict: Predict,
     *,
     key_for: Callable[[str], Any],
@@ -107,6 +107,7 @@ def oip_router(
     n_features = len(workload.feature_columns)
     input_name = workload.input_name
     name = workload.name
+    served = model_version if callable(model_version) else lambda: model_version
     columns = record_inputs(workload) if workload.fitted else None
     inputs = (
         [{"name": c, "datatype": t, "shape": [-1]} for c, t in columns.items()]
@@ -117,9 +118,9 @@ def oip_router(
     def check_model(model: str, version: str | None) -> None:
         if model != name:
             raise NotFound(f"unknown model {model!r}: this service serves {name!r}")
-        if version is not None and version != model_version:
+        if version is not None and version != served():
             raise NotFound(
-                f"model {name!r} has no version {version!r} here; it serves {model_version!r}"
+                f"model {name!r} has no version {version!r} here; it serves {served()!r}"
             )
 
     @router.get("/health/live", summary="Liveness (no key needed)")
@@ -138,7 +139,7 @@ def oip_router(
         check_model(model, version)
         return {
             "name": name,
-            "versions": [model_version],
+            "versions": [served()],
             "platform": "scaledl-cascade",
             "inputs": inputs,
             "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
@@ -164,7 +165,7 @@ def oip_router(
         predictions = await predict(instances)
         return InferResponse(
             model_name=name,
-            model_version=model_version,
+            model_version=served(),
             id=body.id,
             outputs=[
                 OutputTensor(

@@ -11,7 +11,7 @@ from ray import serve
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
 from app.settings import BatchConfig
-from serve_graphs.args import TierArgs
+from serve_graphs.args import TierConfig, TierModelRef
 from serve_graphs.cascade import Instances, concat, take
 
 log = logging.getLogger("ray.serve")
@@ -25,9 +25,9 @@ class TierRunner:
         self.version = version
 
     @classmethod
-    def from_registry(cls, args: TierArgs) -> TierRunner:
-        registry = Registry(args.tracking_uri)
-        ref = registry.resolve(args.registered_name, args.model_ref)
+    def from_registry(cls, tracking_uri: str, model: TierModelRef) -> TierRunner:
+        registry = Registry(tracking_uri)
+        ref = registry.resolve(model.registered_name, model.model_ref)
         return cls(load_model(registry.download(ref)), ref.label)
 
     def predict_many(self, batches: list[Instances]) -> list[np.ndarray]:
@@ -43,25 +43,37 @@ def _rows(batches: list[Instances]) -> int:
 
 @serve.deployment
 class TierModel:
-    def __init__(self, args: dict) -> None:
+    """The model version comes with ``user_config`` (:class:`TierConfig`), not with the
+    constructor: Serve applies a changed one with ``reconfigure`` on the running replica,
+    which loads the new version beside the old one and then swaps them, so requests keep
+    being answered throughout (a hot swap)."""
+
+    def __init__(self, tracking_uri: str) -> None:
         import torch
 
         # Requests are small: one intra-op thread per replica beats threads fighting
         # over the replica's CPU share. Scale out with replicas instead.
         torch.set_num_threads(1)
-        self.runner = TierRunner.from_registry(TierArgs.model_validate(args))
+        self.tracking_uri = tracking_uri
+        self.runner: TierRunner | None = None
+        self.loaded: TierModelRef | None = None
         self.max_rows = BatchConfig().max_batch_size
-        log.info("tier loaded %s", self.runner.version)
 
-    def reconfigure(self, user_config: dict) -> None:
-        cfg = BatchConfig.model_validate(user_config)
-        self.max_rows = cfg.max_batch_size
-        self.predict_batch.set_max_batch_size(cfg.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+    async def reconfigure(self, user_config: dict) -> None:
+        cfg = TierConfig.model_validate(user_config)
+        if cfg.model != self.loaded:
+            runner = await asyncio.to_thread(TierRunner.from_registry, self.tracking_uri, cfg.model)
+            previous = self.runner.version if self.runner else None
+            self.runner, self.loaded = runner, cfg.model  # the swap: one assignment
+            log.info("tier serves %s (was %s)", runner.version, previous)
+        self.max_rows = cfg.batch.max_batch_size
+        self.predict_batch.set_max_batch_size(cfg.batch.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(cfg.batch.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
-    async def predict_batch(self, batches: list[Instances]) -> list[np.ndarray]:
-        return self.runner.predict_many(batches)
+    async def predict_batch(self, batches: list[Instances]) -> list[tuple[np.ndarray, str]]:
+        runner = self.runner  # one version for the whole batch, even if a swap lands now
+        return [(probs, runner.version) for probs in runner.predict_many(batches)]
 
     async def predict(self, instances: Instances) -> tuple[np.ndarray, str]:
         """Probabilities (n, C) for raw rows, and the version that produced them.
@@ -70,5 +82,9 @@ class TierModel:
         requests' rows in the batcher."""
         step = self.max_rows
         chunks = [take(instances, slice(i, i + step)) for i in range(0, len(instances), step)]
-        probs = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
-        return np.concatenate(probs), self.runner.version
+        answers = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
+        # A request whose chunks straddle a swap runs again: one version answers it all.
+        versions = {version for _, version in answers}
+        if len(versions) > 1:
+            return await self.predict(instances)
+        return np.concatenate([probs for probs, _ in answers]), answers[0][1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -153,6 +155,65 @@ def redeploy(endpoint: Endpoint, platform: Platform, **serve: object) -> None:
         storage_root=platform.settings.storage_root, serve={"port": port, **serve}
     )
     deploy(settings, "digits", [dev_key(KEY)])
+
+
+def test_a_hot_swap_to_the_int8_twin_under_load_fails_no_request(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """The cheap tier swaps to its INT8 twin in place (reconfigure), and back, while four
+    clients keep sending requests: every request is answered, first by one version,
+    then by the other."""
+    import threading
+    import time
+
+    from ray._private.worker import global_worker
+
+    x, _ = test_rows
+    statuses: list[int] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            i = offset
+            while not stop.is_set():
+                resp = http.post(
+                    endpoint.predict_url, json={"instances": [x[i % len(x)].tolist()]}, headers=AUTH
+                )
+                statuses.append(resp.status_code)
+                if resp.status_code == 200:
+                    seen.extend(p["model_version"] for p in resp.json()["predictions"])
+                i += 7
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + 60
+        while version not in seen[-20:] and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    cheap = f"digits-cheap/{platform.cascade.cheap_version}"
+    twin = Registry(platform.settings.tracking_uri).int8_twin(
+        "digits-cheap", platform.cascade.cheap_version
+    )
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(cheap)
+        redeploy(endpoint, platform, int8_tiers=["cheap"])
+        wait_for(twin.label)
+        redeploy(endpoint, platform)  # and back
+        wait_for(cheap)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(statuses) > 50 and set(statuses) == {200}, Counter(statuses)
+    first_twin = seen.index(twin.label)
+    assert cheap in seen[:first_twin] and cheap in seen[first_twin:]
+    # In place: the running replica swapped (a new replica would have had nothing before).
+    logs = Path(global_worker.node.get_logs_dir_path()) / "serve"
+    swaps = [line for f in logs.glob("replica_*cheap-tier*.log") for line in f.open()]
+    assert any(f"serves {twin.label} (was {cheap})" in line for line in swaps)
 
 
 def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(

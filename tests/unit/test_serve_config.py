@@ -7,19 +7,39 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from app.cascade_spec import CascadeSpec, SplitResult
 from app.keys import create_key, read_keys_file
+from app.registry import Registry
 from app.serve_config import BUILDER, serve_config, to_yaml
-from app.settings import load_settings
+from app.settings import Settings, load_settings
 from serve_graphs.args import GraphArgs
+
+RESULT = SplitResult(
+    cascade_accuracy=0.99, escalated_share=0.1, cheap_accuracy=0.95, expensive_accuracy=0.99
+)
+
+
+def calibrated(settings: Settings, cheap: str, expensive: str, threshold: float) -> None:
+    """Register a cascade (its tiers need not exist to write a config)."""
+    registry = Registry(settings.tracking_uri, settings.artifacts_dir)
+    spec = CascadeSpec(
+        workload="digits", cheap_version=cheap, expensive_version=expensive,
+        threshold=threshold, margin=0.005, val=RESULT, test=RESULT,
+    )  # fmt: skip
+    run = registry.start_run(f"cascade-{cheap}", params={}, tags={})
+    ref = registry.register(
+        "digits-cascade", spec.save(settings.storage_root / cheap), run_id=run, tags={}
+    )
+    registry.promote(ref.name, ref.version)
 
 
 def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.txt"
     _, secret = create_key(keys_file, "predict", "web")
     settings = load_settings(
-        storage_root=tmp_path,
-        serve={"port": 8123, "cascade_ref": "7", "batch": {"max_batch_size": 32}},
+        storage_root=tmp_path, serve={"port": 8123, "batch": {"max_batch_size": 32}}
     )
+    calibrated(settings, cheap="3", expensive="2", threshold=0.8)
     text = to_yaml(serve_config(settings, "digits", read_keys_file(keys_file)))
     assert secret not in text
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
@@ -27,6 +47,33 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
     assert (app.import_path, app.route_prefix) == (BUILDER, "/")
     assert config.http_options.port == 8123
     args = GraphArgs.model_validate(app.args)
-    assert args.serve.cascade_ref == "7" and args.serve.batch.max_batch_size == 32
     assert [k.id for k in args.api_keys] == ["web"]
     assert args.tracking_uri == settings.tracking_uri
+    configs = {d.name: d.user_config for d in app.deployments}
+    assert configs["cheap-tier"] == {
+        "model": {"registered_name": "digits-cheap", "model_ref": "3"},
+        "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+    }
+    assert configs["expensive-tier"]["model"]["model_ref"] == "2"
+    assert configs["Ingress"] == {"threshold": 0.8, "cascade_version": "1"}
+
+
+def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(
+    tmp_path: Path,
+) -> None:
+    """Serve restarts replicas when an app's args change and reconfigures them when only
+    user_configs do: a promoted cascade must leave the args alone."""
+    keys_file = tmp_path / "keys.txt"
+    create_key(keys_file, "predict", "web")
+    settings = load_settings(storage_root=tmp_path)
+    keys = read_keys_file(keys_file)
+    calibrated(settings, cheap="1", expensive="1", threshold=0.8)
+    before = serve_config(settings, "digits", keys)["applications"][0]
+    calibrated(settings, cheap="2", expensive="1", threshold=0.7)
+    after = serve_config(settings, "digits", keys)["applications"][0]
+    assert after["args"] == before["args"]
+    assert after["deployments"] != before["deployments"]
+    assert {d["name"]: d["user_config"] for d in after["deployments"]}["Ingress"] == {
+        "threshold": 0.7,
+        "cascade_version": "2",
+    }
