@@ -179,6 +179,39 @@ class BatchConfig(_Section):
     )
 
 
+class TierScaling(_Section):
+    """How many replicas one tier runs: Serve's autoscaling, from the requests in flight."""
+
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="0 lets the tier scale to zero when idle; then the first request "
+        "waits for a cold start (for the expensive tier, past serve.expensive_timeout_s "
+        "the cheap answer returns with degraded=true meanwhile).",
+    )
+    max_replicas: int = Field(2, ge=1, description="Most replicas of the tier.")
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Requests in flight per replica the autoscaler aims at."
+    )
+    upscale_delay_s: float = Field(3.0, ge=0, description="Sustained load before adding one.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle time before removing one.")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window the requests in flight are averaged over."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> TierScaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}"
+            )
+        return self
+
+    def autoscaling_config(self) -> dict[str, float]:
+        """As Serve takes it; scaling to zero waits as long as scaling down does."""
+        return {**self.model_dump(), "downscale_to_zero_delay_s": self.downscale_delay_s}
+
+
 class ServeConfig(_Section):
     """The HTTP service."""
 
@@ -227,6 +260,8 @@ class ServeConfig(_Section):
     breaker_reset_s: float = Field(
         10.0, gt=0, description="Seconds an open breaker waits before one trial request."
     )
+    cheap_replicas: TierScaling = TierScaling()
+    expensive_replicas: TierScaling = TierScaling()
     int8_tiers: list[Literal["cheap", "expensive"]] = Field(
         [],
         description="Tiers served by the dynamic-INT8 twin of their cascade version. A "

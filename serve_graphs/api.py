@@ -25,6 +25,7 @@ from app.keys import KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract, check_rows, mismatch
 from serve_graphs.cascade import Cascade, Instances, Prediction
+from serve_graphs.observe import NullObserver, Observer, RequestMetrics
 from serve_graphs.oip import oip_router
 
 # Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
@@ -98,6 +99,7 @@ def build_api(
     model_version: str | Callable[[], str],
     max_body_bytes: int = 4 * 2**20,
     request_timeout_s: float = 10.0,
+    observer: Observer | None = None,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
     is the served cascade's registry version (a callable, where a hot swap changes it)."""
@@ -107,6 +109,7 @@ def build_api(
         version="1",
     )
     check = InputCheck(workload)
+    observer = observer or NullObserver()
 
     def key_for(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
         async def require(credentials: BearerCredentials) -> None:
@@ -117,12 +120,14 @@ def build_api(
     async def predict_checked(instances: Instances) -> list[Prediction]:
         checked = check(instances)
         try:
-            return await asyncio.wait_for(cascade.predict(checked), request_timeout_s)
+            predictions = await asyncio.wait_for(cascade.predict(checked), request_timeout_s)
         except TimeoutError:
             raise GatewayTimeout(
                 f"no answer within {request_timeout_s:g} s (serve.request_timeout_s): retry, "
                 "or send fewer instances per request"
             ) from None
+        observer.predictions(predictions)
+        return predictions
 
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
@@ -148,6 +153,7 @@ def build_api(
 
     api.add_middleware(OipJsonBodies)
     api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    api.add_middleware(RequestMetrics, observer=observer)  # outermost: sees every answer
 
     @api.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz() -> dict[str, str]:

@@ -25,7 +25,8 @@ LOGGING = LoggingConfig(encoding="JSON").model_dump()
 
 
 INGRESS = "Ingress"
-SWAPPABLE = {"cascade_ref", "int8_tiers", "batch"}  # reach replicas as user_config
+# Reach the deployments as their user_config and autoscaling_config, applied in place.
+SWAPPABLE = {"cascade_ref", "int8_tiers", "batch", "cheap_replicas", "expensive_replicas"}
 
 
 def tier_deployment(tier: str) -> str:
@@ -52,6 +53,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
             max_queued_requests=serve_cfg.tier_max_queued_requests,
             user_config=configs[tier_deployment(tier)],
+            autoscaling_config=scaling(args)[tier],
             logging_config=LOGGING,
         ).bind(args.tracking_uri)
         for tier in TIERS
@@ -71,6 +73,14 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
 def stable_args(args: GraphArgs) -> dict[str, Any]:
     """The args without what travels as user_config: the same for every model swap."""
     return args.model_dump(mode="json", exclude={"serve": SWAPPABLE})
+
+
+def scaling(args: GraphArgs) -> dict[str, dict[str, float]]:
+    """Tier -> its Serve autoscaling_config."""
+    return {
+        "cheap": args.serve.cheap_replicas.autoscaling_config(),
+        "expensive": args.serve.expensive_replicas.autoscaling_config(),
+    }
 
 
 def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:

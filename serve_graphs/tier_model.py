@@ -6,7 +6,9 @@ import asyncio
 import logging
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 from ray import serve
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
@@ -25,6 +27,12 @@ class TierRunner:
         self.version = version
 
     @classmethod
+    @retry(  # a registry or artifact store that hiccups; a missing model is not retried
+        retry=retry_if_exception_type((OSError, MlflowException)),
+        stop=stop_after_attempt(4),
+        wait=wait_exponential(multiplier=0.5, max=4),
+        reraise=True,
+    )
     def from_registry(cls, tracking_uri: str, model: TierModelRef) -> TierRunner:
         registry = Registry(tracking_uri)
         ref = registry.resolve(model.registered_name, model.model_ref)

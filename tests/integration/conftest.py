@@ -18,8 +18,17 @@ from app.settings import Settings, load_settings
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
+    import os
+
     import ray
 
+    # Replicas and handles report their load every half second (default 10 s), so an
+    # autoscaling test sees a scale-down in seconds; the cluster's processes inherit it.
+    for name in (
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    ):
+        os.environ.setdefault(name, "0.5")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -216,6 +216,44 @@ def test_a_hot_swap_to_the_int8_twin_under_load_fails_no_request(
     assert any(f"serves {twin.label} (was {cheap})" in line for line in swaps)
 
 
+def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """With min_replicas 0 the idle expensive tier goes away; the next escalation starts
+    a replica and waits for it (here: a deadline long enough not to degrade)."""
+    import time
+
+    from ray import serve
+
+    def expensive_replicas() -> int:
+        app = serve.status().applications["digits"]
+        return app.deployments["expensive-tier"].replica_states.get("RUNNING", 0)
+
+    x, _ = test_rows
+    zero = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1, "look_back_period_s": 2}
+    redeploy(endpoint, platform, expensive_replicas=zero, expensive_timeout_s=60)
+    deadline = time.monotonic() + 90
+    while expensive_replicas() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert expensive_replicas() == 0
+
+    def timed() -> tuple[float, list[dict]]:
+        started = time.perf_counter()
+        resp = httpx.post(
+            endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=90
+        )
+        assert resp.status_code == 200, resp.text
+        return time.perf_counter() - started, resp.json()["predictions"]
+
+    cold, predictions = timed()
+    assert any(p["tier"] == "expensive" for p in predictions)
+    assert not any(p["degraded"] for p in predictions)
+    warm, _ = timed()
+    print(f"expensive tier from zero: cold {cold:.2f} s, warm {warm:.2f} s")
+    assert expensive_replicas() == 1 and cold > warm
+    redeploy(endpoint, platform)  # one replica again, the default deadline
+
+
 def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001

@@ -211,3 +211,37 @@ def test_a_prediction_past_the_timeout_is_a_504() -> None:
     )  # fmt: skip
     resp = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 504 and "serve.request_timeout_s" in resp.json()["error"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+        self.answered: list[tuple[str, str, bool]] = []
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.requests.append((route, status))
+
+    def predictions(self, predictions) -> None:  # noqa: ANN001
+        self.answered += [(p.tier, p.model_version, p.degraded) for p in predictions]
+
+
+def test_every_request_and_answer_reaches_the_observer_by_route_and_version() -> None:
+    seen = Recorder()
+    cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.9999)
+    api = build_api(
+        DIGITS, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="3",
+        observer=seen,
+    )  # fmt: skip
+    http = TestClient(api)
+    assert http.post(URL, json={"instances": digit_images(2)}, headers=AUTH).status_code == 200
+    assert http.post(URL, json={"instances": digit_images(1)}).status_code == 401
+    assert http.get("/v2/models/digits/versions/3/ready").status_code == 200
+    assert http.get("/no/such/path/42").status_code == 404
+    assert seen.requests == [
+        ("/v1/predict", 200),
+        ("/v1/predict", 401),
+        ("/v2/ready", 200),
+        ("other", 404),  # a raw path never becomes a tag
+    ]
+    assert seen.answered == [("expensive", "digits-expensive/1", False)] * 2

@@ -37,7 +37,12 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
     keys_file = tmp_path / "keys.txt"
     _, secret = create_key(keys_file, "predict", "web")
     settings = load_settings(
-        storage_root=tmp_path, serve={"port": 8123, "batch": {"max_batch_size": 32}}
+        storage_root=tmp_path,
+        serve={
+            "port": 8123,
+            "batch": {"max_batch_size": 32},
+            "expensive_replicas": {"min_replicas": 0},
+        },
     )
     calibrated(settings, cheap="3", expensive="2", threshold=0.8)
     text = to_yaml(serve_config(settings, "digits", read_keys_file(keys_file)))
@@ -56,6 +61,9 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
     }
     assert configs["expensive-tier"]["model"]["model_ref"] == "2"
     assert configs["Ingress"] == {"threshold": 0.8, "cascade_version": "1"}
+    scaling = {d.name: d.autoscaling_config for d in app.deployments}
+    assert scaling["expensive-tier"]["min_replicas"] == 0  # set below: scales to zero
+    assert scaling["cheap-tier"]["max_replicas"] == 2
 
 
 def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(

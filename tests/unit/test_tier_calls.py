@@ -1,0 +1,57 @@
+"""How the ingress calls a tier: one retry for a failed call, none for one refused for
+load, and a 503 either way when it cannot answer. The handle is a stand-in for a Ray Serve
+DeploymentHandle (no cluster here); the errors are Ray's own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from app.errors import ServiceUnavailable
+from serve_graphs.ingress import tier_fn
+
+
+class Handle:
+    """`handle.predict.remote(x)` that fails with the given errors first."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+        self.predict = self
+
+    def remote(self, instances: np.ndarray):  # noqa: ANN201
+        self.calls += 1
+
+        async def answer() -> tuple[np.ndarray, str]:
+            if self.errors:
+                raise self.errors.pop(0)
+            return np.full((len(instances), 2), 0.5), "digits-cheap/1"
+
+        return answer()
+
+
+def call(handle: Handle) -> object:
+    return asyncio.run(tier_fn(handle, "cheap", retry_wait_s=0)(np.zeros((3, 4))))
+
+
+def test_a_failed_call_is_retried_once_and_answers() -> None:
+    handle = Handle(RayActorError())
+    assert call(handle).version == "digits-cheap/1" and handle.calls == 2
+
+
+def test_two_failures_are_a_503() -> None:
+    handle = Handle(RayActorError(), RayActorError())
+    with pytest.raises(ServiceUnavailable, match="could not answer"):
+        call(handle)
+    assert handle.calls == 2
+
+
+def test_a_call_refused_for_load_is_not_retried() -> None:
+    handle = Handle(BackPressureError(num_queued_requests=9, max_queued_requests=8))
+    with pytest.raises(ServiceUnavailable, match="at capacity"):
+        call(handle)
+    assert handle.calls == 1
