@@ -83,22 +83,27 @@ def deploy(
     check_models(settings, workload_name)  # fail here, not in a replica
     config = serve_config(settings, workload.name, keys)
     serve.start(http_options=config["http_options"])
-    started = time.time()
+    before = serve.status().applications.get(workload.name)
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-    wait_until_running(workload.name, since=started, timeout_s=timeout_s)
+    wait_until_running(
+        workload.name,
+        after=before.last_deployed_time_s if before else None,
+        timeout_s=timeout_s,
+    )
     host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
     base = f"http://{host}:{settings.serve.port}"
     return Endpoint(base, f"{base}/v1/models/{workload.name}/predict")
 
 
-def wait_until_running(app_name: str, *, since: float, timeout_s: float) -> None:
-    """Until the application deployed at ``since`` or later runs, or why it does not."""
+def wait_until_running(app_name: str, *, after: float | None, timeout_s: float) -> None:
+    """Until the application deployed later than ``after`` (the deploy time the
+    controller reported before, so one clock decides) runs, or why it does not."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while True:
         app = serve.status().applications.get(app_name)
-        fresh = app is not None and app.last_deployed_time_s >= since - 1.0
+        fresh = app is not None and (after is None or app.last_deployed_time_s > after)
         if fresh and app.status == "RUNNING":
             return
         if fresh and app.status == "DEPLOY_FAILED":

@@ -7,6 +7,7 @@ to Serve, tests drive it with a TestClient.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from numbers import Real
 from typing import Annotated, Any
@@ -20,7 +21,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.exceptions import HTTPException
 
-from app.errors import GatewayTimeout, InvalidRequest, NotFound, PayloadTooLarge, ScaledlError
+from app.errors import (
+    DataContractError,
+    GatewayTimeout,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ScaledlError,
+)
 from app.keys import KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract, check_rows, mismatch
@@ -87,6 +95,7 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
+log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 1  # what 429/503 answers ask clients to wait, in seconds
 
 
@@ -118,7 +127,9 @@ def build_api(
         return require
 
     async def predict_checked(instances: Instances) -> list[Prediction]:
-        checked = check(instances)
+        # pandera takes milliseconds per request of records: off the event loop.
+        frame = isinstance(instances, pd.DataFrame)
+        checked = await asyncio.to_thread(check, instances) if frame else check(instances)
         try:
             predictions = await asyncio.wait_for(cascade.predict(checked), request_timeout_s)
         except TimeoutError:
@@ -140,7 +151,16 @@ def build_api(
 
     @api.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @api.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"error": "internal error; it is logged with this request's id"}, status_code=500
+        )
 
     @api.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -262,7 +282,13 @@ class InputCheck:
 
     def __call__(self, instances: Instances) -> Instances:
         if isinstance(instances, pd.DataFrame):
-            valid, reasons = check_rows(instances, self.contract, where="request")
+            try:
+                valid, reasons = check_rows(instances, self.contract, where="request")
+            except DataContractError:  # a value no rule could even be applied to
+                raise InvalidRequest(
+                    "instances hold values the input contract cannot check: send one "
+                    "number or string per field"
+                ) from None
             errors, checked = reasons.tolist(), valid
         else:
             errors, checked = self.compiled.row_errors(instances), instances
@@ -293,6 +319,12 @@ def to_frame(instances: list[Instance], workload: Workload, max_instances: int) 
         problem = mismatch(instance, columns, "field")
         if problem:
             raise InvalidRequest(f"instance {i}: {problem}")
+        for field, value in instance.items():
+            if isinstance(value, list | dict | bool):
+                raise InvalidRequest(
+                    f"instance {i}: field {field!r} holds a {type(value).__name__}; send one "
+                    "number or string"
+                )
     return pd.DataFrame.from_records(instances, columns=columns)
 
 

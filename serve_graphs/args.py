@@ -39,8 +39,10 @@ class IngressConfig(BaseModel):
 class GraphArgs(BaseModel):
     """Everything ``build_app`` needs; the Serve config YAML's ``args`` validate into it.
 
-    ``serve`` is the same section as the settings' ``serve`` (cascade, batching, limits,
-    CPUs per replica); its host and port are the proxy's and are not used here.
+    ``serve`` is the same section as the settings' ``serve`` (limits, timeouts, CPUs per
+    replica); its host and port are the proxy's and are not used here. In a generated
+    config it leaves out what travels as user_config (cascade, INT8 tiers, batching,
+    replicas): a change to those must not change the args, or Serve restarts replicas.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

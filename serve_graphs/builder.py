@@ -1,7 +1,10 @@
 """The graph builder: ``build_app(GraphArgs) -> Application``.
 
-The Serve config YAML (``import_path: serve_graphs.builder:build_app`` plus ``args``) is
-the only deploy-time input; ``scaledl serve`` builds the same args from the settings.
+The Serve config YAML (``import_path: serve_graphs.builder:build_app``, ``args``, and
+each deployment's ``user_config`` and ``autoscaling_config``) is the deploy-time input;
+``scaledl serve`` deploys the same config, generated from the settings. Built from args
+alone (``serve.run``, or a config without the deployments section), the app resolves the
+``champion`` cascade and the settings' defaults for the rest.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     Serve hands the config YAML's ``args`` over as a dict (it converts only when the
     annotation is a class, and ``from __future__ import annotations`` makes it a string),
     so they are validated here. Which versions serve (the cascade, INT8 twins) and the
-    batching are each deployment's ``user_config`` (:func:`user_configs`), resolved here
-    once so every replica loads the same versions; a Serve config may override them, and
-    a change to them alone is applied in place.
+    batching are each deployment's ``user_config`` (:func:`user_configs`), resolved once
+    per deploy so every replica loads the same versions. The generated Serve config
+    carries them in its deployments section, which overrides what is resolved here; a
+    change to them alone is applied in place.
     """
     args = GraphArgs.model_validate(args)
     serve_cfg = args.serve

@@ -76,12 +76,13 @@ LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000]
 
 
 class ServeMetrics:
-    """The Observer of a replica: Ray Serve metrics, exported to Prometheus by Ray."""
+    """The Observer of a replica: Ray Serve metrics, exported to Prometheus by Ray as
+    ``ray_<name>`` (counters gain ``_total``, histograms ``_bucket``/``_sum``/``_count``)."""
 
     def __init__(self, cascade_version: Callable[[], str]) -> None:
         self.cascade_version = cascade_version
         self.requests = metrics.Counter(
-            "scaledl_requests_total",
+            "scaledl_requests",
             description="HTTP requests by route, status and served cascade version.",
             tag_keys=("route", "status", "cascade_version"),
         )
@@ -92,7 +93,7 @@ class ServeMetrics:
             tag_keys=("route", "cascade_version"),
         )
         self.answered = metrics.Counter(
-            "scaledl_predictions_total",
+            "scaledl_predictions",
             description="Instances answered, by tier and model version, and whether the "
             "answer was degraded: the expensive-tier share and A/B comparisons come from it.",
             tag_keys=("tier", "model_version", "degraded"),
@@ -121,7 +122,7 @@ class Ingress:
         self.cascade_version = ""
         cfg = self.args.serve
         degraded = metrics.Counter(
-            "scaledl_cascade_degraded_total",
+            "scaledl_cascade_degraded",
             description="Instances answered by the cheap tier because the expensive tier "
             "was slow, failing or behind an open breaker.",
             tag_keys=("reason",),

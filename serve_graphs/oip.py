@@ -221,6 +221,8 @@ def _input_frame(inputs: list[Tensor], columns: dict[str, str], max_instances: i
         if len(tensor.shape) not in (1, 2) or tensor.shape[1:] not in ([], [1]):
             raise InvalidRequest(f"{where}: shape {tensor.shape}; send [n] (or [n, 1])")
         values = [v for item in tensor.data for v in (item if isinstance(item, list) else [item])]
+        if any(isinstance(v, list | dict | bool) for v in values):
+            raise InvalidRequest(f"{where}: data must hold one number or string per instance")
         if len(values) != tensor.shape[0]:
             raise InvalidRequest(
                 f"{where}: shape {tensor.shape} needs {tensor.shape[0]} values, data holds "

@@ -17,6 +17,7 @@ from serve_graphs.args import TierConfig, TierModelRef
 from serve_graphs.cascade import Instances, concat, take
 
 log = logging.getLogger("ray.serve")
+MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
 
 
 class TierRunner:
@@ -27,7 +28,7 @@ class TierRunner:
         self.version = version
 
     @classmethod
-    @retry(  # a registry or artifact store that hiccups; a missing model is not retried
+    @retry(  # a registry or artifact store that hiccups; ModelNotFound is not retried
         retry=retry_if_exception_type((OSError, MlflowException)),
         stop=stop_after_attempt(4),
         wait=wait_exponential(multiplier=0.5, max=4),
@@ -68,9 +69,29 @@ class TierModel:
         self.max_rows = BatchConfig().max_batch_size
 
     async def reconfigure(self, user_config: dict) -> None:
+        """Load the configured version (if new) beside the one serving, then swap.
+
+        A replica that serves nothing yet fails when its model cannot load (Serve reports
+        it). One that serves keeps its version when the new one cannot load: a failed
+        swap must not take a working tier down. The error is logged, and the deployment
+        keeps answering with the old version until a config that loads is deployed.
+        """
         cfg = TierConfig.model_validate(user_config)
         if cfg.model != self.loaded:
-            runner = await asyncio.to_thread(TierRunner.from_registry, self.tracking_uri, cfg.model)
+            try:
+                runner = await asyncio.to_thread(
+                    TierRunner.from_registry, self.tracking_uri, cfg.model
+                )
+            except Exception:
+                if self.runner is None:
+                    raise
+                log.exception(
+                    "swap to %s/%s failed; still serving %s",
+                    cfg.model.registered_name,
+                    cfg.model.model_ref,
+                    self.runner.version,
+                )
+                return
             previous = self.runner.version if self.runner else None
             self.runner, self.loaded = runner, cfg.model  # the swap: one assignment
             log.info("tier serves %s (was %s)", runner.version, previous)
@@ -90,9 +111,9 @@ class TierModel:
         requests' rows in the batcher."""
         step = self.max_rows
         chunks = [take(instances, slice(i, i + step)) for i in range(0, len(instances), step)]
-        answers = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
-        # A request whose chunks straddle a swap runs again: one version answers it all.
-        versions = {version for _, version in answers}
-        if len(versions) > 1:
-            return await self.predict(instances)
-        return np.concatenate([probs for probs, _ in answers]), answers[0][1]
+        for _ in range(MAX_STRADDLES):
+            answers = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
+            # Chunks that straddled a swap run again, so one version answers them all.
+            if len({version for _, version in answers}) == 1:
+                break
+        return np.concatenate([probs for probs, _ in answers]), answers[-1][1]

@@ -245,3 +245,20 @@ def test_every_request_and_answer_reaches_the_observer_by_route_and_version() ->
         ("other", 404),  # a raw path never becomes a tag
     ]
     assert seen.answered == [("expensive", "digits-expensive/1", False)] * 2
+
+
+def test_a_bug_is_a_json_500_and_a_wrong_method_keeps_its_allow_header() -> None:
+    async def broken(instances: np.ndarray) -> TierAnswer:
+        raise ValueError("a bug in a tier")
+
+    api = build_api(
+        DIGITS, Cascade(broken, broken, 0.0), keys=KeyRing([dev_key(KEY)]), max_instances=8,
+        model_version="3",
+    )  # fmt: skip
+    http = TestClient(api, raise_server_exceptions=False)
+    resp = http.post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+    assert resp.status_code == 500 and resp.json() == {
+        "error": "internal error; it is logged with this request's id"
+    }
+    wrong = http.delete(URL, headers=AUTH)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"

@@ -170,3 +170,18 @@ def test_a_tier_batches_several_requests_frames_into_one_pass() -> None:
     out = runner.predict_many(frames)
     assert [len(p) for p in out] == [2, 5, 1]
     np.testing.assert_allclose(np.concatenate(out), model.predict_proba(FRAME.head(8)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"x": 1}, True])
+def test_a_field_that_is_not_one_value_is_a_400(client_and_calls, value) -> None:  # noqa: ANN001
+    client, _ = client_and_calls
+    body = records(1)
+    body[0]["amount"] = value
+    resp = client.post(URL, json={"instances": body}, headers=AUTH)
+    assert resp.status_code == 400 and "field 'amount' holds" in resp.json()["error"]
+    inputs = [
+        {"name": k, "datatype": "FP64" if k == "amount" else "BYTES", "shape": [1], "data": [v]}
+        for k, v in body[0].items()
+    ]
+    resp = client.post("/v2/models/transactions/infer", json={"inputs": inputs}, headers=AUTH)
+    assert resp.status_code == 400, resp.text

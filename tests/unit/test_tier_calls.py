@@ -55,3 +55,19 @@ def test_a_call_refused_for_load_is_not_retried() -> None:
     with pytest.raises(ServiceUnavailable, match="at capacity"):
         call(handle)
     assert handle.calls == 1
+
+
+def test_a_swap_that_cannot_load_keeps_the_version_that_serves(tmp_path) -> None:  # noqa: ANN001
+    """Serve stops a replica whose reconfigure raises; a failed swap must not do that."""
+    from serve_graphs.tier_model import TierModel, TierRunner
+
+    tier = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    serving = TierRunner(model=None, version="digits-cheap/1")  # type: ignore[arg-type]
+    tier.runner = serving
+    missing = {"model": {"registered_name": "digits-cheap", "model_ref": "9"}}
+    asyncio.run(tier.reconfigure(missing))
+    assert tier.runner is serving
+
+    fresh = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(Exception, match="no version or alias '9'"):
+        asyncio.run(fresh.reconfigure(missing))  # nothing to keep: the replica fails
