@@ -33,6 +33,10 @@ class IngressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     threshold: float = Field(ge=0, le=1, description="Cheap-tier confidence that suffices.")
+    cheap_version: str = Field(
+        description="The cheap tier's version label the threshold was calibrated for, as "
+        "the tier reports it (e.g. digits-cheap/3, or its INT8 twin digits-cheap-int8/1)."
+    )
     cascade_version: str = Field(description="Registry version of <workload>-cascade.")
 
 

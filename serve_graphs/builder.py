@@ -107,8 +107,11 @@ def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:
         ).model_dump(mode="json")
         for tier in TIERS
     }
+    cheap = TierConfig.model_validate(configs[tier_deployment("cheap")]).model
     configs[INGRESS] = IngressConfig(
-        threshold=cascade.threshold, cascade_version=ref.version
+        threshold=cascade.threshold,
+        cascade_version=ref.version,
+        cheap_version=f"{cheap.registered_name}/{cheap.model_ref}",
     ).model_dump(mode="json")
     return configs
 

@@ -121,6 +121,9 @@ class Cascade:
         self.cheap = cheap
         self.expensive = expensive
         self.threshold = threshold
+        # Thresholds by the cheap tier's version label: during a swap, answers from the
+        # outgoing version are judged by the threshold calibrated for it.
+        self.thresholds: dict[str, float] = {}
         self.expensive_timeout_s = expensive_timeout_s
         self.breaker = breaker or CircuitBreaker(failures_to_open=5, reset_after_s=10.0)
         self.on_degraded = on_degraded
@@ -129,7 +132,8 @@ class Cascade:
         """One prediction per instance; only the unsure ones reach the expensive tier."""
         cheap = await self.cheap(instances)
         confidence = cheap.probs.max(axis=1)
-        escalate = np.flatnonzero(confidence < self.threshold)
+        threshold = self.thresholds.get(cheap.version, self.threshold)
+        escalate = np.flatnonzero(confidence < threshold)
         answers = [
             Prediction(int(p.argmax()), float(p.max()), "cheap", cheap.version) for p in cheap.probs
         ]
@@ -144,6 +148,13 @@ class Cascade:
         for i, p in zip(escalate, expensive.probs, strict=True):
             answers[i] = Prediction(int(p.argmax()), float(p.max()), "expensive", expensive.version)
         return answers
+
+    def calibrated(self, cheap_version: str, threshold: float) -> None:
+        """A new cascade: ``threshold`` for answers of ``cheap_version`` (and any version
+        it does not know); the previous version keeps its own until it is gone."""
+        previous = {v: t for v, t in self.thresholds.items() if v != cheap_version}
+        self.thresholds = {**dict(list(previous.items())[-1:]), cheap_version: threshold}
+        self.threshold = threshold
 
     async def _expensive(self, instances: Instances) -> tuple[TierAnswer | None, str]:
         """The expensive tier's answer, or None and why it is unavailable."""

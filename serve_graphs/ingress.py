@@ -138,7 +138,7 @@ class Ingress:
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = IngressConfig.model_validate(user_config)
-        self.cascade.threshold = cfg.threshold
+        self.cascade.calibrated(cfg.cheap_version, cfg.threshold)
         self.cascade_version = cfg.cascade_version
         log.info("cascade %s, threshold %.4f", cfg.cascade_version, cfg.threshold)
 

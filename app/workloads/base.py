@@ -82,6 +82,20 @@ class Workload(ABC):
     def contract(self) -> pa.DataFrameSchema:
         """The data contract of one raw row: types, nullability, ranges, allowed values."""
 
+    def id_contract(self) -> pa.Column:
+        """The id column's rules: a non-negative integer, unique across a whole ingest
+        run (checked after the pass: data.pipeline.duplicates_moved)."""
+        import pandera.pandas as pa
+
+        return pa.Column(
+            int,
+            pa.Check.ge(0),
+            nullable=False,
+            unique=True,
+            report_duplicates="exclude_first",
+            coerce=True,
+        )
+
     @abstractmethod
     def builtin_source(self) -> pd.DataFrame:
         """The raw data set that ships with the workload (used when no source is given)."""

@@ -40,14 +40,7 @@ class Digits(Workload):
         )
         return pa.DataFrameSchema(
             {
-                self.id_column: pa.Column(
-                    int,
-                    pa.Check.ge(0),
-                    nullable=False,
-                    unique=True,
-                    report_duplicates="exclude_first",
-                    coerce=True,
-                ),
+                self.id_column: self.id_contract(),
                 **{px: pixel for px in PIXELS},
                 self.label_column: pa.Column(
                     int, pa.Check.isin(list(range(self.num_classes))), nullable=False, coerce=True

@@ -48,14 +48,7 @@ class Transactions(Workload):
 
         return pa.DataFrameSchema(
             {
-                self.id_column: pa.Column(
-                    int,
-                    pa.Check.ge(0),
-                    nullable=False,
-                    unique=True,
-                    report_duplicates="exclude_first",
-                    coerce=True,
-                ),
+                self.id_column: self.id_contract(),
                 "ts": pa.Column(
                     pd.DatetimeTZDtype("us", "UTC"),
                     pa.Check.in_range(

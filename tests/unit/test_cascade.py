@@ -100,3 +100,25 @@ def test_a_cancelled_trial_call_does_not_leave_the_breaker_stuck_open() -> None:
 
     asyncio.run(cancel_the_trial())
     assert breaker.state == "half-open" and breaker.allow()  # the next request may try
+
+
+def test_during_a_swap_each_cheap_version_is_judged_by_its_own_threshold() -> None:
+    """A new cascade reaches the ingress and the cheap tier's replicas at different
+    moments; an answer of the outgoing version keeps the threshold calibrated for it."""
+    answering = {"version": "digits-cheap/1"}
+
+    async def cheap(instances: np.ndarray) -> TierAnswer:
+        return TierAnswer(np.array([[0.7, 0.3]]), answering["version"])
+
+    async def expensive(instances: np.ndarray) -> TierAnswer:
+        return TierAnswer(np.array([[0.1, 0.9]]), "digits-expensive/1")
+
+    cascade = Cascade(cheap, expensive, threshold=1.0)
+    cascade.calibrated("digits-cheap/1", 0.6)  # 0.7 is sure enough for version 1
+    cascade.calibrated("digits-cheap/2", 0.8)  # not for version 2
+    tier = lambda: asyncio.run(cascade.predict(np.zeros((1, 4))))[0].tier  # noqa: E731
+    assert tier() == "cheap"  # version 1 still answers: its own threshold
+    answering["version"] = "digits-cheap/2"
+    assert tier() == "expensive"
+    cascade.calibrated("digits-cheap/3", 0.5)  # only the last two versions are kept
+    assert set(cascade.thresholds) == {"digits-cheap/2", "digits-cheap/3"}

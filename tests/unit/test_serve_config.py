@@ -60,7 +60,11 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
         "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
     }
     assert configs["expensive-tier"]["model"]["model_ref"] == "2"
-    assert configs["Ingress"] == {"threshold": 0.8, "cascade_version": "1"}
+    assert configs["Ingress"] == {
+        "threshold": 0.8,
+        "cascade_version": "1",
+        "cheap_version": "digits-cheap/3",
+    }
     scaling = {d.name: d.autoscaling_config for d in app.deployments}
     assert scaling["expensive-tier"]["min_replicas"] == 0  # set below: scales to zero
     assert scaling["cheap-tier"]["max_replicas"] == 2
@@ -84,4 +88,5 @@ def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(
     assert {d["name"]: d["user_config"] for d in after["deployments"]}["Ingress"] == {
         "threshold": 0.7,
         "cascade_version": "2",
+        "cheap_version": "digits-cheap/2",
     }
