@@ -33,7 +33,7 @@ from app.keys import KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract, check_rows, mismatch
 from serve_graphs.cascade import Cascade, Instances, Prediction
-from serve_graphs.observe import NullObserver, Observer, RequestMetrics
+from serve_graphs.observe import CostMeter, NullObserver, Observer, RequestMetrics
 from serve_graphs.oip import oip_router
 
 # Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
@@ -109,6 +109,7 @@ def build_api(
     max_body_bytes: int = 4 * 2**20,
     request_timeout_s: float = 10.0,
     observer: Observer | None = None,
+    costs: CostMeter | None = None,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
     is the served cascade's registry version (a callable, where a hot swap changes it)."""
@@ -119,6 +120,7 @@ def build_api(
     )
     check = InputCheck(workload)
     observer = observer or NullObserver()
+    costs = costs or CostMeter()
 
     def key_for(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
         async def require(credentials: BearerCredentials) -> None:
@@ -138,6 +140,7 @@ def build_api(
                 "or send fewer instances per request"
             ) from None
         observer.predictions(predictions)
+        costs.predictions(predictions)
         return predictions
 
     @api.exception_handler(ScaledlError)
@@ -198,6 +201,20 @@ def build_api(
             model=workload.name,
             predictions=[PredictionOut(**p.__dict__) for p in predictions],
         )
+
+    @api.get(
+        "/v1/models/{name}/cost",
+        dependencies=[Depends(key_for("admin"))],
+        summary="Live cost of serving (admin): expensive-tier share, compute per request",
+        description="What this ingress replica has seen since it started: instances "
+        "answered, the share the expensive tier answered, escalated and degraded shares, "
+        "tier time per instance, and the estimated compute per instance and per request. "
+        "With several ingress replicas, each reports its own traffic.",
+    )
+    async def cost(name: str) -> dict[str, float | int]:
+        if name != workload.name:
+            raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
+        return costs.report()
 
     api.include_router(
         oip_router(

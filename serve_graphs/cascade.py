@@ -117,6 +117,7 @@ class Cascade:
         expensive_timeout_s: float = 2.0,
         breaker: CircuitBreaker | None = None,
         on_degraded: Callable[[int, str], None] = lambda n, reason: None,
+        on_tier_call: Callable[[str, int, float], None] = lambda tier, rows, seconds: None,
     ) -> None:
         self.cheap = cheap
         self.expensive = expensive
@@ -127,10 +128,13 @@ class Cascade:
         self.expensive_timeout_s = expensive_timeout_s
         self.breaker = breaker or CircuitBreaker(failures_to_open=5, reset_after_s=10.0)
         self.on_degraded = on_degraded
+        self.on_tier_call = on_tier_call  # (tier, instances, seconds) of each answered call
 
     async def predict(self, instances: Instances) -> list[Prediction]:
         """One prediction per instance; only the unsure ones reach the expensive tier."""
+        started = time.perf_counter()
         cheap = await self.cheap(instances)
+        self.on_tier_call("cheap", len(instances), time.perf_counter() - started)
         confidence = cheap.probs.max(axis=1)
         threshold = self.thresholds.get(cheap.version, self.threshold)
         escalate = np.flatnonzero(confidence < threshold)
@@ -160,6 +164,7 @@ class Cascade:
         """The expensive tier's answer, or None and why it is unavailable."""
         if not self.breaker.allow():
             return None, "breaker_open"
+        started = time.perf_counter()
         try:
             answer = await asyncio.wait_for(self.expensive(instances), self.expensive_timeout_s)
         except TimeoutError:
@@ -172,4 +177,5 @@ class Cascade:
             self.breaker.release_trial()
             raise
         self.breaker.record_success()
+        self.on_tier_call("expensive", len(instances), time.perf_counter() - started)
         return answer, ""

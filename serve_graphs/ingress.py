@@ -27,6 +27,7 @@ from serve_graphs.cascade import (
     TierAnswer,
     TierFn,
 )
+from serve_graphs.observe import CostMeter
 
 log = logging.getLogger("ray.serve")
 
@@ -127,6 +128,7 @@ class Ingress:
             "was slow, failing or behind an open breaker.",
             tag_keys=("reason",),
         )
+        self.costs = CostMeter()
         self.cascade = Cascade(
             tier_fn(cheap, "cheap"),
             tier_fn(expensive, "expensive"),
@@ -134,6 +136,7 @@ class Ingress:
             expensive_timeout_s=cfg.expensive_timeout_s,
             breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
             on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
+            on_tier_call=self.costs.tier_call,
         )
 
     def reconfigure(self, user_config: dict) -> None:
@@ -151,5 +154,6 @@ class Ingress:
             max_body_bytes=self.args.serve.max_body_bytes,
             request_timeout_s=self.args.serve.request_timeout_s,
             observer=ServeMetrics(lambda: self.cascade_version),
+            costs=self.costs,
             model_version=lambda: self.cascade_version,
         )

@@ -9,6 +9,8 @@ plug in a recording one. Model versions are tags, so two versions serving side b
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from serve_graphs.cascade import Prediction
@@ -68,3 +70,51 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             self.observer.request(route_of(scope["path"]), status, time.perf_counter() - started)
+
+
+class CostMeter:
+    """Live cost of serving, as one ingress replica sees it since it started: how many
+    instances each tier answered, how long tier calls took per instance, and from that
+    the estimated compute per request. Feeds ``GET /v1/models/{name}/cost``."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.since = clock()
+        self.requests = 0
+        self.answered: Counter = Counter()  # (tier, degraded) -> instances
+        self.call_seconds: Counter = Counter()  # tier -> seconds spent in its calls
+        self.call_rows: Counter = Counter()  # tier -> instances sent to it
+
+    def tier_call(self, tier: str, rows: int, seconds: float) -> None:
+        self.call_seconds[tier] += seconds
+        self.call_rows[tier] += rows
+
+    def predictions(self, predictions: list[Prediction]) -> None:
+        self.requests += 1
+        self.answered.update((p.tier, p.degraded) for p in predictions)
+
+    def report(self) -> dict[str, float | int]:
+        instances = sum(self.answered.values())
+        share = lambda n: n / instances if instances else 0.0  # noqa: E731
+        per_row = {
+            tier: 1000 * self.call_seconds[tier] / self.call_rows[tier]
+            if self.call_rows[tier]
+            else 0.0
+            for tier in ("cheap", "expensive")
+        }
+        escalated = share(self.call_rows["expensive"])
+        per_instance = per_row["cheap"] + escalated * per_row["expensive"]
+        return {
+            "since_s": round(self.clock() - self.since, 1),
+            "requests": self.requests,
+            "instances": instances,
+            "expensive_share": share(self.answered[("expensive", False)]),
+            "escalated_share": escalated,
+            "degraded_share": share(self.answered[("cheap", True)]),
+            "cheap_ms_per_instance": per_row["cheap"],
+            "expensive_ms_per_instance": per_row["expensive"],
+            "compute_ms_per_instance": per_instance,
+            "compute_ms_per_request": per_instance * instances / self.requests
+            if self.requests
+            else 0.0,
+        }

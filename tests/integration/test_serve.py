@@ -66,6 +66,11 @@ def test_the_cascade_answers_the_test_split_accurately(
     escalated = sum(p["tier"] == "expensive" for p in predictions) / len(predictions)
     assert escalated == pytest.approx(platform.cascade.test.escalated_share, abs=0.01)
     assert accuracy == pytest.approx(platform.cascade.test.cascade_accuracy, abs=0.01)
+    # The live cost report (admin) has seen exactly this traffic (the module's first).
+    cost = httpx.get(f"{endpoint.base_url}/v1/models/digits/cost", headers=AUTH).json()
+    assert (cost["requests"], cost["instances"]) == (1, len(predictions))
+    assert cost["escalated_share"] == pytest.approx(escalated)
+    assert cost["compute_ms_per_request"] > 0
 
 
 def test_concurrent_single_requests_all_succeed(endpoint: Endpoint, test_rows) -> None:  # noqa: ANN001

@@ -262,3 +262,33 @@ def test_a_bug_is_a_json_500_and_a_wrong_method_keeps_its_allow_header() -> None
     }
     wrong = http.delete(URL, headers=AUTH)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+
+
+def test_the_cost_report_is_admin_only_and_counts_live_traffic() -> None:
+    from app.keys import ApiKey, key_sha256
+    from serve_graphs.observe import CostMeter
+
+    costs = CostMeter()
+    cascade = Cascade(
+        local_tier("cheap", []), local_tier("expensive", []), 0.9999,
+        on_tier_call=costs.tier_call,
+    )  # fmt: skip
+    reader = ApiKey(id="app", scope="predict", sha256=key_sha256("predict-only-key-123"))
+    api = build_api(
+        DIGITS, cascade, keys=KeyRing([dev_key(KEY), reader]), max_instances=8,
+        model_version="3", costs=costs,
+    )  # fmt: skip
+    http = TestClient(api)
+    for n in (1, 3):
+        assert http.post(URL, json={"instances": digit_images(n)}, headers=AUTH).status_code == 200
+    url = "/v1/models/digits/cost"
+    forbidden = http.get(url, headers={"Authorization": "Bearer predict-only-key-123"})
+    assert forbidden.status_code == 403
+    report = http.get(url, headers=AUTH).json()
+    # An untrained cheap tier is never 99.99 % sure: all 4 instances escalate.
+    assert (report["requests"], report["instances"]) == (2, 4)
+    assert report["expensive_share"] == report["escalated_share"] == 1.0
+    assert report["cheap_ms_per_instance"] > 0 and report["expensive_ms_per_instance"] > 0
+    assert report["compute_ms_per_request"] == pytest.approx(
+        2 * (report["cheap_ms_per_instance"] + report["expensive_ms_per_instance"])
+    )
