@@ -17,6 +17,7 @@ from rich.table import Table
 
 from app import reports
 from app.errors import ConfigError, find_scaledl_error
+from app.routes_cli import route_cli
 from app.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -34,6 +35,7 @@ cli.add_typer(data_cli, name="data")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(serve_cli, name="serve")
+cli.add_typer(route_cli, name="route")
 
 
 @functools.cache

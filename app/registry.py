@@ -157,6 +157,17 @@ class Registry:
         self.client.set_registered_model_alias(name, CHAMPION, target.version)
         return previous
 
+    def model_tag(self, name: str, key: str) -> str | None:
+        """A tag of the registered model ``name`` (not of a version), or None."""
+        return self.client.get_registered_model(name).tags.get(key)
+
+    def set_model_tag(self, name: str, key: str, value: str | None) -> None:
+        """Set a tag of the registered model ``name``; None deletes it."""
+        if value is not None:
+            self.client.set_registered_model_tag(name, key, value)
+        elif self.model_tag(name, key) is not None:
+            self.client.delete_registered_model_tag(name, key)
+
     def versions(self, name: str) -> list[tuple[ModelRef, list[str]]]:
         """Every version of ``name``, newest first, with the aliases pointing at it."""
         by_version: dict[str, list[str]] = {}

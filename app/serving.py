@@ -90,8 +90,7 @@ def deploy(
         after=before.last_deployed_time_s if before else None,
         timeout_s=timeout_s,
     )
-    host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
-    base = f"http://{host}:{settings.serve.port}"
+    base = settings.serve.base_url
     return Endpoint(base, f"{base}/v1/models/{workload.name}/predict")
 
 

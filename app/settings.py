@@ -267,8 +267,33 @@ class ServeConfig(_Section):
         description="Tiers served by the dynamic-INT8 twin of their cascade version. A "
         "changed list is applied to running replicas in place (a hot swap).",
     )
+    route_header: str = Field(
+        "x-scaledl-user",
+        pattern=r"^[a-z0-9-]+$",
+        description="Request header whose value assigns a user to one version of the "
+        "routing table (sticky A/B); requests without it are assigned at random by weight.",
+    )
+    routes_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each ingress replica reads the routing table from the "
+        "registry: a table set through one replica reaches the others within this time.",
+    )
+    shadow_max_in_flight: int = Field(
+        8,
+        ge=1,
+        description="Shadow copies one ingress replica runs at once; past it copies are "
+        "dropped (and counted), so mirroring never queues the primary path.",
+    )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+
+    @property
+    def base_url(self) -> str:
+        """Where a client on this host reaches the service."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
 
 
 class Settings(BaseSettings):

@@ -1,20 +1,19 @@
 """The HTTP surface, free of Ray: routes, request validation, auth and error mapping.
 
-``build_api`` returns a FastAPI app around a :class:`Cascade`; the Serve ingress hands it
-to Serve, tests drive it with a TestClient.
+``build_api`` returns a FastAPI app around a :class:`Routing` (the routing table over
+cascade versions); the Serve ingress hands it to Serve, tests drive it with a TestClient.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from numbers import Real
 from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,16 +24,26 @@ from app.errors import (
     DataContractError,
     GatewayTimeout,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     ScaledlError,
 )
-from app.keys import KeyRing, Scope
+from app.keys import ApiKey, KeyRing, Scope
 from app.workloads import Workload
 from data.validate import CompiledContract, check_rows, mismatch
-from serve_graphs.cascade import Cascade, Instances, Prediction
-from serve_graphs.observe import CostMeter, NullObserver, Observer, RequestMetrics
+from serve_graphs.admin import admin_router, check_name
+from serve_graphs.cascade import Instances, Prediction
+from serve_graphs.middleware import BodyLimit, OipJsonBodies
+from serve_graphs.observe import (
+    VERSION_HEADER,
+    ABMeter,
+    CostMeter,
+    Fanout,
+    NullObserver,
+    Observer,
+    RequestMetrics,
+)
 from serve_graphs.oip import oip_router
+from serve_graphs.routing import Routing
 
 # Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
 # errors list every branch that failed; the schema still tells clients what to send.
@@ -92,6 +101,9 @@ class PredictionOut(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    version: str = Field(
+        description="The cascade version that answered (also the x-scaledl-version header)."
+    )
     predictions: list[PredictionOut]
 
 
@@ -101,39 +113,50 @@ RETRY_AFTER_S = 1  # what 429/503 answers ask clients to wait, in seconds
 
 def build_api(
     workload: Workload,
-    cascade: Cascade,
+    routing: Routing,
     *,
     keys: KeyRing,
     max_instances: int,
-    model_version: str | Callable[[], str],
     max_body_bytes: int = 4 * 2**20,
     request_timeout_s: float = 10.0,
+    route_header: str = "x-scaledl-user",
     observer: Observer | None = None,
     costs: CostMeter | None = None,
 ) -> FastAPI:
-    """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol; ``model_version``
-    is the served cascade's registry version (a callable, where a hot swap changes it)."""
+    """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol, and the admin
+    routes; ``routing`` picks the cascade version of each request (A/B, canary, shadow),
+    sticky per value of the ``route_header`` request header."""
     api = FastAPI(
         title="scaledl",
         description=f"Predictions for the {workload.name} workload: {workload.description}.",
         version="1",
     )
     check = InputCheck(workload)
-    observer = observer or NullObserver()
     costs = costs or CostMeter()
+    ab = ABMeter()
+    observer = Fanout(observer or NullObserver(), ab)
+    routing.on_shadow = observer.shadow
 
     def key_for(scope: Scope):  # noqa: ANN202 - a FastAPI dependency
-        async def require(credentials: BearerCredentials) -> None:
-            keys.authorize(credentials.credentials if credentials else None, scope)
+        async def require(credentials: BearerCredentials) -> ApiKey:
+            return keys.authorize(credentials.credentials if credentials else None, scope)
 
         return require
 
-    async def predict_checked(instances: Instances) -> list[Prediction]:
+    async def predict_checked(
+        instances: Instances, request: Request, named: str | None
+    ) -> tuple[str, list[Prediction]]:
+        """The routed version and its predictions; the version goes out in a header of
+        every answer, errors included, so each version's errors count against it."""
+        version = routing.choose(user=request.headers.get(route_header), named=named)
+        request.state.version = version
         # pandera takes milliseconds per request of records: off the event loop.
         frame = isinstance(instances, pd.DataFrame)
         checked = await asyncio.to_thread(check, instances) if frame else check(instances)
         try:
-            predictions = await asyncio.wait_for(cascade.predict(checked), request_timeout_s)
+            predictions = await asyncio.wait_for(
+                routing.predict(version, checked, mirror=named is None), request_timeout_s
+            )
         except TimeoutError:
             raise GatewayTimeout(
                 f"no answer within {request_timeout_s:g} s (serve.request_timeout_s): retry, "
@@ -141,16 +164,24 @@ def build_api(
             ) from None
         observer.predictions(predictions)
         costs.predictions(predictions)
-        return predictions
+        return version, predictions
+
+    def version_header(request: Request) -> dict[str, str]:
+        version = getattr(request.state, "version", None)
+        return {VERSION_HEADER: version} if version else {}
 
     @api.exception_handler(ScaledlError)
-    async def _scaledl_error(_: Request, exc: ScaledlError) -> JSONResponse:
+    async def _scaledl_error(request: Request, exc: ScaledlError) -> JSONResponse:
         headers = {
             401: {"WWW-Authenticate": "Bearer"},
             429: {"Retry-After": str(RETRY_AFTER_S)},
             503: {"Retry-After": str(RETRY_AFTER_S)},
-        }.get(exc.status_code)
-        return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+        }.get(exc.status_code, {})
+        return JSONResponse(
+            {"error": exc.message},
+            status_code=exc.status_code,
+            headers={**headers, **version_header(request)},
+        )
 
     @api.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -162,7 +193,9 @@ def build_api(
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            {"error": "internal error; it is logged with this request's id"}, status_code=500
+            {"error": "internal error; it is logged with this request's id"},
+            status_code=500,
+            headers=version_header(request),
         )
 
     @api.exception_handler(RequestValidationError)
@@ -182,106 +215,54 @@ def build_api(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.post(
-        "/v1/models/{name}/predict",
-        response_model=PredictResponse,
-        dependencies=[Depends(key_for("predict"))],
-        summary="Predict one or many instances through the cascade",
-    )
-    async def predict(name: str, body: PredictRequest) -> PredictResponse:
-        if name != workload.name:
-            raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
+    async def predict(
+        name: str,
+        body: PredictRequest,
+        request: Request,
+        response: Response,
+        version: str | None = None,
+    ) -> PredictResponse:
+        check_name(workload, name)
         instances = (
             to_frame(body.instances, workload, max_instances)
             if workload.fitted
             else to_matrix(body.instances, len(workload.feature_columns), max_instances)
         )
-        predictions = await predict_checked(instances)
+        version, predictions = await predict_checked(instances, request, version)
+        response.headers[VERSION_HEADER] = version
         return PredictResponse(
             model=workload.name,
+            version=version,
             predictions=[PredictionOut(**p.__dict__) for p in predictions],
         )
 
-    @api.get(
-        "/v1/models/{name}/cost",
-        dependencies=[Depends(key_for("admin"))],
-        summary="Live cost of serving (admin): expensive-tier share, compute per request",
-        description="What this ingress replica has seen since it started: instances "
-        "answered, the share the expensive tier answered, escalated and degraded shares, "
-        "tier time per instance, and the estimated compute per instance and per request. "
-        "With several ingress replicas, each reports its own traffic.",
-    )
-    async def cost(name: str) -> dict[str, float | int]:
-        if name != workload.name:
-            raise NotFound(f"unknown model {name!r}: this service serves {workload.name!r}")
-        return costs.report()
+    for path, summary in (
+        ("/v1/models/{name}/predict", "Predict one or many instances (routed: A/B, canary)"),
+        (
+            "/v1/models/{name}/versions/{version}/predict",
+            "Predict with one named cascade version, bypassing the routing table",
+        ),
+    ):
+        api.add_api_route(
+            path,
+            predict,
+            methods=["POST"],
+            response_model=PredictResponse,
+            dependencies=[Depends(key_for("predict"))],
+            summary=summary,
+        )
 
+    api.include_router(admin_router(workload, routing, costs, ab, key_for=key_for))
     api.include_router(
         oip_router(
             workload,
-            model_version,
+            routing.versions,
             predict_checked,
             key_for=key_for,
             max_instances=max_instances,
         )
     )
     return api
-
-
-class BodyLimit:
-    """Pure ASGI: a body over ``max_bytes`` is a 413 before it is parsed, whether it
-    announces its length or streams in chunks."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = (
-            f"the request body is over {self.max_bytes:,} bytes (serve.max_body_bytes): "
-            "split the request"
-        )
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
-            event = await receive()
-            seen += len(event.get("body", b""))
-            if seen > self.max_bytes:  # a chunked body: FastAPI passes HTTPExceptions on
-                raise HTTPException(413, message)
-            return event
-
-        await self.app(scope, counted, send)
-
-
-class OipJsonBodies:
-    """Pure ASGI: POSTs under /v2 are JSON whatever their content type says (Triton's
-    client sends none); Triton's binary-tensor extension is refused. Other paths pass
-    through untouched, without the cost of a BaseHTTPMiddleware."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"].startswith("/v2/")
-        ):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            if any(k == b"inference-header-content-length" for k, _ in headers):
-                refusal = {"error": "binary tensor data is not supported: send JSON tensors"}
-                await JSONResponse(refusal, status_code=400)(scope, receive, send)
-                return
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
 
 
 class InputCheck:

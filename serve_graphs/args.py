@@ -16,6 +16,16 @@ class TierModelRef(BaseModel):
     registered_name: str = Field(description="Registry name, e.g. digits-cheap.")
     model_ref: str = Field("champion", description="Alias or version number to load.")
 
+    @property
+    def model_id(self) -> str:
+        """``name/ref``: how the ingress names it to a tier replica (multiplexed id)."""
+        return f"{self.registered_name}/{self.model_ref}"
+
+    @classmethod
+    def from_id(cls, model_id: str) -> TierModelRef:
+        name, _, ref = model_id.rpartition("/")
+        return cls(registered_name=name, model_ref=ref)
+
 
 class TierConfig(BaseModel):
     """A tier's Serve ``user_config``: applied in place by ``reconfigure``, so a new
@@ -38,6 +48,9 @@ class IngressConfig(BaseModel):
         "the tier reports it (e.g. digits-cheap/3, or its INT8 twin digits-cheap-int8/1)."
     )
     cascade_version: str = Field(description="Registry version of <workload>-cascade.")
+    int8_tiers: list[str] = Field(
+        [], description="Tiers served by INT8 twins: other versions routed to run so too."
+    )
 
 
 class GraphArgs(BaseModel):

@@ -15,11 +15,11 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
-from app.cascade_spec import load_cascade
 from app.registry import Registry
 from app.workloads import TIERS, get_workload
 from serve_graphs.api import RETRY_AFTER_S
-from serve_graphs.args import GraphArgs, IngressConfig, TierConfig, TierModelRef
+from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
+from serve_graphs.catalog import cascade_models
 from serve_graphs.ingress import Ingress
 from serve_graphs.tier_model import TierModel
 
@@ -30,6 +30,7 @@ LOGGING = LoggingConfig(encoding="JSON").model_dump()
 INGRESS = "Ingress"
 # Reach the deployments as their user_config and autoscaling_config, applied in place.
 SWAPPABLE = {"cascade_ref", "int8_tiers", "batch", "cheap_replicas", "expensive_replicas"}
+# (The routing table is not deployed at all: it lives in the registry, see catalog.py.)
 
 
 def tier_deployment(tier: str) -> str:
@@ -91,34 +92,19 @@ def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:
     """Deployment name -> user_config: the pinned cascade, its tiers (or their INT8
     twins) and batching, resolved from the registry now."""
     serve_cfg = args.serve
-    workload = get_workload(args.workload)
     registry = Registry(args.tracking_uri)
-    cascade, ref = load_cascade(registry, workload.name, serve_cfg.cascade_ref)
-    versions = {"cheap": cascade.cheap_version, "expensive": cascade.expensive_version}
+    workload = get_workload(args.workload)
+    models = cascade_models(registry, workload, serve_cfg.cascade_ref, serve_cfg.int8_tiers)
     configs = {
         tier_deployment(tier): TierConfig(
-            model=tier_model(
-                registry,
-                workload.registered_model_name(tier),
-                versions[tier],
-                int8=tier in serve_cfg.int8_tiers,
-            ),
-            batch=serve_cfg.batch,
+            model=models.tiers[tier], batch=serve_cfg.batch
         ).model_dump(mode="json")
         for tier in TIERS
     }
-    cheap = TierConfig.model_validate(configs[tier_deployment("cheap")]).model
     configs[INGRESS] = IngressConfig(
-        threshold=cascade.threshold,
-        cascade_version=ref.version,
-        cheap_version=f"{cheap.registered_name}/{cheap.model_ref}",
+        threshold=models.spec.threshold,
+        cascade_version=models.ref.version,
+        cheap_version=models.tiers["cheap"].model_id,
+        int8_tiers=list(serve_cfg.int8_tiers),
     ).model_dump(mode="json")
     return configs
-
-
-def tier_model(registry: Registry, name: str, version: str, *, int8: bool) -> TierModelRef:
-    """A tier's pinned version, or the INT8 twin registered with it."""
-    if not int8:
-        return TierModelRef(registered_name=name, model_ref=version)
-    twin = registry.int8_twin(name, version)
-    return TierModelRef(registered_name=twin.name, model_ref=twin.version)

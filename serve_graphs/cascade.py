@@ -48,6 +48,17 @@ TierFn = Callable[[Instances], Awaitable[TierAnswer]]
 
 
 @dataclass(frozen=True)
+class Variant:
+    """Another cascade version, ready to run beside the deployed one (A/B routing): its
+    tiers, bound to its model versions, and the threshold calibrated for it."""
+
+    version: str
+    cheap: TierFn
+    expensive: TierFn
+    threshold: float
+
+
+@dataclass(frozen=True)
 class Prediction:
     label: int
     confidence: float
@@ -127,25 +138,41 @@ class Cascade:
         self.thresholds: dict[str, float] = {}
         self.expensive_timeout_s = expensive_timeout_s
         self.breaker = breaker or CircuitBreaker(failures_to_open=5, reset_after_s=10.0)
+        self.variant_breakers: dict[str, CircuitBreaker] = {}  # by cascade version
         self.on_degraded = on_degraded
         self.on_tier_call = on_tier_call  # (tier, instances, seconds) of each answered call
 
-    async def predict(self, instances: Instances) -> list[Prediction]:
-        """One prediction per instance; only the unsure ones reach the expensive tier."""
+    async def predict(
+        self, instances: Instances, variant: Variant | None = None, *, record: bool = True
+    ) -> list[Prediction]:
+        """One prediction per instance; only the unsure ones reach the expensive tier.
+
+        ``variant`` is another cascade version to run instead of the deployed one (A/B
+        routing); it has a breaker of its own, so a failing challenger never degrades
+        the champion's answers. ``record=False`` (a shadow copy) leaves the cost and
+        degradation callbacks out: mirrored traffic is not served traffic.
+        """
+        tiers = variant or self
+        on_tier_call = self.on_tier_call if record else _ignore
         started = time.perf_counter()
-        cheap = await self.cheap(instances)
-        self.on_tier_call("cheap", len(instances), time.perf_counter() - started)
+        cheap = await tiers.cheap(instances)
+        on_tier_call("cheap", len(instances), time.perf_counter() - started)
         confidence = cheap.probs.max(axis=1)
-        threshold = self.thresholds.get(cheap.version, self.threshold)
+        threshold = (
+            variant.threshold if variant else self.thresholds.get(cheap.version, self.threshold)
+        )
         escalate = np.flatnonzero(confidence < threshold)
         answers = [
             Prediction(int(p.argmax()), float(p.max()), "cheap", cheap.version) for p in cheap.probs
         ]
         if not escalate.size:
             return answers
-        expensive, reason = await self._expensive(take(instances, escalate))
+        expensive, reason = await self._expensive(
+            tiers.expensive, self._breaker(variant), take(instances, escalate), on_tier_call
+        )
         if expensive is None:
-            self.on_degraded(len(escalate), reason)
+            if record:
+                self.on_degraded(len(escalate), reason)
             for i in escalate:
                 answers[i] = Prediction(**{**answers[i].__dict__, "degraded": True})
             return answers
@@ -160,22 +187,41 @@ class Cascade:
         self.thresholds = {**dict(list(previous.items())[-1:]), cheap_version: threshold}
         self.threshold = threshold
 
-    async def _expensive(self, instances: Instances) -> tuple[TierAnswer | None, str]:
+    def _breaker(self, variant: Variant | None) -> CircuitBreaker:
+        if variant is None:
+            return self.breaker
+        if variant.version not in self.variant_breakers:
+            self.variant_breakers[variant.version] = CircuitBreaker(
+                self.breaker.failures_to_open, self.breaker.reset_after_s, self.breaker.clock
+            )
+        return self.variant_breakers[variant.version]
+
+    async def _expensive(
+        self,
+        expensive: TierFn,
+        breaker: CircuitBreaker,
+        instances: Instances,
+        on_tier_call: Callable[[str, int, float], None],
+    ) -> tuple[TierAnswer | None, str]:
         """The expensive tier's answer, or None and why it is unavailable."""
-        if not self.breaker.allow():
+        if not breaker.allow():
             return None, "breaker_open"
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(self.expensive(instances), self.expensive_timeout_s)
+            answer = await asyncio.wait_for(expensive(instances), self.expensive_timeout_s)
         except TimeoutError:
-            self.breaker.record_failure()
+            breaker.record_failure()
             return None, "timeout"
         except ServiceUnavailable:
-            self.breaker.record_failure()
+            breaker.record_failure()
             return None, "unavailable"
         except BaseException:  # cancelled (client gone), or a bug: no verdict on the tier
-            self.breaker.release_trial()
+            breaker.release_trial()
             raise
-        self.breaker.record_success()
-        self.on_tier_call("expensive", len(instances), time.perf_counter() - started)
+        breaker.record_success()
+        on_tier_call("expensive", len(instances), time.perf_counter() - started)
         return answer, ""
+
+
+def _ignore(tier: str, rows: int, seconds: float) -> None:
+    pass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
 
 from fastapi import FastAPI
 from ray import serve
@@ -16,7 +16,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from app.errors import ServiceUnavailable
 from app.keys import KeyRing
-from app.workloads import get_workload
+from app.registry import Registry
+from app.workloads import TIERS, get_workload
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs, IngressConfig
 from serve_graphs.cascade import (
@@ -26,8 +27,11 @@ from serve_graphs.cascade import (
     Prediction,
     TierAnswer,
     TierFn,
+    Variant,
 )
+from serve_graphs.catalog import RegistryRouteStore, cascade_models
 from serve_graphs.observe import CostMeter
+from serve_graphs.routing import Routing
 
 log = logging.getLogger("ray.serve")
 
@@ -40,16 +44,27 @@ class TierFailed(ServiceUnavailable):
 TIER_ATTEMPTS = 2  # one retry: a dead replica is replaced, its callers go elsewhere
 
 
-def tier_fn(handle: DeploymentHandle, tier: str, *, retry_wait_s: float = 0.05) -> TierFn:
+def tier_fn(
+    handle: DeploymentHandle,
+    tier: str,
+    *,
+    model_id: str | None = None,
+    retry_wait_s: float = 0.05,
+) -> TierFn:
     """A tier as the cascade sees it; a tier that cannot answer is a 503, never a 500.
 
-    A failed call is retried once after ``retry_wait_s`` (tenacity): predictions are
-    idempotent. A call refused for load is not retried: that would add to the load.
+    ``model_id`` (``name/version``) asks for a version other than the one the tier is
+    pinned to (a routed A/B version): Serve's model multiplexing sends the call to a
+    replica that has it loaded, if one has. A failed call is retried once after
+    ``retry_wait_s`` (tenacity): predictions are idempotent. A call refused for load is
+    not retried: that would add to the load.
     """
+    if model_id is not None:
+        handle = handle.options(multiplexed_model_id=model_id)
 
     async def attempt(instances: Instances) -> TierAnswer:
         try:
-            probs, version = await handle.predict.remote(instances)
+            probs, version = await handle.predict.remote(instances, model_id)
         except BackPressureError as exc:
             raise ServiceUnavailable(f"the {tier} tier is at capacity: retry shortly") from exc
         except (RayServeException, RayError) as exc:  # a dead replica, a failed model call
@@ -80,16 +95,16 @@ class ServeMetrics:
     """The Observer of a replica: Ray Serve metrics, exported to Prometheus by Ray as
     ``ray_<name>`` (counters gain ``_total``, histograms ``_bucket``/``_sum``/``_count``)."""
 
-    def __init__(self, cascade_version: Callable[[], str]) -> None:
-        self.cascade_version = cascade_version
+    def __init__(self) -> None:
         self.requests = metrics.Counter(
             "scaledl_requests",
-            description="HTTP requests by route, status and served cascade version.",
+            description="HTTP requests by route, status and the cascade version that "
+            "answered (none: no version did, e.g. a 4xx): A/B results per version.",
             tag_keys=("route", "status", "cascade_version"),
         )
         self.latency = metrics.Histogram(
             "scaledl_request_latency_ms",
-            description="HTTP request latency by route and served cascade version.",
+            description="HTTP request latency by route and the cascade version that answered.",
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=("route", "cascade_version"),
         )
@@ -100,10 +115,17 @@ class ServeMetrics:
             tag_keys=("tier", "model_version", "degraded"),
         )
 
-    def request(self, route: str, status: int, seconds: float) -> None:
-        version = self.cascade_version()
-        self.requests.inc(tags={"route": route, "status": str(status), "cascade_version": version})
-        self.latency.observe(seconds * 1000, tags={"route": route, "cascade_version": version})
+        self.shadowed = metrics.Counter(
+            "scaledl_shadow_instances",
+            description="Instances mirrored to a shadow version, by primary and shadow "
+            "version and whether the shadow's label agreed (failed: the copy got no answer).",
+            tag_keys=("cascade_version", "shadow_version", "outcome"),
+        )
+
+    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+        tags = {"route": route, "cascade_version": version}
+        self.requests.inc(tags={**tags, "status": str(status)})
+        self.latency.observe(seconds * 1000, tags=tags)
 
     def predictions(self, predictions: list[Prediction]) -> None:
         counts = Counter((p.tier, p.model_version, p.degraded) for p in predictions)
@@ -111,16 +133,29 @@ class ServeMetrics:
             tags = {"tier": tier, "model_version": version, "degraded": str(degraded).lower()}
             self.answered.inc(n, tags=tags)
 
+    def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
+        tags = {"cascade_version": primary, "shadow_version": shadow}
+        if mirrored is None:
+            self.shadowed.inc(len(answer), tags={**tags, "outcome": "failed"})
+            return
+        agreed = sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
+        for outcome, n in (("agree", agreed), ("disagree", len(answer) - agreed)):
+            if n:
+                self.shadowed.inc(n, tags={**tags, "outcome": outcome})
+
 
 @serve.deployment
 @serve.ingress()
 class Ingress:
     """The cascade's threshold and version come with ``user_config`` (IngressConfig), so
-    a newly calibrated cascade is swapped in place together with its tiers."""
+    a newly calibrated cascade is swapped in place together with its tiers. Other
+    cascade versions (A/B, canary, shadow) come from the routing table in the registry,
+    which every replica watches."""
 
     def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
         self.args = GraphArgs.model_validate(args)
-        self.cascade_version = ""
+        self.config: IngressConfig | None = None
+        self.handles = {"cheap": cheap, "expensive": expensive}
         cfg = self.args.serve
         degraded = metrics.Counter(
             "scaledl_cascade_degraded",
@@ -138,22 +173,52 @@ class Ingress:
             on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
             on_tier_call=self.costs.tier_call,
         )
+        self.registry = Registry(self.args.tracking_uri)
+        self.routing = Routing(
+            self.cascade,
+            deployed=lambda: self.config.cascade_version if self.config else "",
+            resolve=self.variant,
+            store=RegistryRouteStore(self.registry, self.args.workload),
+            shadow_limit=cfg.shadow_max_in_flight,
+            shadow_timeout_s=cfg.request_timeout_s,
+        )
+        self.watch: asyncio.Task | None = None
 
-    def reconfigure(self, user_config: dict) -> None:
-        cfg = IngressConfig.model_validate(user_config)
-        self.cascade.calibrated(cfg.cheap_version, cfg.threshold)
-        self.cascade_version = cfg.cascade_version
-        log.info("cascade %s, threshold %.4f", cfg.cascade_version, cfg.threshold)
+    async def reconfigure(self, user_config: dict) -> None:
+        self.config = IngressConfig.model_validate(user_config)
+        self.cascade.calibrated(self.config.cheap_version, self.config.threshold)
+        log.info("cascade %s, threshold %.4f", self.config.cascade_version, self.config.threshold)
+        if self.watch is None:  # the first config: read the routing table before serving
+            try:
+                await self.routing.refresh()
+            except Exception:  # serve the deployed cascade; the watch tries again
+                log.exception("reading the routing table failed; serving the deployed cascade")
+            self.watch = asyncio.get_running_loop().create_task(
+                self.routing.watch(self.args.serve.routes_poll_s)
+            )
+
+    def variant(self, ref: str) -> tuple[str, Variant]:
+        """Cascade ``ref`` as a routed version: its tiers' models, bound to the tier
+        deployments by model id, and its own threshold (runs in a thread)."""
+        int8 = self.config.int8_tiers if self.config else []
+        models = cascade_models(self.registry, get_workload(self.args.workload), ref, int8)
+        version = models.ref.version
+        bound = {
+            tier: tier_fn(self.handles[tier], tier, model_id=models.tiers[tier].model_id)
+            for tier in TIERS
+        }
+        return version, Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
+        cfg = self.args.serve
         return build_api(
             get_workload(self.args.workload),
-            self.cascade,
+            self.routing,
             keys=KeyRing(self.args.api_keys),
-            max_instances=self.args.serve.max_instances_per_request,
-            max_body_bytes=self.args.serve.max_body_bytes,
-            request_timeout_s=self.args.serve.request_timeout_s,
-            observer=ServeMetrics(lambda: self.cascade_version),
+            max_instances=cfg.max_instances_per_request,
+            max_body_bytes=cfg.max_body_bytes,
+            request_timeout_s=cfg.request_timeout_s,
+            route_header=cfg.route_header,
+            observer=ServeMetrics(),
             costs=self.costs,
-            model_version=lambda: self.cascade_version,
         )

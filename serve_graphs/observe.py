@@ -9,32 +9,71 @@ plug in a recording one. Model versions are tags, so two versions serving side b
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from serve_graphs.cascade import Prediction
 
+VERSION_HEADER = "x-scaledl-version"  # the cascade version that answered a request
+UNROUTED = "none"  # the version tag of a request no version answered (a 4xx, say)
+PREDICT_ROUTES = ("/v1/predict", "/v2/infer")
+
 
 class Observer(Protocol):
-    def request(self, route: str, status: int, seconds: float) -> None: ...
+    def request(self, route: str, status: int, seconds: float, version: str) -> None: ...
 
     def predictions(self, predictions: list[Prediction]) -> None: ...
 
+    def shadow(
+        self,
+        primary: str,
+        shadow: str,
+        answer: list[Prediction],
+        mirrored: list[Prediction] | None,
+        seconds: float,
+    ) -> None:
+        """A shadow copy's outcome: ``mirrored`` is None when the shadow failed."""
+
 
 class NullObserver:
-    def request(self, route: str, status: int, seconds: float) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str) -> None:
         pass
 
     def predictions(self, predictions: list[Prediction]) -> None:
         pass
 
+    def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
+        pass
+
+
+class Fanout:
+    """Several observers as one."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+        for o in self.observers:
+            o.request(route, status, seconds, version)
+
+    def predictions(self, predictions: list[Prediction]) -> None:
+        for o in self.observers:
+            o.predictions(predictions)
+
+    def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
+        for o in self.observers:
+            o.shadow(primary, shadow, answer, mirrored, seconds)
+
 
 def route_of(path: str) -> str:
     """A path's route template: a metric tag with a handful of values, whatever the
     clients send (a tag per raw path would grow without bound)."""
-    if path.startswith("/v1/models/") and path.endswith("/predict"):
-        return "/v1/predict"
+    if path.startswith("/v1/models/"):
+        if path.endswith("/predict"):
+            return "/v1/predict"
+        if path.endswith("/routes") or path.endswith("/cost"):
+            return "/v1/admin"
     if path.startswith("/v2/health/"):
         return "/v2/health"
     if path.startswith("/v2/models/"):
@@ -59,17 +98,22 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
+        version = UNROUTED
 
         async def send_and_note(message: dict) -> None:
-            nonlocal status
+            nonlocal status, version
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for key, value in message.get("headers", ()):
+                    if key == VERSION_HEADER.encode():
+                        version = value.decode()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.observer.request(route_of(scope["path"]), status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.observer.request(route_of(scope["path"]), status, seconds, version)
 
 
 class CostMeter:
@@ -118,3 +162,68 @@ class CostMeter:
             if self.requests
             else 0.0,
         }
+
+
+class ABMeter:
+    """A/B results as one ingress replica sees them since it started: per cascade
+    version, predict requests, server errors and latency percentiles; per shadow pair,
+    how often the shadow agreed with the answer returned. Feeds
+    ``GET /v1/models/{name}/routes``; Prometheus gets the same from ServeMetrics."""
+
+    def __init__(self, window: int = 4096) -> None:
+        self.window = window  # latencies kept per version, for the percentiles
+        self.requests: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.latency_ms: dict[str, deque[float]] = {}
+        self.mirrored: Counter = Counter()  # (primary, shadow) -> instances compared
+        self.agreed: Counter = Counter()
+        self.shadow_failed: Counter = Counter()
+        self.shadow_ms: Counter = Counter()
+
+    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+        if route not in PREDICT_ROUTES or version == UNROUTED:
+            return
+        self.requests[version] += 1
+        self.errors[version] += status >= 500
+        self.latency_ms.setdefault(version, deque(maxlen=self.window)).append(seconds * 1000)
+
+    def predictions(self, predictions: list[Prediction]) -> None:
+        pass
+
+    def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
+        pair = (primary, shadow)
+        self.shadow_ms[pair] += seconds * 1000
+        if mirrored is None:
+            self.shadow_failed[pair] += 1
+            return
+        self.mirrored[pair] += len(answer)
+        self.agreed[pair] += sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
+
+    def report(self) -> dict[str, Any]:
+        def percentile(values: deque[float], q: float) -> float:
+            ordered = sorted(values)
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+        versions = {
+            v: {
+                "requests": n,
+                "server_errors": self.errors[v],
+                "p50_ms": percentile(self.latency_ms[v], 0.5),
+                "p99_ms": percentile(self.latency_ms[v], 0.99),
+            }
+            for v, n in self.requests.items()
+        }
+        pairs = set(self.mirrored) | set(self.shadow_failed)
+        shadows = [
+            {
+                "primary": primary,
+                "shadow": shadow,
+                "instances_compared": self.mirrored[(primary, shadow)],
+                "agreement": self.agreed[(primary, shadow)] / self.mirrored[(primary, shadow)]
+                if self.mirrored[(primary, shadow)]
+                else None,
+                "failed_copies": self.shadow_failed[(primary, shadow)],
+            }
+            for primary, shadow in sorted(pairs)
+        ]
+        return {"versions": versions, "shadow": shadows}

@@ -1,12 +1,15 @@
 """The Open Inference Protocol v2 (REST), as KServe and Triton serve it, free of Ray.
 
-One model per workload, named after it; its version is the calibrated cascade's
-registry version. For a workload of numbers the input is one tensor ``[n, F]`` (or any
-shape ``[n, ...]`` whose trailing dimensions hold F values, e.g. ``[n, 8, 8]``); for a
-workload of records it is one ``[n]`` tensor per feature column (``BYTES`` for text and
-times, ``FP64``/``INT64`` for numbers), as Triton takes a table. The outputs are ``label``,
-``confidence``, ``tier``, ``model_version`` and ``degraded``, one entry per instance. Errors are
-``400 {"error": ...}`` as the spec asks (404 for an unknown model or version).
+One model per workload, named after it; its versions are the calibrated cascade's
+registry versions the routing table serves. ``/infer`` is routed like ``/v1`` predict
+(A/B, canary, shadow); ``/versions/{v}/infer`` bypasses the table.
+
+For a workload of numbers the input is one tensor ``[n, F]`` (or any shape ``[n, ...]``
+whose trailing dimensions hold F values, e.g. ``[n, 8, 8]``); for a workload of records
+it is one ``[n]`` tensor per feature column (``BYTES`` for text and times,
+``FP64``/``INT64`` for numbers), as Triton takes a table. The outputs are ``label``,
+``confidence``, ``tier``, ``model_version`` and ``degraded``, one entry per instance.
+Errors are ``400 {"error": ...}`` as the spec asks (404 for an unknown model or version).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.workloads import Workload
 from data.validate import mismatch
 from serve_graphs.cascade import Instances, Prediction
+from serve_graphs.observe import VERSION_HEADER
 
 NUMERIC = {
     "BOOL": None,  # named so its refusal can say why
@@ -90,12 +94,13 @@ OUTPUTS = {
     "degraded": "BOOL",
 }
 
-Predict = Callable[[Instances], Awaitable[list[Prediction]]]
+# (instances, request, explicit version or None) -> the version that answered, its answer
+Predict = Callable[[Instances, Request, str | None], Awaitable[tuple[str, list[Prediction]]]]
 
 
 def oip_router(
     workload: Workload,
-    model_version: str | Callable[[], str],
+    versions: Callable[[], list[str]],
     predict: Predict,
     *,
     key_for: Callable[[str], Any],
@@ -107,7 +112,6 @@ def oip_router(
     n_features = len(workload.feature_columns)
     input_name = workload.input_name
     name = workload.name
-    served = model_version if callable(model_version) else lambda: model_version
     columns = record_inputs(workload) if workload.fitted else None
     inputs = (
         [{"name": c, "datatype": t, "shape": [-1]} for c, t in columns.items()]
@@ -118,9 +122,9 @@ def oip_router(
     def check_model(model: str, version: str | None) -> None:
         if model != name:
             raise NotFound(f"unknown model {model!r}: this service serves {name!r}")
-        if version is not None and version != served():
+        if version is not None and version not in versions():
             raise NotFound(
-                f"model {name!r} has no version {version!r} here; it serves {served()!r}"
+                f"model {name!r} has no version {version!r} here; it serves {', '.join(versions())}"
             )
 
     @router.get("/health/live", summary="Liveness (no key needed)")
@@ -139,7 +143,7 @@ def oip_router(
         check_model(model, version)
         return {
             "name": name,
-            "versions": [served()],
+            "versions": versions(),
             "platform": "scaledl-cascade",
             "inputs": inputs,
             "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
@@ -149,7 +153,13 @@ def oip_router(
         check_model(model, version)
         return {"name": name, "ready": True}
 
-    async def infer(body: InferRequest, model: str, version: str | None = None) -> InferResponse:
+    async def infer(
+        body: InferRequest,
+        model: str,
+        request: Request,
+        response: Response,
+        version: str | None = None,
+    ) -> InferResponse:
         check_model(model, version)
         instances = (
             _input_frame(body.inputs, columns, max_instances)
@@ -162,10 +172,11 @@ def oip_router(
             raise InvalidRequest(
                 f"unknown output {unknown[0]!r}: this model has {', '.join(OUTPUTS)}"
             )
-        predictions = await predict(instances)
+        served, predictions = await predict(instances, request, version)
+        response.headers[VERSION_HEADER] = served
         return InferResponse(
             model_name=name,
-            model_version=served(),
+            model_version=served,
             id=body.id,
             outputs=[
                 OutputTensor(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from mlflow.exceptions import MlflowException
@@ -15,6 +16,7 @@ from app.registry import Registry
 from app.settings import BatchConfig
 from serve_graphs.args import TierConfig, TierModelRef
 from serve_graphs.cascade import Instances, concat, take
+from serve_graphs.routing import MAX_VERSIONS
 
 log = logging.getLogger("ray.serve")
 MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
@@ -45,9 +47,21 @@ class TierRunner:
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
 
-def _rows(batches: list[Instances]) -> int:
+@dataclass(frozen=True)
+class Work:
+    """Rows of one request for the batcher, and the version to run them with (None: the
+    pinned version, taken when the batch runs, so a swap lands between batches)."""
+
+    rows: Instances
+    runner: TierRunner | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _rows(batch: list[Work]) -> int:
     """Batch size in rows, not requests: one 64-row request fills a 64-row batch."""
-    return sum(len(b) for b in batches)
+    return sum(len(w) for w in batch)
 
 
 @serve.deployment
@@ -99,18 +113,44 @@ class TierModel:
         self.predict_batch.set_max_batch_size(cfg.batch.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
-    async def predict_batch(self, batches: list[Instances]) -> list[tuple[np.ndarray, str]]:
-        runner = self.runner  # one version for the whole batch, even if a swap lands now
-        return [(probs, runner.version) for probs in runner.predict_many(batches)]
+    @serve.multiplexed(max_num_models_per_replica=MAX_VERSIONS)
+    async def routed_runner(self, model_id: str) -> TierRunner:
+        """Another version than the pinned one (a routed A/B version), loaded on first
+        use and kept for the next calls; the least recently used goes first."""
+        model = TierModelRef.from_id(model_id)
+        return await asyncio.to_thread(TierRunner.from_registry, self.tracking_uri, model)
 
-    async def predict(self, instances: Instances) -> tuple[np.ndarray, str]:
-        """Probabilities (n, C) for raw rows, and the version that produced them.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
+    async def predict_batch(self, batch: list[Work]) -> list[tuple[np.ndarray, str]]:
+        """One forward pass per version in the batch (most batches hold one)."""
+        pinned = self.runner  # one version for the whole batch, even if a swap lands now
+        by_runner: dict[int, list[int]] = {}
+        for i, work in enumerate(batch):
+            by_runner.setdefault(id(work.runner or pinned), []).append(i)
+        answers: list[tuple[np.ndarray, str]] = [None] * len(batch)  # type: ignore[list-item]
+        for positions in by_runner.values():
+            runner = batch[positions[0]].runner or pinned
+            parts = runner.predict_many([batch[i].rows for i in positions])
+            for i, probs in zip(positions, parts, strict=True):
+                answers[i] = (probs, runner.version)
+        return answers
+
+    async def predict(
+        self, instances: Instances, model_id: str | None = None
+    ) -> tuple[np.ndarray, str]:
+        """Probabilities (n, C) for raw rows, and the version that produced them:
+        ``model_id`` (``name/version``), or the pinned version when it is None.
 
         A request larger than a batch is split into batch-sized chunks, which join other
         requests' rows in the batcher."""
+        routed = None
+        if model_id is not None and (self.loaded is None or model_id != self.loaded.model_id):
+            routed = await self.routed_runner(model_id)
         step = self.max_rows
-        chunks = [take(instances, slice(i, i + step)) for i in range(0, len(instances), step)]
+        chunks = [
+            Work(take(instances, slice(i, i + step)), routed)
+            for i in range(0, len(instances), step)
+        ]
         for _ in range(MAX_STRADDLES):
             answers = await asyncio.gather(*(self.predict_batch(c) for c in chunks))
             # Chunks that straddled a swap run again, so one version answers them all.

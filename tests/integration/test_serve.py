@@ -299,3 +299,94 @@ def test_overload_is_shed_with_503_and_retry_after_never_a_hang(
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 503}, statuses
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+
+
+def register_challenger(platform: Platform) -> tuple[str, str]:
+    """A second cascade version for A/B routing: a new registered version of the cheap
+    tier (the same weights) whose threshold 0 lets it answer everything itself, so its
+    answers are told apart by their model version."""
+    import tempfile
+
+    from app.cascade_spec import cascade_name
+
+    registry = Registry(platform.settings.tracking_uri)
+    cheap = registry.resolve("digits-cheap", platform.cascade.cheap_version)
+    run_id = registry.start_run("ab-challenger", params={}, tags={"workload": "digits"})
+    copy = registry.register(
+        "digits-cheap", registry.download(cheap), run_id=run_id, tags={"copy_of": cheap.label}
+    )
+    spec = platform.cascade.model_copy(update={"cheap_version": copy.version, "threshold": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = registry.register(
+            cascade_name("digits"), spec.save(Path(tmp)), run_id=run_id, tags={}
+        )
+    registry.finish_run(run_id)
+    return ref.version, copy.label
+
+
+def test_ab_and_shadow_routing_set_from_the_cli_without_a_redeploy(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """`scaledl route set` changes who answers on the running service: a shadow gets
+    copies and its agreement is reported; a 50/50 split sends each user to one version,
+    the challenger's own model version answering (loaded by multiplexing); an explicit
+    version path bypasses the table; the table is kept in the registry."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    x, _ = test_rows
+    champion = Registry(platform.settings.tracking_uri).resolve("digits-cascade").version
+    challenger, challenger_cheap = register_challenger(platform)
+    env = {**os.environ, "SCALEDL_STORAGE_ROOT": str(platform.settings.storage_root)}
+
+    def route(*argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "app", "route", *argv, "--url", endpoint.base_url,
+             "--key", KEY],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def send(user: str, i: int, url: str = endpoint.predict_url) -> dict:
+        resp = httpx.post(url, json={"instances": [x[i].tolist()]},
+                          headers={**AUTH, "x-scaledl-user": user}, timeout=30)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    routes_url = f"{endpoint.base_url}/v1/models/digits/routes"
+    try:
+        shown = route("set", "digits", "champion=100", "--shadow", "challenger")
+        assert "challenger" in shown and "shadow" in shown
+        assert {send(f"user-{i}", i)["version"] for i in range(30)} == {champion}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the copies run after the answers
+            (pair,) = httpx.get(routes_url, headers=AUTH).json()["shadow"]
+            if pair["instances_compared"] == 30:
+                break
+            time.sleep(0.5)
+        assert (pair["primary"], pair["shadow"]) == (champion, challenger)
+        assert pair["instances_compared"] == 30 and pair["agreement"] >= 0.7  # same weights
+
+        route("set", "digits", "champion=50", "challenger=50")
+        answers = {f"user-{i}": send(f"user-{i}", i) for i in range(40)}
+        by_version = Counter(a["version"] for a in answers.values())
+        assert set(by_version) == {champion, challenger}, by_version
+        for user, answer in list(answers.items())[:10]:
+            assert send(user, 0)["version"] == answer["version"]  # sticky
+        served = {p["model_version"] for a in answers.values() if a["version"] == challenger
+                  for p in a["predictions"]}  # fmt: skip
+        assert served == {challenger_cheap}
+        named = f"{endpoint.base_url}/v1/models/digits/versions/{challenger}/predict"
+        assert send("user-0", 0, named)["version"] == challenger
+        stored = Registry(platform.settings.tracking_uri).model_tag(
+            "digits-cascade", "scaledl.routes"
+        )
+        assert [e["weight"] for e in json.loads(stored)["routes"]] == [50, 50]
+        shown = route("show", "digits")
+        assert "requests" in shown and challenger in shown
+    finally:
+        route("clear", "digits")

@@ -16,6 +16,7 @@ from app.model_artifact import LoadedModel, ModelMeta
 from app.workloads import get_workload
 from serve_graphs.api import build_api
 from serve_graphs.cascade import Cascade, TierAnswer, TierFn
+from serve_graphs.routing import Routing
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -50,7 +51,7 @@ def client(
 
 def api_for(cascade: Cascade, max_instances: int = 8, keys: KeyRing | None = None):  # noqa: ANN201
     keys = keys or KeyRing([dev_key(KEY)])
-    return build_api(DIGITS, cascade, keys=keys, max_instances=max_instances, model_version="3")
+    return build_api(DIGITS, Routing.fixed(cascade, "3"), keys=keys, max_instances=max_instances)
 
 
 def digit_images(n: int) -> list[list[list[int]]]:
@@ -179,7 +180,7 @@ def test_when_the_expensive_tier_cannot_answer_the_cheap_answer_returns_degraded
 def test_a_body_over_the_limit_is_a_413_announced_or_streamed() -> None:
     cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.0)
     api = build_api(
-        DIGITS, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="3",
+        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY)]), max_instances=8,
         max_body_bytes=1024,
     )  # fmt: skip
     big = {"instances": digit_images(8)}  # about 1.8 KB of JSON
@@ -206,8 +207,8 @@ def test_a_prediction_past_the_timeout_is_a_504() -> None:
         raise AssertionError("not reached")
 
     api = build_api(
-        DIGITS, Cascade(slow, slow, 0.0), keys=KeyRing([dev_key(KEY)]), max_instances=8,
-        model_version="3", request_timeout_s=0.2,
+        DIGITS, Routing.fixed(Cascade(slow, slow, 0.0), "3"), keys=KeyRing([dev_key(KEY)]),
+        max_instances=8, request_timeout_s=0.2,
     )  # fmt: skip
     resp = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 504 and "serve.request_timeout_s" in resp.json()["error"]
@@ -218,19 +219,22 @@ class Recorder:
         self.requests: list[tuple[str, int]] = []
         self.answered: list[tuple[str, str, bool]] = []
 
-    def request(self, route: str, status: int, seconds: float) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str) -> None:
         assert seconds >= 0
-        self.requests.append((route, status))
+        self.requests.append((route, status, version))
 
     def predictions(self, predictions) -> None:  # noqa: ANN001
         self.answered += [(p.tier, p.model_version, p.degraded) for p in predictions]
+
+    def shadow(self, *args) -> None:  # noqa: ANN002
+        raise AssertionError("no shadow is routed here")
 
 
 def test_every_request_and_answer_reaches_the_observer_by_route_and_version() -> None:
     seen = Recorder()
     cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.9999)
     api = build_api(
-        DIGITS, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="3",
+        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY)]), max_instances=8,
         observer=seen,
     )  # fmt: skip
     http = TestClient(api)
@@ -239,10 +243,10 @@ def test_every_request_and_answer_reaches_the_observer_by_route_and_version() ->
     assert http.get("/v2/models/digits/versions/3/ready").status_code == 200
     assert http.get("/no/such/path/42").status_code == 404
     assert seen.requests == [
-        ("/v1/predict", 200),
-        ("/v1/predict", 401),
-        ("/v2/ready", 200),
-        ("other", 404),  # a raw path never becomes a tag
+        ("/v1/predict", 200, "3"),
+        ("/v1/predict", 401, "none"),
+        ("/v2/ready", 200, "none"),
+        ("other", 404, "none"),  # a raw path never becomes a tag
     ]
     assert seen.answered == [("expensive", "digits-expensive/1", False)] * 2
 
@@ -252,8 +256,8 @@ def test_a_bug_is_a_json_500_and_a_wrong_method_keeps_its_allow_header() -> None
         raise ValueError("a bug in a tier")
 
     api = build_api(
-        DIGITS, Cascade(broken, broken, 0.0), keys=KeyRing([dev_key(KEY)]), max_instances=8,
-        model_version="3",
+        DIGITS, Routing.fixed(Cascade(broken, broken, 0.0), "3"), keys=KeyRing([dev_key(KEY)]),
+        max_instances=8,
     )  # fmt: skip
     http = TestClient(api, raise_server_exceptions=False)
     resp = http.post(URL, json={"instances": digit_images(1)}, headers=AUTH)
@@ -275,8 +279,8 @@ def test_the_cost_report_is_admin_only_and_counts_live_traffic() -> None:
     )  # fmt: skip
     reader = ApiKey(id="app", scope="predict", sha256=key_sha256("predict-only-key-123"))
     api = build_api(
-        DIGITS, cascade, keys=KeyRing([dev_key(KEY), reader]), max_instances=8,
-        model_version="3", costs=costs,
+        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY), reader]),
+        max_instances=8, costs=costs,
     )  # fmt: skip
     http = TestClient(api)
     for n in (1, 3):

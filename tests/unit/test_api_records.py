@@ -18,6 +18,7 @@ from data.features import fit_preprocessor
 from data.generate import transactions_frame
 from serve_graphs.api import build_api
 from serve_graphs.cascade import Cascade, Instances, TierAnswer, TierFn
+from serve_graphs.routing import Routing
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -56,7 +57,7 @@ def client_and_calls() -> tuple[TestClient, dict[str, list]]:
     cascade = Cascade(
         local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), 0.0
     )
-    api = build_api(TX, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="2")
+    api = build_api(TX, Routing.fixed(cascade, "2"), keys=KeyRing([dev_key(KEY)]), max_instances=8)
     return TestClient(api), calls
 
 
@@ -150,7 +151,7 @@ def test_unsure_records_escalate_as_a_frame_of_just_those_rows() -> None:
     cascade = Cascade(
         local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), 1.01
     )
-    api = build_api(TX, cascade, keys=KeyRing([dev_key(KEY)]), max_instances=8, model_version="2")
+    api = build_api(TX, Routing.fixed(cascade, "2"), keys=KeyRing([dev_key(KEY)]), max_instances=8)
     resp = TestClient(api).post(URL, json={"instances": records(3)}, headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert [p["tier"] for p in resp.json()["predictions"]] == ["expensive"] * 3

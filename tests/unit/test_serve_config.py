@@ -64,6 +64,7 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
         "threshold": 0.8,
         "cascade_version": "1",
         "cheap_version": "digits-cheap/3",
+        "int8_tiers": [],
     }
     scaling = {d.name: d.autoscaling_config for d in app.deployments}
     assert scaling["expensive-tier"]["min_replicas"] == 0  # set below: scales to zero
@@ -89,4 +90,5 @@ def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(
         "threshold": 0.7,
         "cascade_version": "2",
         "cheap_version": "digits-cheap/2",
+        "int8_tiers": [],
     }

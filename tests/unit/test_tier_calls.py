@@ -23,7 +23,7 @@ class Handle:
         self.calls = 0
         self.predict = self
 
-    def remote(self, instances: np.ndarray):  # noqa: ANN201
+    def remote(self, instances: np.ndarray, model_id: str | None = None):  # noqa: ANN201
         self.calls += 1
 
         async def answer() -> tuple[np.ndarray, str]:

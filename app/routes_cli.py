@@ -1,0 +1,159 @@
+"""``scaledl route``: the routing table of a running service (A/B, canary, shadow).
+
+The commands talk to the service's admin routes over HTTP with an admin key, as any
+operator tool would: nothing is redeployed, and the table is stored in the registry, so
+every ingress replica applies it within ``serve.routes_poll_s`` seconds.
+
+    scaledl route set digits champion=90 challenger=10 --shadow v7
+    scaledl route show digits
+    scaledl route clear digits
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from app.errors import ConfigError, ScaledlError, ServiceUnavailable
+
+route_cli = typer.Typer(
+    help="A/B, canary and shadow routing of a running service, without redeploying.",
+    no_args_is_help=True,
+)
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(help="The service's base URL (default: http://<serve.host>:<serve.port>)."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(help="An admin API key (default: SCALEDL_API_KEY).", show_default=False),
+]
+Workload = Annotated[str, typer.Argument(help="Model (workload) name, e.g. digits.")]
+
+
+class RemoteError(ScaledlError):
+    """The service refused the call: its status and its message."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def parse_routes(routes: list[str], shadow: str | None):  # noqa: ANN201 - a RouteSpec
+    """``["champion=90", "challenger=10"]`` -> the admin route's request body.
+
+    Only the shape is checked here (the weights' sum too); the service checks the rest.
+    """
+    from serve_graphs.routing import RouteSpec
+
+    weights: dict[str, int] = {}
+    for item in routes:
+        ref, sep, weight = item.partition("=")
+        if not sep or not ref:
+            raise ValueError(f"{item!r}: write each route as <version or alias>=<percent>")
+        if not weight.strip().isdigit():
+            raise ValueError(f"{item!r}: the weight must be a whole percent, 0 to 100")
+        weights[ref] = int(weight)
+    return RouteSpec(routes=weights, shadow=shadow)
+
+
+def _call(
+    ctx: typer.Context,
+    method: str,
+    workload: str,
+    url: str | None,
+    key: str | None,
+    body: dict | None = None,
+) -> dict[str, Any]:
+    import httpx
+
+    settings = ctx.obj.settings()
+    secret = key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    if not secret:
+        raise ConfigError("the routing table needs an admin key: pass --key or set SCALEDL_API_KEY")
+    base = (url or settings.serve.base_url).rstrip("/")
+    target = f"{base}/v1/models/{workload}/routes"
+    try:
+        resp = httpx.request(
+            method, target, json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(
+            f"no service answered at {base} ({exc}): start it with `scaledl serve`, or pass --url"
+        ) from None
+    if resp.is_success:
+        return resp.json()
+    try:
+        message = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200]
+    raise RemoteError(resp.status_code, f"{method} {target}: {resp.status_code} {message}")
+
+
+def _show(view: dict[str, Any]) -> None:
+    from app.cli import console
+
+    table = view["table"]
+    title = "routing table" if table else f"no table: every request to version {view['deployed']}"
+    columns = ("requests", "server_errors", "p50_ms", "p99_ms")
+    out = Table("version", "ref", "weight", *(c.replace("_", " ") for c in columns), title=title)
+    stats = view["versions"]
+    deployed = {"ref": "deployed", "version": view["deployed"], "weight": 100}
+    entries = table["routes"] if table else [deployed]
+    shadow = table["shadow"] if table else None
+    for entry in [*entries, *([{**shadow, "weight": "shadow"}] if shadow else [])]:
+        seen = stats.get(entry["version"], {})
+        numbers = (str(seen.get(c, "-")) for c in columns)
+        out.add_row(entry["version"], entry["ref"], str(entry["weight"]), *numbers)
+    console().print(out)
+    for pair in view["shadow"]:
+        agreement = pair["agreement"]
+        shown = f"{agreement:.1%}" if agreement is not None else "-"
+        console().print(
+            f"shadow {pair['shadow']} vs {pair['primary']}: {pair['instances_compared']} "
+            f"instances compared, {shown} agree, {pair['failed_copies']} copies failed"
+        )
+    if table:
+        console().print(f"set {table['updated_at']} by {table['updated_by']}", style="dim")
+
+
+@route_cli.command("set")
+def route_set(
+    ctx: typer.Context,
+    workload: Workload,
+    routes: Annotated[
+        list[str], typer.Argument(help="<version or alias>=<percent> ..., summing to 100.")
+    ],
+    shadow: Annotated[
+        str | None, typer.Option(help="A version that gets a copy of the traffic.")
+    ] = None,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Set the routing table: e.g. `champion=90 challenger=10 --shadow v7`."""
+    from serve_graphs.routing import error_text
+
+    try:
+        spec = parse_routes(routes, shadow)
+    except ValueError as exc:
+        raise ConfigError(error_text(exc)) from None
+    _show(_call(ctx, "PUT", workload, url, key, spec.model_dump()))
+
+
+@route_cli.command("show")
+def route_show(
+    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+) -> None:
+    """The routing table, and per-version requests, errors, latency and shadow agreement."""
+    _show(_call(ctx, "GET", workload, url, key))
+
+
+@route_cli.command("clear")
+def route_clear(
+    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+) -> None:
+    """Drop the table: every request goes to the deployed cascade again."""
+    _show(_call(ctx, "DELETE", workload, url, key))

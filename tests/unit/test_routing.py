@@ -1,0 +1,299 @@
+"""A/B, canary and shadow routing over cascade versions, through the HTTP API (no Ray).
+
+Each cascade version here is a pair of stand-in tiers that always answer one label, so
+the label tells which version answered; the registry is an in-memory route store and a
+resolver over three versions. The real tiers and registry are in the integration test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from app.errors import NotFound, ServiceUnavailable
+from app.keys import KeyRing, dev_key
+from serve_graphs.api import build_api
+from serve_graphs.cascade import Cascade, TierAnswer, Variant
+from serve_graphs.routing import (
+    MemoryRouteStore,
+    RouteSpec,
+    RouteTable,
+    Routing,
+    user_bucket,
+)
+from tests.unit.test_api import AUTH, DIGITS, KEY, digit_images
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+PREDICT = "/v1/models/digits/predict"
+ROUTES = "/v1/models/digits/routes"
+READER = "reader-key-for-unit-tests"
+DEPLOYED = "3"
+
+
+def sure_of(label: int, version: str, calls: list[str] | None = None, delay_s: float = 0):  # noqa: ANN201
+    """A tier that answers ``label`` with confidence 0.9 for every instance."""
+
+    async def tier(instances: np.ndarray) -> TierAnswer:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        if calls is not None:
+            calls.append(version)
+        probs = np.full((len(instances), 10), 0.1 / 9)
+        probs[:, label] = 0.9
+        return TierAnswer(probs, version)
+
+    return tier
+
+
+def failing(version: str):  # noqa: ANN201
+    async def tier(instances: np.ndarray) -> TierAnswer:
+        raise ServiceUnavailable(f"{version} cannot answer")
+
+    return tier
+
+
+class Registry:
+    """Cascade versions 3 (deployed, label 3), 4 (label 4) and 7 (label 7); aliases
+    champion -> 3 and challenger -> 4."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.shadow_delay_s = 0.0
+        self.broken: set[str] = set()
+
+    def resolve(self, ref: str) -> tuple[str, Variant]:
+        version = {"champion": "3", "challenger": "4"}.get(ref, ref.removeprefix("v"))
+        if version not in ("3", "4", "7"):
+            raise NotFound(f"no calibrated cascade {ref!r} for digits")
+        delay = self.shadow_delay_s if version == "7" else 0
+        cheap = (
+            failing(f"digits-cheap/{version}")
+            if version in self.broken
+            else sure_of(int(version), f"digits-cheap/{version}", self.calls, delay)
+        )
+        return version, Variant(version, cheap, failing("expensive"), threshold=0.5)
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
+def service(registry: Registry, store: MemoryRouteStore | None = None, **kwargs):  # noqa: ANN003, ANN201
+    cascade = Cascade(sure_of(3, "digits-cheap/3", registry.calls), failing("expensive"), 0.5)
+    routing = Routing(
+        cascade, lambda: DEPLOYED, registry.resolve, store or MemoryRouteStore(), **kwargs
+    )
+    keys = KeyRing(
+        [dev_key(KEY), dev_key(READER, "reader").model_copy(update={"scope": "predict"})]
+    )
+    return TestClient(build_api(DIGITS, routing, keys=keys, max_instances=8)), routing
+
+
+def predict(http: TestClient, user: str | None = None, path: str = PREDICT) -> tuple[str, int]:
+    headers = {**AUTH, **({"x-scaledl-user": user} if user else {})}
+    resp = http.post(path, json={"instances": digit_images(1)}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert resp.headers["x-scaledl-version"] == body["version"]
+    return body["version"], body["predictions"][0]["label"]
+
+
+def test_without_a_table_everything_goes_to_the_deployed_version(registry: Registry) -> None:
+    http, _ = service(registry)
+    assert predict(http, "ann") == ("3", 3)
+    assert http.get(ROUTES, headers=AUTH).json()["table"] is None
+
+
+def test_users_stick_to_one_version_and_the_split_follows_the_weights(registry: Registry) -> None:
+    http, routing = service(registry)
+    resp = http.put(ROUTES, json={"routes": {"champion": 90, "challenger": 10}}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert [(e["ref"], e["version"]) for e in resp.json()["table"]["routes"]] == [
+        ("champion", "3"),
+        ("challenger", "4"),
+    ]
+    first = {u: predict(http, f"user-{u}") for u in range(40)}
+    again = {u: predict(http, f"user-{u}") for u in range(40)}
+    assert first == again  # sticky: one user, one version
+    assert {v for v, label in first.values()} == {"3", "4"}
+    assert all(label == int(v) for v, label in first.values())  # that version answered
+    # Over many users the split is the weights' (the hash is fixed, so this is exact).
+    table = routing.table
+    split = Counter(table.pick(user_bucket(f"u{i}")).version for i in range(20_000))
+    assert 0.88 < split["3"] / 20_000 < 0.92
+
+
+def test_moving_weight_moves_only_the_users_it_must() -> None:
+    def table(a: int, b: int) -> RouteTable:
+        return RouteTable(
+            routes=[
+                {"ref": "champion", "version": "3", "weight": a},
+                {"ref": "challenger", "version": "4", "weight": b},
+            ]
+        )
+
+    users = [f"user-{i}" for i in range(5000)]
+    before = {u: table(90, 10).pick(user_bucket(u)).version for u in users}
+    after = {u: table(80, 20).pick(user_bucket(u)).version for u in users}
+    moved = Counter((before[u], after[u]) for u in users if before[u] != after[u])
+    assert set(moved) == {("3", "4")}  # nobody leaves the challenger
+    assert 0.08 < moved[("3", "4")] / len(users) < 0.12
+
+
+def test_an_explicit_version_bypasses_the_table_and_weight_zero_hides_a_version(
+    registry: Registry,
+) -> None:
+    http, _ = service(registry)
+    resp = http.put(ROUTES, json={"routes": {"3": 100, "v7": 0}}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert {predict(http, f"user-{u}")[0] for u in range(30)} == {"3"}
+    assert predict(http, path="/v1/models/digits/versions/7/predict") == ("7", 7)
+    infer = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                         "data": np.asarray(digit_images(1)).reshape(-1).tolist()}]}  # fmt: skip
+    resp = http.post("/v2/models/digits/versions/7/infer", json=infer, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model_version"] == "7" and resp.json()["outputs"][0]["data"] == [7]
+    meta = http.get("/v2/models/digits", headers=AUTH).json()
+    assert meta["versions"] == ["3", "7"]
+    resp = http.post("/v1/models/digits/versions/4/predict", json={"instances": digit_images(1)},
+                     headers=AUTH)  # fmt: skip
+    assert resp.status_code == 404 and "served versions: 3, 7" in resp.json()["error"]
+
+
+def test_a_shadow_sees_a_copy_is_never_returned_and_its_agreement_is_recorded(
+    registry: Registry,
+) -> None:
+    http, _ = service(registry)
+    spec = {"routes": {"champion": 100}, "shadow": "7"}
+    assert http.put(ROUTES, json=spec, headers=AUTH).status_code == 200
+    for u in range(5):
+        assert predict(http, f"user-{u}") == ("3", 3)  # the shadow's label 7 never returns
+    report = http.get(ROUTES, headers=AUTH).json()
+    assert report["shadow"] == [
+        {
+            "primary": "3",
+            "shadow": "7",
+            "instances_compared": 5,
+            "agreement": 0.0,  # version 7 always says 7, the champion 3
+            "failed_copies": 0,
+        }
+    ]
+    assert report["versions"]["3"]["requests"] == 5 and "7" not in report["versions"]
+    assert registry.calls.count("digits-cheap/7") == 5
+
+
+def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(registry: Registry) -> None:
+    registry.shadow_delay_s = 0.3
+    http, routing = service(registry, shadow_limit=2)
+    assert http.put(ROUTES, json={"routes": {"3": 100}, "shadow": "7"}, headers=AUTH).is_success
+
+    async def burst() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answers = []
+        for i in range(5):
+            version = routing.choose(user=f"u{i}")
+            predictions = await routing.predict(version, np.zeros((1, 64)))
+            answers.append((version, predictions[0].label))
+        elapsed = loop.time() - started
+        await asyncio.gather(*routing.shadows)
+        return answers, elapsed
+
+    answers, elapsed = asyncio.run(burst())
+    assert answers == [("3", 3)] * 5
+    assert elapsed < 0.3  # five answers before the first 0.3 s shadow copy finished
+    assert routing.shadow_dropped == 3  # two copies in flight at most; the rest dropped
+
+    registry.broken.add("7")
+    http, routing = service(registry)
+    assert http.put(ROUTES, json={"routes": {"3": 100}, "shadow": "7"}, headers=AUTH).is_success
+    assert predict(http, "ann") == ("3", 3)
+    assert http.get(ROUTES, headers=AUTH).json()["shadow"][0]["failed_copies"] == 1
+
+
+def test_a_failing_challenger_degrades_only_its_own_answers(registry: Registry) -> None:
+    registry.broken.add("4")
+    http, _ = service(registry)
+    assert http.put(ROUTES, json={"routes": {"3": 50, "4": 50}}, headers=AUTH).is_success
+    statuses = Counter()
+    for u in range(30):
+        headers = {**AUTH, "x-scaledl-user": f"user-{u}"}
+        resp = http.post(PREDICT, json={"instances": digit_images(1)}, headers=headers)
+        statuses[(resp.headers.get("x-scaledl-version"), resp.status_code)] += 1
+    assert set(statuses) == {("3", 200), ("4", 503)}  # the champion answers throughout
+    versions = http.get(ROUTES, headers=AUTH).json()["versions"]
+    assert versions["3"]["server_errors"] == 0
+    assert versions["4"]["server_errors"] == statuses[("4", 503)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "status", "message"),
+    [
+        ({"routes": {"champion": 90, "challenger": 20}}, 422, "sum to 110; they must sum to 100"),
+        ({"routes": {"champion": 101, "challenger": -1}}, 422, "outside 0..100"),
+        ({"routes": {}}, 422, "at least 1"),
+        ({"routes": {"champion": 90, "v12": 10}}, 400, "route 'v12': no calibrated cascade"),
+        ({"routes": {"champion": 50, "3": 50}}, 400, "a version appears twice"),
+        ({"routes": {"champion": 100}, "shadow": "v3"}, 400, "shadow version 3 also takes"),
+        ({"routes": {"champion": 100}, "shadow": "nope"}, 400, "route 'nope'"),
+        ({"routes": {"champion": 100}, "mirror": "7"}, 422, "mirror"),
+    ],
+)
+def test_a_bad_table_is_a_4xx_that_says_what_to_fix_and_changes_nothing(
+    registry: Registry, spec: dict, status: int, message: str
+) -> None:
+    http, routing = service(registry)
+    resp = http.put(ROUTES, json=spec, headers=AUTH)
+    assert resp.status_code == status and message in resp.json()["error"], resp.text
+    assert routing.table is None
+
+
+def test_only_admin_keys_read_or_change_the_table(registry: Registry) -> None:
+    http, _ = service(registry)
+    reader = {"Authorization": f"Bearer {READER}"}
+    spec = {"routes": {"champion": 100}}
+    assert http.put(ROUTES, json=spec).status_code == 401
+    assert http.put(ROUTES, json=spec, headers=reader).status_code == 403
+    assert http.get(ROUTES, headers=reader).status_code == 403
+    assert http.put(ROUTES, json=spec, headers=AUTH).json()["table"]["updated_by"] == "dev"
+    assert http.delete(ROUTES, headers=AUTH).json()["table"] is None
+
+
+def test_a_table_set_through_one_replica_reaches_the_others_through_the_store(
+    registry: Registry,
+) -> None:
+    store = MemoryRouteStore()
+    one, _ = service(registry, store)
+    other, other_routing = service(registry, store)
+    assert one.put(ROUTES, json={"routes": {"4": 100}}, headers=AUTH).is_success
+    assert predict(other, "ann")[0] == "3"  # not yet polled
+    asyncio.run(other_routing.refresh())
+    assert predict(other, "ann") == ("4", 4)
+
+    store.save(json.dumps({"routes": [{"ref": "x", "version": "4", "weight": 60}]}))  # hand-edited
+    asyncio.run(other_routing.refresh())
+    assert predict(other, "ann") == ("4", 4)  # a broken stored table leaves the current one
+    assert one.delete(ROUTES, headers=AUTH).is_success
+    asyncio.run(other_routing.refresh())
+    assert predict(other, "ann") == ("3", 3)
+
+
+def test_the_cli_spec_parses_into_the_same_table() -> None:
+    from app.routes_cli import parse_routes
+
+    assert parse_routes(["champion=90", "challenger=10"], "v7") == RouteSpec(
+        routes={"champion": 90, "challenger": 10}, shadow="v7"
+    )
+    with pytest.raises(ValueError, match="champion90"):
+        parse_routes(["champion90"], None)
+    with pytest.raises(ValueError, match="whole percent"):
+        parse_routes(["champion=ninety"], None)
