@@ -223,3 +223,56 @@ def _compile(check: pa.Check) -> _Rule:
         rule = lambda v: np.asarray(fn(pd.Series(v)), dtype=bool)  # noqa: E731
     # Nulls are the nullable rule's business, as in pandera.
     return lambda v: np.isnan(v) | rule(v)
+
+
+class RecordFastPath:
+    """Records that surely keep the contract, coerced as pandera coerces them, without
+    pandera's fixed cost per call (15-50 ms per request of records).
+
+    A batch qualifies when every value already has its column's kind (text as ``str``,
+    numbers as numbers, times as ISO-8601 text), nothing is null, and the contract's own
+    pandera checks pass on the coerced columns. Any doubt returns None: the caller then
+    asks pandera itself, whose verdict and wording are the reference. So a valid request
+    takes the fast path and a broken one gets pandera's exact message; parity of the
+    coerced frames is a unit test.
+    """
+
+    def __init__(self, schema: pa.DataFrameSchema) -> None:
+        self.columns = list(schema.columns.items())
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame | None:
+        coerced = {}
+        for name, column in self.columns:
+            values = _as_kind(frame[name], column.dtype.type)
+            if values is None:
+                return None
+            try:
+                values = column.coerce_dtype(values)
+            except Exception:  # pandera would say why; ask it  # noqa: BLE001
+                return None
+            if not all(check(values).check_passed for check in column.checks):
+                return None
+            coerced[name] = values
+        return pd.DataFrame(coerced, index=pd.RangeIndex(len(frame)))
+
+
+def _as_kind(values: pd.Series, target: object) -> pd.Series | None:
+    """``values`` parsed for the target dtype when they plainly have its kind, else None."""
+    if values.isna().any():
+        return None
+    if isinstance(target, pd.DatetimeTZDtype):
+        if not all(type(v) is str for v in values):
+            return None
+        parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+        return None if parsed.isna().any() else parsed
+    if pd.api.types.is_numeric_dtype(target):
+        if pd.api.types.is_bool_dtype(values.dtype) or not pd.api.types.is_numeric_dtype(
+            values.dtype
+        ):
+            return None
+        if pd.api.types.is_integer_dtype(target) and (values != np.floor(values)).any():
+            return None
+        return values
+    if target in (str, np.str_) or pd.api.types.is_string_dtype(target):
+        return values if all(type(v) is str for v in values) else None
+    return None

@@ -57,3 +57,48 @@ def test_compiled_contract_names_column_and_rule() -> None:
     row = np.zeros((1, 64))
     row[0, 12] = 40
     assert compiled.row_errors(row) == ["px_12: in_range(0, 16)"]
+
+
+def transaction_records(n: int) -> list[dict]:
+    tx = get_workload("transactions")
+    frame = tx.builtin_source()[list(tx.feature_columns)].head(n)
+    return frame.assign(ts=frame["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_dict("records")
+
+
+# One broken or unusual field each: the fast path must refuse (pandera decides) or agree.
+ODD_FIELDS = [
+    ("ts", None), ("ts", "yesterday"), ("ts", "2026-03-01 02:10:00"),
+    ("ts", "1999-12-31T23:00:00Z"),
+    ("ts", "2026-03-01T02:10:00.123456+02:00"), ("ts", 1_700_000_000),
+    ("amount", None), ("amount", 0.0), ("amount", -3), ("amount", 1e12), ("amount", "12.5"),
+    ("amount", True), ("amount", 7), ("amount", float("nan")),
+    ("currency", "gbp"), ("currency", ""), ("currency", 5), ("currency", None),
+    ("merchant_category", "casino"), ("country", "GBR"), ("country", "gb"), ("device", "Pos"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), ODD_FIELDS)
+def test_the_record_fast_path_never_accepts_what_pandera_would_not(field, value) -> None:  # noqa: ANN001
+    from data.validate import RecordFastPath
+
+    schema = get_workload("transactions").instance_contract()
+    records = transaction_records(3)
+    records[1] = {**records[1], field: value}
+    frame = pd.DataFrame.from_records(records)
+    fast = RecordFastPath(schema)(frame)
+    valid, reasons = check_rows(frame, schema, where="request")
+    if fast is not None:
+        assert reasons.isna().all()
+        pd.testing.assert_frame_equal(fast, valid)
+
+
+def test_the_record_fast_path_takes_valid_records_coerced_as_pandera_coerces_them() -> None:
+    from data.validate import RecordFastPath
+
+    schema = get_workload("transactions").instance_contract()
+    frame = pd.DataFrame.from_records(transaction_records(200))
+    fast = RecordFastPath(schema)(frame)
+    assert fast is not None
+    valid, reasons = check_rows(frame, schema, where="request")
+    assert reasons.isna().all()
+    pd.testing.assert_frame_equal(fast, valid)
