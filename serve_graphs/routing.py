@@ -250,6 +250,9 @@ class Routing:
             except (ScaledlError, TimeoutError) as exc:
                 log.warning("shadow %s failed: %s", shadow, exc)
                 mirrored = None
+            except Exception:  # a bug: logged here, as no one awaits this task
+                log.exception("shadow %s failed unexpectedly", shadow)
+                mirrored = None
             self.on_shadow(primary, shadow, answer, mirrored, time.perf_counter() - started)
 
         task = asyncio.get_running_loop().create_task(run())
