@@ -22,6 +22,15 @@ class RayInfo:
     started_here: bool
 
 
+# Ray 2.60's faster Serve transport: HAProxy as the HTTP proxy, the ingress replica
+# answering HTTP itself, gRPC between deployments (measured in bench/serve.py).
+FAST_TRANSPORT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+
+
 @contextmanager
 def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInfo]:
     """Join ``settings.ray_address`` (or RAY_ADDRESS), or start a local cluster.
@@ -41,6 +50,8 @@ def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInf
         check_reachable(settings.ray_address)
         ctx = ray.init(address=settings.ray_address, **quiet)
     else:
+        if settings.serve.fast_transport:  # read by the cluster's processes as they start
+            os.environ.update(FAST_TRANSPORT)
         ctx = ray.init(
             num_cpus=settings.ray_num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
             include_dashboard=True,

@@ -31,14 +31,11 @@ def serve_config(settings: Settings, workload_name: str, keys: list[ApiKey]) -> 
     from ray.serve.schema import ServeDeploySchema
 
     from serve_graphs.args import GraphArgs
-    from serve_graphs.builder import scaling, stable_args, tier_deployment, user_configs
+    from serve_graphs.builder import scaling, stable_args, user_configs
 
     workload = get_workload(workload_name)
     args = GraphArgs.from_settings(settings, workload.name, keys)
-    autoscaling = {
-        tier_deployment(tier): {"autoscaling_config": config}
-        for tier, config in scaling(args).items()
-    }
+    autoscaling = {name: {"autoscaling_config": config} for name, config in scaling(args).items()}
     config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": settings.serve.host, "port": settings.serve.port},

@@ -180,7 +180,8 @@ class BatchConfig(_Section):
 
 
 class TierScaling(_Section):
-    """How many replicas one tier runs: Serve's autoscaling, from the requests in flight."""
+    """How many replicas one deployment (a tier, the ingress) runs: Serve's autoscaling,
+    from the requests in flight."""
 
     min_replicas: int = Field(
         1,
@@ -262,6 +263,19 @@ class ServeConfig(_Section):
     )
     cheap_replicas: TierScaling = TierScaling()
     expensive_replicas: TierScaling = TierScaling()
+    ingress_replicas: TierScaling = Field(
+        TierScaling(min_replicas=1, max_replicas=1),
+        description="Ingress replicas (auth, contract, routing, cascade). One by default: "
+        "the cost and A/B reports are per replica. The ingress is the graph's busiest "
+        "process (bench/serve.py), so give it more where there are cores for them.",
+    )
+    fast_transport: bool = Field(
+        False,
+        description="Start a local cluster with Ray 2.60's HAProxy ingress, direct ingress "
+        "and gRPC between deployments (about 2x the graph's throughput, bench/serve.py). "
+        "A cluster that is joined needs the same variables set before `ray start` (see "
+        "cluster/README.md).",
+    )
     int8_tiers: list[Literal["cheap", "expensive"]] = Field(
         [],
         description="Tiers served by the dynamic-INT8 twin of their cascade version. A "
@@ -293,7 +307,6 @@ class ServeConfig(_Section):
         """Where a client on this host reaches the service."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
-
 
 
 class Settings(BaseSettings):

@@ -29,7 +29,14 @@ LOGGING = LoggingConfig(encoding="JSON").model_dump()
 
 INGRESS = "Ingress"
 # Reach the deployments as their user_config and autoscaling_config, applied in place.
-SWAPPABLE = {"cascade_ref", "int8_tiers", "batch", "cheap_replicas", "expensive_replicas"}
+SWAPPABLE = {
+    "cascade_ref",
+    "int8_tiers",
+    "batch",
+    "cheap_replicas",
+    "expensive_replicas",
+    "ingress_replicas",
+}
 # (The routing table is not deployed at all: it lives in the registry, see catalog.py.)
 
 
@@ -58,7 +65,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
             max_queued_requests=serve_cfg.tier_max_queued_requests,
             user_config=configs[tier_deployment(tier)],
-            autoscaling_config=scaling(args)[tier],
+            autoscaling_config=scaling(args)[tier_deployment(tier)],
             logging_config=LOGGING,
         ).bind(args.tracking_uri)
         for tier in TIERS
@@ -72,6 +79,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         logging_config=LOGGING,
         user_config=configs[INGRESS],
+        autoscaling_config=scaling(args)[INGRESS],
     ).bind(tiers["cheap"], tiers["expensive"], stable_args(args))
 
 
@@ -81,10 +89,11 @@ def stable_args(args: GraphArgs) -> dict[str, Any]:
 
 
 def scaling(args: GraphArgs) -> dict[str, dict[str, float]]:
-    """Tier -> its Serve autoscaling_config."""
+    """Deployment name -> its Serve autoscaling_config."""
     return {
-        "cheap": args.serve.cheap_replicas.autoscaling_config(),
-        "expensive": args.serve.expensive_replicas.autoscaling_config(),
+        tier_deployment("cheap"): args.serve.cheap_replicas.autoscaling_config(),
+        tier_deployment("expensive"): args.serve.expensive_replicas.autoscaling_config(),
+        INGRESS: args.serve.ingress_replicas.autoscaling_config(),
     }
 
 
