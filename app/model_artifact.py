@@ -82,12 +82,7 @@ class LoadedModel:
     def predict_proba(self, raw: np.ndarray | pd.DataFrame) -> np.ndarray:
         """Raw rows: a frame of the feature columns, or their values (n, F) as a request
         carries them; the model's own preprocessor (if any) turns them into features."""
-        frame = (
-            raw
-            if isinstance(raw, pd.DataFrame)
-            else pd.DataFrame(raw, columns=list(self.workload.feature_columns))
-        )
-        return self.predict_proba_features(self.workload.features(frame))
+        return self.predict_proba_features(self.workload.features(raw))
 
 
 def load_model(directory: Path) -> LoadedModel:

@@ -168,7 +168,10 @@ class CompiledContract:
                 groups.setdefault((NOT_NULLABLE,), ([], _not_null))[0].append(i)
             for check in column.checks:
                 label = check.error or check.name  # as pandera words it: in_range(0, 16)
-                key = (label, repr(check.statistics), str(id(check._check_fn)))
+                # A built-in check is its name and statistics (pandera makes a new
+                # dispatcher per column); a custom one is its own function.
+                fn = "" if check.name in BUILT_IN else str(id(check._check_fn))
+                key = (label, repr(check.statistics), fn)
                 if key not in groups:
                     groups[key] = ([], _compile(check))
                 groups[key][0].append(i)
@@ -194,6 +197,15 @@ class CompiledContract:
 
 
 _Rule = Callable[[np.ndarray], np.ndarray]
+BUILT_IN = {
+    "in_range",
+    "greater_than_or_equal_to",
+    "greater_than",
+    "less_than_or_equal_to",
+    "less_than",
+    "equal_to",
+    "isin",
+}
 
 
 def _not_null(v: np.ndarray) -> np.ndarray:

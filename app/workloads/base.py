@@ -114,8 +114,15 @@ class Workload(ABC):
 
         return nn.Sequential(*(spec.build() for spec in self.layers(self.check_tier(tier))))
 
-    def features(self, frame: pd.DataFrame) -> np.ndarray:
-        """Raw rows -> model inputs. Training and serving both call this, so they agree."""
+    def features(self, frame: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Raw rows -> model inputs. Training and serving both call this, so they agree.
+
+        A workload of plain numbers also takes the values themselves, (n, F) in
+        feature-column order as a request carries them: no frame per request."""
+        if isinstance(frame, np.ndarray) and not self.fitted:
+            return np.asarray(frame, dtype=np.float32)
+        if isinstance(frame, np.ndarray):
+            frame = pd.DataFrame(frame, columns=list(self.feature_columns))
         if self.fitted:
             if self.preprocessor is None:
                 raise ConfigError(

@@ -60,7 +60,7 @@ class Digits(Workload):
         frame[self.label_column] = bunch.target.astype(np.int64)
         return frame
 
-    def features(self, frame: pd.DataFrame) -> np.ndarray:
+    def features(self, frame: pd.DataFrame | np.ndarray) -> np.ndarray:
         return super().features(frame) / np.float32(MAX_PIXEL)
 
     def layers(self, tier: str) -> list[LayerSpec]:
