@@ -148,15 +148,13 @@ def build_api(
     ) -> tuple[str, list[Prediction]]:
         """The routed version and its predictions; the version goes out in a header of
         every answer, errors included, so each version's errors count against it."""
-        version = routing.choose(user=request.headers.get(route_header), named=named)
-        request.state.version = version
-        # pandera takes milliseconds per request of records: off the event loop.
+        route = routing.choose(user=request.headers.get(route_header), named=named)
+        # Records take milliseconds to check: off the event loop.
         frame = isinstance(instances, pd.DataFrame)
         checked = await asyncio.to_thread(check, instances) if frame else check(instances)
+        request.state.version = version = route.version  # a 4xx above is no version's
         try:
-            predictions = await asyncio.wait_for(
-                routing.predict(version, checked, mirror=named is None), request_timeout_s
-            )
+            predictions = await asyncio.wait_for(routing.predict(route, checked), request_timeout_s)
         except TimeoutError:
             raise GatewayTimeout(
                 f"no answer within {request_timeout_s:g} s (serve.request_timeout_s): retry, "

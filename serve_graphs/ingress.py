@@ -41,6 +41,7 @@ class TierFailed(ServiceUnavailable):
     load: worth one more try, since a prediction is idempotent."""
 
 
+ROUTES_READ_TIMEOUT_S = 10  # a slow registry must not hold a replica's start for long
 TIER_ATTEMPTS = 2  # one retry: a dead replica is replaced, its callers go elsewhere
 
 
@@ -190,7 +191,7 @@ class Ingress:
         log.info("cascade %s, threshold %.4f", self.config.cascade_version, self.config.threshold)
         if self.watch is None:  # the first config: read the routing table before serving
             try:
-                await self.routing.refresh()
+                await asyncio.wait_for(self.routing.refresh(), ROUTES_READ_TIMEOUT_S)
             except Exception:  # serve the deployed cascade; the watch tries again
                 log.exception("reading the routing table failed; serving the deployed cascade")
             self.watch = asyncio.get_running_loop().create_task(

@@ -112,6 +112,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            if version == UNROUTED:  # an error answered outside: the version the app chose
+                version = scope.get("state", {}).get("version", UNROUTED)
             seconds = time.perf_counter() - started
             self.observer.request(route_of(scope["path"]), status, seconds, version)
 

@@ -27,15 +27,17 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from app.errors import InvalidRequest, NotFound, ScaledlError, ServiceUnavailable
 from serve_graphs.cascade import Cascade, Instances, Prediction, Variant
 
 log = logging.getLogger("ray.serve")
+_T = TypeVar("_T")
 
 BUCKETS = 10_000  # hash buckets: weights are whole percents, 100 buckets each
 MAX_VERSIONS = 4  # versions one table may name (routes and shadow): each tier replica
@@ -53,8 +55,9 @@ class RouteSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    routes: dict[str, int] = Field(
+    routes: dict[str, StrictInt] = Field(
         min_length=1,
+        max_length=MAX_VERSIONS,
         description="Cascade version or alias -> percent of traffic; the weights sum to "
         "100. A weight of 0 keeps a version reachable by its explicit version path only.",
         examples=[{"champion": 90, "challenger": 10}],
@@ -148,6 +151,16 @@ class MemoryRouteStore:
         self.text = text
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: its cascade version and that version's variant (None: the
+    deployed cascade, on the tiers' pinned versions), and where its shadow copy goes."""
+
+    version: str
+    variant: Variant | None
+    shadow: Route | None = None
+
+
 # (ref) -> (version, Variant): resolves an alias or version; raises NotFound with a fix.
 Resolve = Callable[[str], tuple[str, Variant]]
 # (primary version, shadow version, primary, shadow or None on failure, shadow seconds)
@@ -178,6 +191,7 @@ class Routing:
         self.table: RouteTable | None = None
         self.variants: dict[str, Variant] = {}
         self.stored: str | None = None  # the store's text the table came from
+        self.generation = 0  # counts tables applied: a stale read must not undo a newer one
         self.shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
 
@@ -197,46 +211,44 @@ class Routing:
         listed = self.table.versions() if self.table else []
         return list(dict.fromkeys([*listed, self.deployed()]))
 
-    def choose(self, *, user: str | None = None, named: str | None = None) -> str:
+    def choose(self, *, user: str | None = None, named: str | None = None) -> Route:
         """The cascade version for a request: ``named`` if it names a served one (404
-        otherwise), else the table's pick for ``user`` (at random without one)."""
+        otherwise), else the table's pick for ``user`` (at random without one).
+
+        The choice is fixed here, variant and shadow included, so a table applied or a
+        cascade swapped while the request runs does not move it."""
+        table = self.table
         if named is not None:
-            bare = version_of(named) or named
-            if bare not in self.versions():
+            version = version_of(named) or named
+            if version not in self.versions():
                 raise NotFound(
                     f"version {named!r} is not served; served versions: "
                     f"{', '.join(self.versions())} (add one with `scaledl route set`; weight "
                     "0 keeps it off the routed traffic)"
                 )
-            return bare
-        if self.table is None:
-            return self.deployed()
-        bucket = user_bucket(user) if user else self.rng.randrange(BUCKETS)
-        return self.table.pick(bucket).version
+        elif table is None:
+            return Route(self.deployed(), None)
+        else:
+            version = table.pick(user_bucket(user) if user else self.rng.randrange(BUCKETS)).version
+        shadow = None
+        if named is None and table.shadow is not None:
+            shadow = Route(table.shadow.version, self._variant(table.shadow.version))
+        return Route(version, self._variant(version), shadow)
 
-    async def predict(
-        self, version: str, instances: Instances, *, mirror: bool = True
-    ) -> list[Prediction]:
-        """``version``'s answer (from :meth:`choose`); with ``mirror``, a copy goes to
-        the table's shadow, if it has one."""
-        table = self.table
-        predictions = await self._run(version, instances)
-        if mirror and table is not None and table.shadow is not None:
-            self._mirror(version, table.shadow.version, instances, predictions)
+    def _variant(self, version: str) -> Variant | None:
+        return None if version == self.deployed() else self.variants[version]
+
+    async def predict(self, route: Route, instances: Instances) -> list[Prediction]:
+        """The answer of ``route``'s version; a copy goes to its shadow, if it has one."""
+        predictions = await self.cascade.predict(instances, route.variant)
+        if route.shadow is not None:
+            self._mirror(route.version, route.shadow, instances, predictions)
         return predictions
 
-    async def _run(
-        self, version: str, instances: Instances, *, record: bool = True
-    ) -> list[Prediction]:
-        # A table applied while the request waited may have dropped its version.
-        variant = None if version == self.deployed() else self.variants.get(version)
-        if variant is None and version != self.deployed():
-            raise ServiceUnavailable(f"version {version} was just unrouted: retry")
-        return await self.cascade.predict(instances, variant, record=record)
-
     def _mirror(
-        self, primary: str, shadow: str, instances: Instances, answer: list[Prediction]
+        self, primary: str, target: Route, instances: Instances, answer: list[Prediction]
     ) -> None:
+        shadow = target.version
         if len(self.shadows) >= self.shadow_limit:
             self.shadow_dropped += 1
             return
@@ -245,7 +257,8 @@ class Routing:
             started = time.perf_counter()
             try:
                 mirrored = await asyncio.wait_for(
-                    self._run(shadow, instances, record=False), self.shadow_timeout_s
+                    self.cascade.predict(instances, target.variant, record=False),
+                    self.shadow_timeout_s,
                 )
             except (ScaledlError, TimeoutError) as exc:
                 log.warning("shadow %s failed: %s", shadow, exc)
@@ -263,15 +276,14 @@ class Routing:
 
     async def set(self, spec: RouteSpec | None, by: str) -> RouteTable | None:
         """Validate, resolve, store and apply a new table (None: back to the deployed
-        version alone). A ref that does not resolve is a 400 naming it."""
+        version alone). A ref that does not resolve is a 400 naming it; a registry that
+        cannot be reached is a 503."""
         if spec is None:
-            await asyncio.to_thread(self.store.save, None)
-            self.table, self.stored = None, None
+            await self._registry(self.store.save, None)
+            self._apply(None, {}, None)
             return None
-        resolved = {
-            ref: await asyncio.to_thread(self._resolve_ref, ref)
-            for ref in [*spec.routes, *([spec.shadow] if spec.shadow else [])]
-        }
+        refs = [*spec.routes, *([spec.shadow] if spec.shadow else [])]
+        resolved = {ref: await self._registry(self._resolve_ref, ref) for ref in refs}
         try:
             table = RouteTable(
                 routes=[
@@ -288,18 +300,21 @@ class Routing:
             raise InvalidRequest(f"invalid routing table: {error_text(exc)}") from None
         variants = {version: variant for version, variant in resolved.values()}
         text = table.model_dump_json()
-        await asyncio.to_thread(self.store.save, text)
+        await self._registry(self.store.save, text)
         self._apply(table, variants, text)
         log.info("routing table set by %s: %s", by, text)
         return table
 
     async def refresh(self) -> None:
-        """Apply the stored table if it changed (another replica, or the CLI, set it)."""
+        """Apply the stored table if it changed (another replica, or the CLI, set it).
+
+        A table set here while the store was read wins: the read may predate it."""
+        generation = self.generation
         text = await asyncio.to_thread(self.store.load)
-        if text == self.stored:
+        if text == self.stored or self.generation != generation:
             return
         if not text:
-            self.table, self.stored = None, text
+            self._apply(None, {}, text)
             return
         try:
             table = RouteTable.model_validate_json(text)
@@ -311,8 +326,9 @@ class Routing:
             log.error("stored routing table not applied, keeping the current one: %s", exc)
             self.stored = text  # do not retry the same text every poll
             return
-        self._apply(table, variants, text)
-        log.info("routing table applied from the store: %s", text)
+        if self.generation == generation:
+            self._apply(table, variants, text)
+            log.info("routing table applied from the store: %s", text)
 
     async def watch(self, poll_s: float) -> None:
         """Refresh from the store every ``poll_s`` seconds, for as long as the replica lives."""
@@ -323,15 +339,32 @@ class Routing:
             except Exception:  # a store hiccup must not end the watch
                 log.exception("reading the routing table failed; retrying in %g s", poll_s)
 
-    def _apply(self, table: RouteTable, variants: dict[str, Variant], text: str) -> None:
-        self.variants = {v: variants[v] for v in table.versions()}
+    def _apply(
+        self, table: RouteTable | None, variants: dict[str, Variant], text: str | None
+    ) -> None:
+        """The new table and its variants, swapped in together (one event-loop step)."""
+        versions = table.versions() if table else []
+        self.variants = {v: variants[v] for v in versions}
         self.table, self.stored = table, text
+        self.generation += 1
 
     def _resolve_ref(self, ref: str) -> tuple[str, Variant]:
         try:
-            return self.resolve(ref)
+            return self.resolve(version_of(ref) or ref)  # v7 and 7 name version 7
         except NotFound as exc:
             raise InvalidRequest(f"route {ref!r}: {exc.message}") from None
+
+    async def _registry(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` in a thread; a registry that fails is a 503, not a 500."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ScaledlError:
+            raise
+        except Exception as exc:
+            log.exception("the registry failed while setting the routing table")
+            raise ServiceUnavailable(
+                f"the registry could not be reached ({type(exc).__name__}): retry shortly"
+            ) from exc
 
 
 def error_text(exc: ValueError) -> str:

@@ -143,9 +143,10 @@ class TierModel:
 
         A request larger than a batch is split into batch-sized chunks, which join other
         requests' rows in the batcher."""
-        routed = None
-        if model_id is not None and (self.loaded is None or model_id != self.loaded.model_id):
-            routed = await self.routed_runner(model_id)
+        routed = None  # None: the pinned version when the batch runs (swaps land between)
+        if model_id is not None:  # this version and no other, even if a swap lands now
+            pinned = self.loaded is not None and model_id == self.loaded.model_id
+            routed = self.runner if pinned else await self.routed_runner(model_id)
         step = self.max_rows
         chunks = [
             Work(take(instances, slice(i, i + step)), routed)

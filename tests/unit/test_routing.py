@@ -70,7 +70,7 @@ class Registry:
         self.broken: set[str] = set()
 
     def resolve(self, ref: str) -> tuple[str, Variant]:
-        version = {"champion": "3", "challenger": "4"}.get(ref, ref.removeprefix("v"))
+        version = {"champion": "3", "challenger": "4"}.get(ref, ref)  # as the registry: no v7
         if version not in ("3", "4", "7"):
             raise NotFound(f"no calibrated cascade {ref!r} for digits")
         delay = self.shadow_delay_s if version == "7" else 0
@@ -201,9 +201,9 @@ def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(registry: Reg
         started = loop.time()
         answers = []
         for i in range(5):
-            version = routing.choose(user=f"u{i}")
-            predictions = await routing.predict(version, np.zeros((1, 64)))
-            answers.append((version, predictions[0].label))
+            route = routing.choose(user=f"u{i}")
+            predictions = await routing.predict(route, np.zeros((1, 64)))
+            answers.append((route.version, predictions[0].label))
         elapsed = loop.time() - started
         await asyncio.gather(*routing.shadows)
         return answers, elapsed
@@ -246,6 +246,8 @@ def test_a_failing_challenger_degrades_only_its_own_answers(registry: Registry) 
         ({"routes": {"champion": 100}, "shadow": "v3"}, 400, "shadow version 3 also takes"),
         ({"routes": {"champion": 100}, "shadow": "nope"}, 400, "route 'nope'"),
         ({"routes": {"champion": 100}, "mirror": "7"}, 422, "mirror"),
+        ({"routes": {"champion": True, "challenger": 99}}, 422, "valid integer"),
+        ({"routes": {"1": 20, "2": 20, "3": 20, "4": 20, "5": 20}}, 422, "at most 4"),
     ],
 )
 def test_a_bad_table_is_a_4xx_that_says_what_to_fix_and_changes_nothing(
@@ -297,3 +299,71 @@ def test_the_cli_spec_parses_into_the_same_table() -> None:
         parse_routes(["champion90"], None)
     with pytest.raises(ValueError, match="whole percent"):
         parse_routes(["champion=ninety"], None)
+
+
+def test_a_request_keeps_its_version_through_a_swap_or_a_new_table(registry: Registry) -> None:
+    deployed = ["3"]
+    cascade = Cascade(sure_of(3, "digits-cheap/3"), failing("expensive"), 0.5)
+    routing = Routing(cascade, lambda: deployed[0], registry.resolve, MemoryRouteStore())
+
+    async def scenario() -> list[tuple[str, int]]:
+        await routing.set(RouteSpec(routes={"3": 50, "4": 50}), by="test")
+        routes = [routing.choose(user=f"user-{u}") for u in range(20)]
+        deployed[0] = "4"  # a promotion lands while the requests run
+        await routing.set(RouteSpec(routes={"7": 100}), by="test")  # and a new table
+        return [(r.version, (await routing.predict(r, np.zeros((1, 64))))[0].label) for r in routes]
+
+    answers = asyncio.run(scenario())
+    assert {v for v, _ in answers} == {"3", "4"}
+    assert all(label == int(v) for v, label in answers)
+
+
+def test_a_poll_that_read_the_store_before_a_set_does_not_undo_it(registry: Registry) -> None:
+    import threading
+
+    class SlowStore(MemoryRouteStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reading, self.release = threading.Event(), threading.Event()
+
+        def load(self) -> str | None:
+            text = self.text
+            self.reading.set()
+            self.release.wait(5)
+            return text
+
+    store = SlowStore()
+    cascade = Cascade(sure_of(3, "digits-cheap/3"), failing("expensive"), 0.5)
+    routing = Routing(cascade, lambda: DEPLOYED, registry.resolve, store)
+
+    async def scenario() -> None:
+        poll = asyncio.create_task(routing.refresh())
+        await asyncio.to_thread(store.reading.wait, 5)  # the poll holds the old (empty) text
+        await routing.set(RouteSpec(routes={"4": 100}), by="test")
+        store.release.set()
+        await poll
+
+    asyncio.run(scenario())
+    assert routing.table is not None and routing.table.routes[0].version == "4"
+
+
+def test_a_bug_counts_against_its_version_and_a_registry_outage_is_a_503(
+    registry: Registry,
+) -> None:
+    class DownStore(MemoryRouteStore):
+        def save(self, text: str | None) -> None:
+            raise OSError("database is locked")
+
+    http, routing = service(registry, DownStore())
+    resp = http.put(ROUTES, json={"routes": {"4": 100}}, headers=AUTH)
+    assert resp.status_code == 503 and "registry could not be reached" in resp.json()["error"]
+    assert routing.table is None
+
+    async def bug(instances: np.ndarray) -> TierAnswer:
+        raise ValueError("a bug")
+
+    routing.cascade.cheap = bug
+    http = TestClient(http.app, raise_server_exceptions=False)
+    resp = http.post(PREDICT, json={"instances": digit_images(1)}, headers=AUTH)
+    assert resp.status_code == 500 and resp.headers["x-scaledl-version"] == "3"
+    assert http.get(ROUTES, headers=AUTH).json()["versions"]["3"]["server_errors"] == 1
