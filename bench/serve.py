@@ -1,0 +1,372 @@
+"""Serving throughput: the scaledl graph against stock Ray Serve and LitServe, same run.
+
+The same trained digits models served five ways, on one machine, in one run:
+
+a  stock Ray Serve, one deployment: ``__call__`` parses the JSON and runs the cascade's
+   expensive-tier model on each request (no FastAPI, no batching);
+b  the same with ``@serve.batch`` (the tiers' BatchConfig: 64 rows, 5 ms);
+c  LitServe 0.2.19, the same model and batching, one worker (``bench.serve_litserve``);
+d  the scaledl graph exactly as ``scaledl serve`` deploys it (``app.serving.deploy``:
+   the Ingress with auth, the input contract and the cascade, and the batched cheap and
+   expensive TierModel deployments), ``POST /v1/models/digits/predict`` with a key;
+e  the same logic as ONE deployment (:class:`Monolith`): the same FastAPI app
+   (``build_api``), Cascade, KeyRing and metrics, but the tiers are ``TierRunner`` s
+   called in-process through two ``@serve.batch`` methods, not deployment handles.
+
+a-c serve the expensive tier's model (``load_model``). Every request carries one
+instance, a digit the cheap tier is unsure of, so d and e escalate it: they run both
+models, a-c the heavier one only. Torch uses one thread per replica everywhere, as the
+tiers do. d and e run again on a second cluster started with Ray 2.60's transport
+settings (HAProxy, direct ingress, gRPC between deployments; ``d+t``, ``e+t``).
+
+Load comes from ``wrk`` (one thread, ``-c`` keep-alive connections, the same POST in a
+loop): a warmup run, then the measured one, at each concurrency. The client shares the
+machine's cores (2 on the development VM) with the servers, so every setup pays the same
+client. req/s counts answers below 400; errors are HTTP >= 400 plus socket errors and
+timeouts (5 s). The CPU each process used during the measured run (psutil, Ray workers by
+their title) is printed below the table, in cores and in CPU ms per answered request.
+Without ``--store`` the pipeline runs first (ingest digits, train both tiers for
+``--epochs``, calibrate and promote the cascade) into a temporary store.
+
+    .venv/bin/python -m bench.serve                       # about 10 minutes on 2 cores
+    .venv/bin/python -m bench.serve --store DIR --seconds 3 --concurrency 16 --setups a,d
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from ray import serve
+from starlette.requests import Request
+
+from app.keys import dev_key
+from app.model_artifact import load_model
+from app.settings import BatchConfig, load_settings
+from app.workloads import TIERS, get_workload
+from bench import wrk
+from bench.serve_models import DIGITS, prepare, request_body
+from bench.serve_report import report
+from serve_graphs.api import build_api
+from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
+from serve_graphs.builder import INGRESS, tier_deployment
+from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
+from serve_graphs.ingress import ServeMetrics
+from serve_graphs.observe import CostMeter
+from serve_graphs.tier_model import TierRunner, _rows
+
+PATH = f"/v1/models/{DIGITS}/predict"
+TRANSPORT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
+BATCH = BatchConfig()
+MAX_ONGOING = 64  # the scaledl ingress's default, for every single-deployment setup
+
+
+def respond(probs: np.ndarray) -> dict:
+    """The baselines' answer: label and confidence per instance."""
+    return {
+        "predictions": [{"label": int(p.argmax()), "confidence": float(p.max())} for p in probs]
+    }
+
+
+def instances(body: dict) -> np.ndarray:
+    """The baselines' parsing: the JSON ``instances`` as a float matrix."""
+    return np.asarray(body["instances"], dtype=np.float64)
+
+
+class PerRequest:
+    """(a): the model on every request."""
+
+    def __init__(self, model_dir: str) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.runner = TierRunner(load_model(Path(model_dir)), "baseline")
+
+    async def __call__(self, request: Request) -> dict:
+        return respond(self.runner.model.predict_proba(instances(await request.json())))
+
+
+class Batched(PerRequest):
+    """(b): requests gathered by ``@serve.batch`` into one forward pass."""
+
+    async def __call__(self, request: Request) -> dict:
+        return respond(await self.predict_batch(instances(await request.json())))
+
+    @serve.batch(
+        max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s
+    )
+    async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        return self.runner.predict_many(batches)
+
+
+@serve.deployment
+@serve.ingress()
+class Monolith:
+    """(e): the Ingress's app and cascade with both tiers inside the same replica.
+
+    Built from the same args and user_configs as the graph (``builder.user_configs``),
+    so it serves the same versions with the same threshold and batching. Requests here
+    hold one row, so TierModel's chunking of large requests is left out."""
+
+    def __init__(self, args: dict, configs: dict) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.args = GraphArgs.model_validate(args)
+        tiers = {t: TierConfig.model_validate(configs[tier_deployment(t)]) for t in TIERS}
+        self.runners = {
+            t: TierRunner.from_registry(self.args.tracking_uri, c.model) for t, c in tiers.items()
+        }
+        for method in (self.predict_cheap, self.predict_expensive):
+            method.set_max_batch_size(tiers["cheap"].batch.max_batch_size)
+            method.set_batch_wait_timeout_s(tiers["cheap"].batch.batch_wait_timeout_s)
+        ingress = IngressConfig.model_validate(configs[INGRESS])
+        self.version = ingress.cascade_version
+        cfg = self.args.serve
+        self.costs = CostMeter()
+        self.cascade = Cascade(
+            self._tier("cheap", self.predict_cheap),
+            self._tier("expensive", self.predict_expensive),
+            threshold=ingress.threshold,
+            expensive_timeout_s=cfg.expensive_timeout_s,
+            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
+            on_tier_call=self.costs.tier_call,
+        )
+        self.cascade.calibrated(ingress.cheap_version, ingress.threshold)
+
+    def _tier(self, tier: str, batched) -> TierFn:  # noqa: ANN001 - a serve.batch method
+        async def call(rows: Instances) -> TierAnswer:
+            return TierAnswer(await batched(rows), self.runners[tier].version)
+
+        return call
+
+    @serve.batch(
+        max_batch_size=BATCH.max_batch_size,
+        batch_wait_timeout_s=BATCH.batch_wait_timeout_s,
+        batch_size_fn=_rows,
+    )
+    async def predict_cheap(self, batches: list[Instances]) -> list[np.ndarray]:
+        return self.runners["cheap"].predict_many(batches)
+
+    @serve.batch(
+        max_batch_size=BATCH.max_batch_size,
+        batch_wait_timeout_s=BATCH.batch_wait_timeout_s,
+        batch_size_fn=_rows,
+    )
+    async def predict_expensive(self, batches: list[Instances]) -> list[np.ndarray]:
+        return self.runners["expensive"].predict_many(batches)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from app.keys import KeyRing
+
+        cfg = self.args.serve
+        return build_api(
+            get_workload(self.args.workload),
+            self.cascade,
+            keys=KeyRing(self.args.api_keys),
+            max_instances=cfg.max_instances_per_request,
+            max_body_bytes=cfg.max_body_bytes,
+            request_timeout_s=cfg.request_timeout_s,
+            observer=ServeMetrics(lambda: self.version),
+            costs=self.costs,
+            model_version=lambda: self.version,
+        )
+
+
+# --- the children: one cluster, LitServe ----------------------------------------------
+
+
+def deploy_setup(setup: str, plan: dict) -> str:
+    """Deploy one setup on the running Serve instance; its URL."""
+    from app.serving import deploy
+
+    settings = load_settings(
+        storage_root=Path(plan["store"]), serve={"host": "127.0.0.1", "port": plan["port"]}
+    )
+    keys = [dev_key(plan["key"], "bench")]
+    if setup == "d":
+        return deploy(settings, DIGITS, keys).predict_url
+    if setup == "e":
+        from serve_graphs.builder import stable_args, user_configs
+
+        args = GraphArgs.from_settings(settings, DIGITS, keys)
+        app = Monolith.options(
+            max_ongoing_requests=args.serve.ingress_max_ongoing_requests,
+            max_queued_requests=args.serve.ingress_max_queued_requests,
+        ).bind(stable_args(args), user_configs(args))
+    else:
+        cls = {"a": PerRequest, "b": Batched}[setup]
+        app = serve.deployment(cls, max_ongoing_requests=MAX_ONGOING).bind(plan["model_dir"])
+    serve.run(app, name=f"bench-{setup}", route_prefix="/")
+    return f"http://127.0.0.1:{plan['port']}{PATH}"
+
+
+def cluster(plan: dict, setups: list[str]) -> dict:
+    """One local cluster (the env decides its transport): each setup deployed, probed,
+    measured, deleted."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": plan["port"]})
+        for setup in setups:
+            url = deploy_setup(setup, plan)
+            results[setup] = load(url, plan, key=plan["key"] if setup in "de" else None)
+            serve.delete(DIGITS if setup == "d" else f"bench-{setup}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+def load(url: str, plan: dict, key: str | None) -> dict:
+    """A checked first answer, then wrk at each concurrency."""
+    answer = wrk.probe(url, plan["body"], key)
+    runs = wrk.measure(url, plan["body"], key, plan["concurrency"], plan["seconds"], plan["warmup"])
+    print(f"  {url}: {json.dumps(answer)[:160]}", file=sys.stderr)
+    return {
+        "answer": answer,
+        "runs": {str(c): asdict(r) for c, (r, _) in runs.items()},
+        "cpu": {str(c): cpu for c, (_, cpu) in runs.items()},
+    }
+
+
+def run_litserve(plan: dict, log: Path) -> dict:
+    """(c) in its own process group, measured from here, then stopped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.serve", "--child", "litserve", json.dumps(plan)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        return load(f"http://127.0.0.1:{plan['port']}{PATH}", plan, key=None)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_cluster(plan: dict, setups: list[str], env: dict[str, str], log: Path) -> dict:
+    """``cluster`` in a child process, so ``env`` reaches every process of the cluster."""
+    check_no_ray("before starting a cluster")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--child", "cluster", json.dumps(plan), *setups],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token", **env},
+    )
+    check_no_ray("after the cluster stopped")
+    if proc.returncode != 0:
+        raise SystemExit(f"cluster run {setups} failed; see {log}:\n{log.read_text()[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_no_ray(when: str) -> None:
+    import psutil
+
+    for _ in range(60):  # a stopped cluster's raylet takes a moment to exit
+        raylets = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"]
+        if not raylets:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"a Ray cluster is running {when} (raylet pids {raylets}): stop it first")
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", default="a,b,c,d,e", help="any of a,b,c,d,e")
+    parser.add_argument("--concurrency", default="1,16,64", help="wrk connections, per run")
+    parser.add_argument("--seconds", type=float, default=10, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=3, help="warmup seconds per run")
+    parser.add_argument("--no-transport", action="store_true", help="skip the d+t, e+t runs")
+    parser.add_argument("--store", type=Path, help="reuse a storage root with a cascade")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs without --store")
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    wrk.require_wrk()
+    setups = [s for s in "abcde" if s in args.setups.split(",")]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="scaledl-bench-serve-") as tmp:
+        store = args.store or Path(tmp) / "store"
+        if args.store is None:
+            print(f"training both tiers ({args.epochs} epochs) into {store}", file=sys.stderr)
+            check_no_ray("before training")
+            env = {**os.environ, "RAY_AUTH_MODE": "token"}
+            cmd = [sys.executable, "-m", "bench.serve", "--child", "prepare", str(store)]
+            cmd.append(str(args.epochs))
+            with (Path(tmp) / "prepare.log").open("w") as log:
+                subprocess.run(cmd, check=True, stdout=log, stderr=log, env=env)
+            check_no_ray("after training")
+        body, model_dir, note = request_body(store)
+        plan = {
+            "store": str(store),
+            "port": args.port,
+            "key": os.urandom(16).hex(),
+            "body": body,
+            "model_dir": model_dir,
+            "concurrency": [int(c) for c in args.concurrency.split(",")],
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+        }
+        results, skipped = {}, []
+        stock = [s for s in setups if s != "c"]
+        if stock:
+            print(f"stock cluster: {stock}", file=sys.stderr)
+            results |= run_cluster(plan, stock, {}, Path(tmp) / "stock.log")
+        if "c" in setups:
+            if importlib.util.find_spec("litserve") is None:
+                skipped.append("c skipped: litserve is not installed (pip install -e '.[bench]')")
+            else:
+                print("litserve", file=sys.stderr)
+                results["c"] = run_litserve(plan, Path(tmp) / "litserve.log")
+        fast = [s for s in setups if s in "de"] if not args.no_transport else []
+        if fast:
+            print(f"transport cluster: {fast}", file=sys.stderr)
+            runs = run_cluster(plan, fast, TRANSPORT, Path(tmp) / "transport.log")
+            results |= {f"{s}+t": r for s, r in runs.items()}
+    print(json.dumps(results), file=sys.stderr)  # the raw runs, for a second look
+    print(report(results, plan, note, skipped, time.monotonic() - started))
+
+
+def child(mode: str, *rest: str) -> None:
+    if mode == "prepare":
+        prepare(rest[0], int(rest[1]))
+    elif mode == "cluster":
+        print(json.dumps(cluster(json.loads(rest[0]), list(rest[1:]))))
+    elif mode == "litserve":
+        from bench.serve_litserve import serve as litserve
+
+        plan = json.loads(rest[0])
+        litserve(plan["model_dir"], plan["port"], PATH)
+
+
+if __name__ == "__main__":
+    main()
