@@ -53,10 +53,11 @@ from starlette.requests import Request
 
 from app.keys import dev_key
 from app.model_artifact import load_model
+from app.runtime import FAST_TRANSPORT
 from app.settings import BatchConfig, load_settings
 from app.workloads import TIERS, get_workload
 from bench import wrk
-from bench.serve_models import DIGITS, prepare, request_body
+from bench.serve_models import DIGITS, prepare, request_bodies
 from bench.serve_report import report
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
@@ -64,14 +65,10 @@ from serve_graphs.builder import INGRESS, tier_deployment
 from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
 from serve_graphs.ingress import ServeMetrics
 from serve_graphs.observe import CostMeter
+from serve_graphs.routing import Routing
 from serve_graphs.tier_model import TierRunner, _rows
 
 PATH = f"/v1/models/{DIGITS}/predict"
-TRANSPORT = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-}
 BATCH = BatchConfig()
 MAX_ONGOING = 64  # the scaledl ingress's default, for every single-deployment setup
 
@@ -177,14 +174,13 @@ class Monolith:
         cfg = self.args.serve
         return build_api(
             get_workload(self.args.workload),
-            self.cascade,
+            Routing.fixed(self.cascade, self.version),
             keys=KeyRing(self.args.api_keys),
             max_instances=cfg.max_instances_per_request,
             max_body_bytes=cfg.max_body_bytes,
             request_timeout_s=cfg.request_timeout_s,
-            observer=ServeMetrics(lambda: self.version),
+            observer=ServeMetrics(),
             costs=self.costs,
-            model_version=lambda: self.version,
         )
 
 
@@ -237,8 +233,10 @@ def cluster(plan: dict, setups: list[str]) -> dict:
 
 def load(url: str, plan: dict, key: str | None) -> dict:
     """A checked first answer, then wrk at each concurrency."""
-    answer = wrk.probe(url, plan["body"], key)
-    runs = wrk.measure(url, plan["body"], key, plan["concurrency"], plan["seconds"], plan["warmup"])
+    answer = wrk.probe(url, plan["bodies"][0], key)
+    runs = wrk.measure(
+        url, plan["bodies"], key, plan["concurrency"], plan["seconds"], plan["warmup"]
+    )
     print(f"  {url}: {json.dumps(answer)[:160]}", file=sys.stderr)
     return {
         "answer": answer,
@@ -306,6 +304,14 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="reuse a storage root with a cascade")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs without --store")
     parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument(
+        "--mix",
+        choices=("digits", "unsure"),
+        default="digits",
+        help="digits: requests cycle through 256 digits (the cascade escalates its natural "
+        "share); unsure: every request holds one digit the cheap tier is unsure of (every "
+        "request runs both tiers: the cascade's worst case)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -325,12 +331,12 @@ def main() -> None:
             with (Path(tmp) / "prepare.log").open("w") as log:
                 subprocess.run(cmd, check=True, stdout=log, stderr=log, env=env)
             check_no_ray("after training")
-        body, model_dir, note = request_body(store)
+        bodies, model_dir, note = request_bodies(store, args.mix)
         plan = {
             "store": str(store),
             "port": args.port,
             "key": os.urandom(16).hex(),
-            "body": body,
+            "bodies": bodies,
             "model_dir": model_dir,
             "concurrency": [int(c) for c in args.concurrency.split(",")],
             "seconds": args.seconds,
@@ -350,7 +356,7 @@ def main() -> None:
         fast = [s for s in setups if s in "de"] if not args.no_transport else []
         if fast:
             print(f"transport cluster: {fast}", file=sys.stderr)
-            runs = run_cluster(plan, fast, TRANSPORT, Path(tmp) / "transport.log")
+            runs = run_cluster(plan, fast, FAST_TRANSPORT, Path(tmp) / "transport.log")
             results |= {f"{s}+t": r for s, r in runs.items()}
     print(json.dumps(results), file=sys.stderr)  # the raw runs, for a second look
     print(report(results, plan, note, skipped, time.monotonic() - started))

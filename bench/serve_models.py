@@ -42,9 +42,12 @@ def prepare(store: str, epochs: int) -> None:
         ray.shutdown()
 
 
-def request_body(store: Path) -> tuple[str, str, str]:
-    """The JSON body (one instance the cheap tier is unsure of), the expensive model's
-    folder, and a note on the choice."""
+def request_bodies(store: Path, mix: str) -> tuple[list[str], str, str]:
+    """The JSON bodies (one instance each), the expensive model's folder, and a note.
+
+    ``digits``: 256 digits drawn at random (seeded), so the cascade escalates its natural
+    share; ``unsure``: one digit the cheap tier is unsure of, so every request escalates.
+    """
     from app.cascade_spec import load_cascade
     from app.registry import Registry
 
@@ -59,11 +62,15 @@ def request_body(store: Path) -> tuple[str, str, str]:
     rows = frame[list(workload.feature_columns)].to_numpy(dtype=np.float64)
     confidence = load_model(folder("cheap", spec.cheap_version)).predict_proba(rows).max(axis=1)
     unsure = np.flatnonzero(confidence < spec.threshold)
-    i = int(unsure[0]) if unsure.size else int(confidence.argmin())
+    if mix == "unsure":
+        chosen = [int(unsure[0]) if unsure.size else int(confidence.argmin())]
+    else:
+        chosen = np.random.default_rng(0).choice(len(rows), 256, replace=False).tolist()
+    escalated = float(np.mean(confidence[chosen] < spec.threshold))
     note = (
-        f"instance: digits row {i}, cheap confidence {confidence[i]:.3f} vs threshold "
-        f"{spec.threshold:.3f} ({unsure.size / len(rows):.0%} of digits escalate); "
-        f"cheap {spec.cheap_version}, expensive {spec.expensive_version}"
+        f"requests: {mix} mix, {len(chosen)} distinct one-digit bodies in turn; the cheap "
+        f"tier escalates {escalated:.0%} of them (threshold {spec.threshold:.3f}); cheap "
+        f"{spec.cheap_version}, expensive {spec.expensive_version}"
     )
-    body = json.dumps({"instances": [rows[i].tolist()]})
-    return body, str(folder("expensive", spec.expensive_version)), note
+    bodies = [json.dumps({"instances": [rows[i].tolist()]}) for i in chosen]
+    return bodies, str(folder("expensive", spec.expensive_version)), note
