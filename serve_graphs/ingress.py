@@ -208,6 +208,9 @@ class Ingress:
             tier: tier_fn(self.handles[tier], tier, model_id=models.tiers[tier].model_id)
             for tier in TIERS
         }
+        for tier in TIERS:  # start loading now: the first routed requests need not wait
+            model_id = models.tiers[tier].model_id
+            self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
         return version, Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -118,7 +118,14 @@ class TierModel:
         """Another version than the pinned one (a routed A/B version), loaded on first
         use and kept for the next calls; the least recently used goes first."""
         model = TierModelRef.from_id(model_id)
-        return await asyncio.to_thread(TierRunner.from_registry, self.tracking_uri, model)
+        runner = await asyncio.to_thread(TierRunner.from_registry, self.tracking_uri, model)
+        log.info("loaded routed version %s", runner.version)
+        return runner
+
+    async def load(self, model_id: str) -> None:
+        """Load a routed version before its first request (a routing table names it)."""
+        if self.loaded is None or model_id != self.loaded.model_id:
+            await self.routed_runner(model_id)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def predict_batch(self, batch: list[Work]) -> list[tuple[np.ndarray, str]]:

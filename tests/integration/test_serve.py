@@ -337,6 +337,8 @@ def test_ab_and_shadow_routing_set_from_the_cli_without_a_redeploy(
     import sys
     import time
 
+    from ray._private.worker import global_worker
+
     x, _ = test_rows
     champion = Registry(platform.settings.tracking_uri).resolve("digits-cascade").version
     challenger, challenger_cheap = register_challenger(platform)
@@ -361,6 +363,16 @@ def test_ab_and_shadow_routing_set_from_the_cli_without_a_redeploy(
     try:
         shown = route("set", "digits", "champion=100", "--shadow", "challenger")
         assert "challenger" in shown and "shadow" in shown
+        # Setting the table starts loading the challenger's models, before any request.
+        logs = Path(global_worker.node.get_logs_dir_path()) / "serve"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            f"loaded routed version {challenger_cheap}" in line
+            for f in logs.glob("replica_*cheap-tier*.log")
+            for line in f.open()
+        ):
+            time.sleep(0.5)
+        assert time.monotonic() < deadline, "the challenger was not loaded ahead of traffic"
         assert {send(f"user-{i}", i)["version"] for i in range(30)} == {champion}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the copies run after the answers
