@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.workloads import Workload
 from data.validate import mismatch
+from serve_graphs.admin import check_name
 from serve_graphs.cascade import Instances, Prediction
 from serve_graphs.observe import VERSION_HEADER
 
@@ -120,8 +121,7 @@ def oip_router(
     )
 
     def check_model(model: str, version: str | None) -> None:
-        if model != name:
-            raise NotFound(f"unknown model {model!r}: this service serves {name!r}")
+        check_name(workload, model)
         if version is not None and version not in versions():
             raise NotFound(
                 f"model {name!r} has no version {version!r} here; it serves {', '.join(versions())}"
