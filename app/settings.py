@@ -299,6 +299,14 @@ class ServeConfig(_Section):
         description="Shadow copies one ingress replica runs at once; past it copies are "
         "dropped (and counted), so mirroring never queues the primary path.",
     )
+    tier_calls_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Calls one ingress replica keeps out to each tier (and routed "
+        "version) at once; requests that arrive meanwhile go together in the next call "
+        "(at most serve.batch.max_batch_size rows). Fewer, fuller calls: the per-call cost "
+        "of a Serve hop is paid per batch, not per request (bench/serve.py).",
+    )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
 

@@ -30,6 +30,7 @@ from serve_graphs.cascade import (
     Variant,
 )
 from serve_graphs.catalog import RegistryRouteStore, cascade_models
+from serve_graphs.coalesce import Coalescer
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
 
@@ -166,8 +167,8 @@ class Ingress:
         )
         self.costs = CostMeter()
         self.cascade = Cascade(
-            tier_fn(cheap, "cheap"),
-            tier_fn(expensive, "expensive"),
+            self.coalesced(tier_fn(cheap, "cheap")),
+            self.coalesced(tier_fn(expensive, "expensive")),
             threshold=1.0,  # until reconfigure, which Serve calls before the first request
             expensive_timeout_s=cfg.expensive_timeout_s,
             breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
@@ -205,13 +206,25 @@ class Ingress:
         models = cascade_models(self.registry, get_workload(self.args.workload), ref, int8)
         version = models.ref.version
         bound = {
-            tier: tier_fn(self.handles[tier], tier, model_id=models.tiers[tier].model_id)
+            tier: self.coalesced(
+                tier_fn(self.handles[tier], tier, model_id=models.tiers[tier].model_id)
+            )
             for tier in TIERS
         }
         for tier in TIERS:  # start loading now: the first routed requests need not wait
             model_id = models.tiers[tier].model_id
             self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
         return version, Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
+
+    def coalesced(self, fn: TierFn) -> Coalescer:
+        """``fn`` with concurrent calls sent as one (serve.tier_calls_in_flight)."""
+        cfg = self.args.serve
+        return Coalescer(
+            fn,
+            max_in_flight=cfg.tier_calls_in_flight,
+            max_rows=cfg.batch.max_batch_size,
+            call_timeout_s=cfg.request_timeout_s,
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         cfg = self.args.serve
