@@ -52,6 +52,29 @@ def test_compiled_contract_agrees_with_pandera() -> None:
     assert fast == [None if pd.isna(r) else r for r in slow]  # same rows, same rule named
 
 
+def test_compiled_contract_agrees_with_pandera_on_checks_that_need_a_series() -> None:
+    """Custom checks run on the bare array when they can (numpy arithmetic) and on a
+    Series when they need one (its methods); columns in a group need not be all."""
+    import pandera.pandas as pa
+
+    even = pa.Check(lambda s: s % 2 == 0, name="even")
+    between = pa.Check(lambda s: s.between(1, 3), name="between")  # a Series method
+    contract = pa.DataFrameSchema(
+        {
+            "a": pa.Column(float, pa.Check.in_range(0, 5)),
+            "b": pa.Column(float, [pa.Check.in_range(0, 5), even], nullable=True),
+            "c": pa.Column(float, between),
+        }
+    )
+    compiled = CompiledContract(contract)
+    values = np.random.default_rng(5).integers(-1, 7, (300, 3)).astype(float)
+    values[::17, 1] = np.nan
+    fast = compiled.row_errors(values)
+    _, slow = check_rows(pd.DataFrame(values, columns=compiled.columns), contract, where="x")
+    assert {r.split(":")[0] for r in fast if r} == {"a", "b", "c"}  # every rule was broken
+    assert fast == [None if pd.isna(r) else r for r in slow]
+
+
 def test_compiled_contract_names_column_and_rule() -> None:
     compiled = CompiledContract(DIGITS.instance_contract())
     row = np.zeros((1, 64))
