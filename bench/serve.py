@@ -300,7 +300,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64", help="wrk connections, per run")
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=3, help="warmup seconds per run")
-    parser.add_argument("--no-transport", action="store_true", help="skip the d+t, e+t runs")
+    parser.add_argument(
+        "--transport",
+        choices=("both", "stock", "fast"),
+        default="both",
+        help="stock: skip the d+t, e+t runs; fast: run d and e only with the transport",
+    )
     parser.add_argument("--store", type=Path, help="reuse a storage root with a cascade")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs without --store")
     parser.add_argument("--port", type=int, default=8321)
@@ -343,7 +348,7 @@ def main() -> None:
             "warmup": args.warmup,
         }
         results, skipped = {}, []
-        stock = [s for s in setups if s != "c"]
+        stock = [s for s in setups if s != "c"] if args.transport != "fast" else []
         if stock:
             print(f"stock cluster: {stock}", file=sys.stderr)
             results |= run_cluster(plan, stock, {}, Path(tmp) / "stock.log")
@@ -353,7 +358,7 @@ def main() -> None:
             else:
                 print("litserve", file=sys.stderr)
                 results["c"] = run_litserve(plan, Path(tmp) / "litserve.log")
-        fast = [s for s in setups if s in "de"] if not args.no_transport else []
+        fast = [s for s in setups if s in "de"] if args.transport != "stock" else []
         if fast:
             print(f"transport cluster: {fast}", file=sys.stderr)
             runs = run_cluster(plan, fast, FAST_TRANSPORT, Path(tmp) / "transport.log")
