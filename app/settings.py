@@ -180,8 +180,8 @@ class BatchConfig(_Section):
 
 
 class TierScaling(_Section):
-    """How many replicas one deployment (a tier, the ingress) runs: Serve's autoscaling,
-    from the requests in flight."""
+    """How many replicas a tier runs: Serve's autoscaling, from the calls in flight
+    (the ingress's are :class:`IngressScaling`)."""
 
     min_replicas: int = Field(
         1,
@@ -192,7 +192,14 @@ class TierScaling(_Section):
     )
     max_replicas: int = Field(2, ge=1, description="Most replicas of the tier.")
     target_ongoing_requests: float = Field(
-        32, gt=0, description="Requests in flight per replica the autoscaler aims at."
+        2,
+        gt=0,
+        description="Calls in flight per replica the autoscaler aims at. A tier's calls "
+        "are the ingress's coalesced ones, at most serve.tier_calls_in_flight (2) per "
+        "ingress replica, each carrying many requests' rows; so by default a tier runs "
+        "about one replica per busy ingress replica (a slow tier slows the requests, "
+        "the ingress scales out on them, and its new replicas' calls scale the tier). "
+        "1 scales a tier out under any steady load (slower on 2 cores: bench/serve.py).",
     )
     upscale_delay_s: float = Field(3.0, ge=0, description="Sustained load before adding one.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Idle time before removing one.")
@@ -211,6 +218,14 @@ class TierScaling(_Section):
     def autoscaling_config(self) -> dict[str, float]:
         """As Serve takes it; scaling to zero waits as long as scaling down does."""
         return {**self.model_dump(), "downscale_to_zero_delay_s": self.downscale_delay_s}
+
+
+class IngressScaling(TierScaling):
+    """The ingress's replicas: its requests in flight are HTTP requests."""
+
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="HTTP requests in flight per replica the autoscaler aims at."
+    )
 
 
 class ServeConfig(_Section):
@@ -263,8 +278,8 @@ class ServeConfig(_Section):
     )
     cheap_replicas: TierScaling = TierScaling()
     expensive_replicas: TierScaling = TierScaling()
-    ingress_replicas: TierScaling = Field(
-        TierScaling(min_replicas=1, max_replicas=1),
+    ingress_replicas: IngressScaling = Field(
+        IngressScaling(min_replicas=1, max_replicas=1),
         description="Ingress replicas (auth, contract, routing, cascade). One by default: "
         "the cost and A/B reports are per replica. The ingress is the graph's busiest "
         "process (bench/serve.py), so give it more where there are cores for them.",
