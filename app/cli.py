@@ -416,6 +416,7 @@ def serve_config_cmd(
     ] = None,
 ) -> None:
     """Print the Serve config YAML for `serve deploy` (e.g. > cluster/serve.yaml)."""
+    from app.runtime import FAST_TRANSPORT
     from app.serve_config import serve_config, to_yaml
     from app.serving import check_models, resolve_access
 
@@ -428,7 +429,8 @@ def serve_config_cmd(
             "`scaledl keys create --scope predict` or set SCALEDL_API_KEY"
         )
     check_models(settings, workload)
-    typer.echo(to_yaml(serve_config(settings, workload, access.keys)), nl=False)
+    transport = FAST_TRANSPORT if settings.serve.fast_transport else None
+    typer.echo(to_yaml(serve_config(settings, workload, access.keys), transport), nl=False)
 
 
 # ---------------------------------------------------------------------------- demo

@@ -14,10 +14,13 @@ e  the same logic as ONE deployment (:class:`Monolith`): the same FastAPI app
    called in-process through two ``@serve.batch`` methods, not deployment handles.
 
 a-c serve the expensive tier's model (``load_model``). Every request carries one
-instance, a digit the cheap tier is unsure of, so d and e escalate it: they run both
-models, a-c the heavier one only. Torch uses one thread per replica everywhere, as the
-tiers do. d and e run again on a second cluster started with Ray 2.60's transport
-settings (HAProxy, direct ingress, gRPC between deployments; ``d+t``, ``e+t``).
+instance: by default the digits in turn, so d and e escalate the cascade's natural share
+to the expensive tier (``--mix unsure``: every request is a digit the cheap tier is
+unsure of, so d and e run both models; a-c run the heavier one only). Torch uses one
+thread per replica everywhere, as the tiers do. d and e run again on a second cluster
+started with the transport ``scaledl serve`` uses by default (``app.runtime.
+FAST_TRANSPORT``: HAProxy, direct ingress, gRPC between deployments and Ray's throughput
+bundle; ``d+t``, ``e+t``).
 
 Load comes from ``wrk`` (one thread, ``-c`` keep-alive connections, the same POST in a
 loop): a warmup run, then the measured one, at each concurrency. The client shares the

@@ -10,6 +10,7 @@ from ray.serve.schema import ServeDeploySchema
 from app.cascade_spec import CascadeSpec, SplitResult
 from app.keys import create_key, read_keys_file
 from app.registry import Registry
+from app.runtime import FAST_TRANSPORT
 from app.serve_config import BUILDER, serve_config, to_yaml
 from app.settings import Settings, load_settings
 from serve_graphs.args import GraphArgs
@@ -45,8 +46,9 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
         },
     )
     calibrated(settings, cheap="3", expensive="2", threshold=0.8)
-    text = to_yaml(serve_config(settings, "digits", read_keys_file(keys_file)))
+    text = to_yaml(serve_config(settings, "digits", read_keys_file(keys_file)), FAST_TRANSPORT)
     assert secret not in text
+    assert "#   RAY_SERVE_ENABLE_HA_PROXY=1\n" in text  # the transport, recorded for ray start
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = config.applications
     assert (app.import_path, app.route_prefix) == (BUILDER, "/")
