@@ -38,10 +38,18 @@ def concat(parts: list[Instances]) -> Instances:
 
 @dataclass(frozen=True)
 class TierAnswer:
-    """Class probabilities (n, C) from one tier, and the model version that made them."""
+    """Class probabilities (n, C) from one tier, and the model version that made them.
+
+    ``seconds``: the tier time these rows account for, when the call carried other
+    requests' rows too (a coalesced call's time, shared by rows); None: the whole wait.
+    """
 
     probs: np.ndarray
     version: str
+    seconds: float | None = None
+
+    def cost(self, waited: float) -> float:
+        return waited if self.seconds is None else self.seconds
 
 
 TierFn = Callable[[Instances], Awaitable[TierAnswer]]
@@ -156,7 +164,7 @@ class Cascade:
         on_tier_call = self.on_tier_call if record else _ignore
         started = time.perf_counter()
         cheap = await tiers.cheap(instances)
-        on_tier_call("cheap", len(instances), time.perf_counter() - started)
+        on_tier_call("cheap", len(instances), cheap.cost(time.perf_counter() - started))
         confidence = cheap.probs.max(axis=1)
         threshold = (
             variant.threshold if variant else self.thresholds.get(cheap.version, self.threshold)
@@ -219,7 +227,7 @@ class Cascade:
             breaker.release_trial()
             raise
         breaker.record_success()
-        on_tier_call("expensive", len(instances), time.perf_counter() - started)
+        on_tier_call("expensive", len(instances), answer.cost(time.perf_counter() - started))
         return answer, ""
 
 

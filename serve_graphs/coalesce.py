@@ -16,6 +16,7 @@ function, not to an instance, and an ingress needs one per tier and routed versi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 import numpy as np
@@ -79,6 +80,7 @@ class Coalescer:
 
     async def _send(self, batch: list[tuple[Instances, asyncio.Future[TierAnswer]]]) -> None:
         futures = [future for _, future in batch]
+        started = time.perf_counter()
         try:
             answer = await asyncio.wait_for(
                 self.fn(concat([instances for instances, _ in batch])), self.call_timeout_s
@@ -88,10 +90,13 @@ class Coalescer:
                 if not future.done():
                     future.set_exception(exc)
         else:
+            # Each request is charged its rows' share of the call's time (the cost
+            # report), not the whole call and its wait for a slot.
+            per_row = (time.perf_counter() - started) / len(answer.probs)
             bounds = np.cumsum([len(instances) for instances, _ in batch])[:-1]
             for future, probs in zip(futures, np.split(answer.probs, bounds), strict=True):
                 if not future.done():
-                    future.set_result(TierAnswer(probs, answer.version))
+                    future.set_result(TierAnswer(probs, answer.version, per_row * len(probs)))
         finally:
             for future in futures:  # this task itself was cancelled (the loop is closing)
                 if not future.done():

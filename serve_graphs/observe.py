@@ -120,8 +120,9 @@ class RequestMetrics:
 
 class CostMeter:
     """Live cost of serving, as one ingress replica sees it since it started: how many
-    instances each tier answered, how long tier calls took per instance, and from that
-    the estimated compute per request. Feeds ``GET /v1/models/{name}/cost``."""
+    instances each tier answered, how long tier calls took per instance (a call that
+    carried several requests' rows is shared among them by rows), and from that the
+    estimated compute per request. Feeds ``GET /v1/models/{name}/cost``."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock

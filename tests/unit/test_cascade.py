@@ -122,3 +122,19 @@ def test_during_a_swap_each_cheap_version_is_judged_by_its_own_threshold() -> No
     assert tier() == "expensive"
     cascade.calibrated("digits-cheap/3", 0.5)  # only the last two versions are kept
     assert set(cascade.thresholds) == {"digits-cheap/2", "digits-cheap/3"}
+
+
+def test_a_shared_calls_time_is_charged_to_the_cost_not_the_wait() -> None:
+    """A tier answer that carries its rows' share of a coalesced call's time is what the
+    cost report gets; an answer without one is charged the whole wait."""
+
+    async def expensive(x: np.ndarray) -> TierAnswer:
+        await asyncio.sleep(0.05)  # waited for a slot and the call: not this row's cost
+        return TierAnswer(np.array([[0.1, 0.9]] * len(x)), "digits-expensive/1", seconds=0.002)
+
+    calls: list[tuple[str, int, float]] = []
+    cascade, _, _ = cascade_with(expensive, on_tier_call=lambda *c: calls.append(c))
+    asyncio.run(cascade.predict(np.zeros((1, 2))))
+    (cheap_tier, cheap_rows, cheap_s), (tier, rows, seconds) = calls
+    assert (cheap_tier, cheap_rows, tier, rows, seconds) == ("cheap", 1, "expensive", 1, 0.002)
+    assert 0 <= cheap_s < 0.05  # no share given: the whole (short) wait

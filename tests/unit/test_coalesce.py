@@ -69,6 +69,10 @@ async def test_calls_arriving_while_one_is_out_go_together_and_each_gets_its_own
     tier.gate.set()
     answers = await asyncio.wait_for(asyncio.gather(first, *waiting), 1)
     assert tier.calls == [1, 8]  # the four waiting requests in one call
+    # The call's time is shared by rows: the four 2-row shares add up to one call.
+    shares = [a.seconds for a in answers[1:]]
+    assert all(s is not None and s > 0 for s in shares)
+    assert max(shares) == pytest.approx(min(shares))
     for v, answer in zip(range(2, 6), answers[1:], strict=True):
         np.testing.assert_allclose(answer.probs[:, 0], [v / 10, v / 10 + 0.05])
     np.testing.assert_allclose(answers[0].probs[:, 0], [0.1])
