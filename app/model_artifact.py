@@ -7,6 +7,7 @@ Training writes it, the registry stores it, evaluation and serving load it. Weig
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,15 +25,20 @@ if TYPE_CHECKING:
 WEIGHTS = "weights.pt"
 META = "model.json"
 PREPROCESSOR = "preprocessor.json"  # the features fitted with the dataset, if the workload has one
-INT8 = "dynamic-int8"
+INT8 = "static-int8"  # the twins training registers now
+DYNAMIC_INT8 = "dynamic-int8"  # twins registered before 2026-11-29 still load
+INT8_WEIGHTS = "weights-int8.pt"  # a static twin's int8 weights and activation scales
+INT8_ENGINE = "x86"  # torch's quantized backend for this CPU (fbgemm + onednn)
 
 
 @dataclass(frozen=True)
 class ModelMeta:
     """What rebuilds the model: the workload's tier, its data, how to run the weights.
 
-    ``quantization`` None runs the fp32 weights; ``"dynamic-int8"`` quantizes the Linear
-    layers when the model loads.
+    ``quantization`` None runs the fp32 weights; ``"static-int8"`` runs the int8 weights
+    and activation scales calibrated at training (``weights-int8.pt``: convolutions and
+    linear layers in int8); ``"dynamic-int8"`` (older twins) quantizes the linear layers'
+    weights when the model loads.
     """
 
     workload: str
@@ -106,16 +112,44 @@ def load_model(directory: Path) -> LoadedModel:
     module.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
     module.eval()
     if meta.quantization == INT8:
-        module = quantize_int8(module)
+        if not (directory / INT8_WEIGHTS).is_file():
+            raise ModelNotFound(f"{directory} is an INT8 twin without {INT8_WEIGHTS}")
+        module = quantize_static(module, torch.zeros(1, workload.input_width))
+        with warnings.catch_warnings():  # torch's own quantized-tensor loader warns
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+            module.load_state_dict(torch.load(directory / INT8_WEIGHTS, weights_only=True))
+    elif meta.quantization == DYNAMIC_INT8:
+        module = quantize_dynamic(module)
     elif meta.quantization is not None:
         raise ModelNotFound(f"{directory}: unknown quantization {meta.quantization!r}")
     return LoadedModel(module, meta, workload)
 
 
-def quantize_int8(module: nn.Module) -> nn.Module:
-    """Dynamic INT8: Linear weights stored as int8, activations quantized per batch."""
-    import warnings
+def quantize_static(module: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """Static INT8 (torch's FX graph mode, x86 backend): int8 weights, and activations
+    quantized with scales observed on ``calibration`` (model inputs, (n, input_width)).
 
+    Loading a twin runs this on one row of zeros to rebuild the module's form, then
+    loads the calibrated scales and weights over it.
+    """
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = INT8_ENGINE
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, still works
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(
+            module.eval(), get_default_qconfig_mapping(INT8_ENGINE), (calibration[:1],)
+        )
+        with torch.inference_mode():
+            for batch in torch.split(calibration, 256):
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+def quantize_dynamic(module: nn.Module) -> nn.Module:
+    """Dynamic INT8: Linear weights stored as int8, activations quantized per batch."""
     import torch
     from torch import nn
 

@@ -126,7 +126,7 @@ class Registry:
         return ModelRef(name, str(mv.version), mv.source, mv.run_id, dict(mv.tags))
 
     def int8_twin(self, name: str, version: str) -> ModelRef:
-        """The dynamic-INT8 variant registered together with ``name`` version ``version``."""
+        """The INT8 variant registered together with ``name`` version ``version``."""
         twin = f"{name}-int8"
         for ref, _ in self.versions(twin):
             if ref.tags.get("fp32_version") == str(version):

@@ -22,7 +22,7 @@ from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
 from train.evaluate import score
 from train.loop import MODEL_DIR, TrainJob, to_model_inputs, train_loop_per_worker
-from train.quantize import int8_variant
+from train.quantize import CALIBRATION_ROWS, int8_variant
 
 # Ray Data needs a CPU beside the trainers to stream shards, or training stalls.
 SPARE_CPUS_FOR_DATA = 1.0
@@ -247,7 +247,9 @@ def _evaluate_and_register(
         model_dir = Path(tmp) / MODEL_DIR
         with best.as_directory() as checkpoint_dir:
             shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, model_dir)
-        int8 = int8_variant(model_dir, Path(tmp) / "int8")
+        calibration = read_split(settings, manifest, "val").limit(CALIBRATION_ROWS).to_pandas()
+        features = calibration[list(get_workload(job.workload).feature_columns)]
+        int8 = int8_variant(model_dir, Path(tmp) / "int8", features)
         both = score(test, {"fp32": model_dir, "int8": int8.directory})
         scores, int8_scores = both["fp32"], both["int8"]
         metrics = {

@@ -37,6 +37,38 @@ def test_a_saved_model_loads_and_predicts_the_same(tmp_path: Path, tier: str) ->
     assert loaded.meta.dataset_version == "ds1"
 
 
+def test_a_static_int8_twin_loads_as_calibrated_and_stays_close_to_fp32(
+    tmp_path: Path, digits_frame: pd.DataFrame
+) -> None:
+    """The twin's scales come from its calibration rows: loaded from disk it answers
+    exactly as the module quantized in memory, convolutions in int8 included."""
+    from train.quantize import int8_variant
+
+    rows = digits_frame[list(DIGITS.feature_columns)]
+    fp32_dir = saved_model(tmp_path / "fp32", "expensive")
+    twin = int8_variant(fp32_dir, tmp_path / "int8", rows.iloc[:512])
+    fp32, int8 = load_model(fp32_dir), load_model(twin.directory)
+    assert int8.meta.quantization == "static-int8" and twin.speedup > 0
+    kinds = {type(m).__module__ for m in int8.module.modules()}
+    assert "torch.ao.nn.intrinsic.quantized.modules.conv_relu" in kinds  # conv + relu, int8
+    held_out = rows.iloc[512:1024].to_numpy()
+    fp32_labels = fp32.predict_proba(held_out).argmax(1)
+    int8_probs = int8.predict_proba(held_out)
+    assert np.mean(int8_probs.argmax(1) == fp32_labels) >= 0.95
+    again = int8_variant(fp32_dir, tmp_path / "again", rows.iloc[:512])  # same rows, scales
+    np.testing.assert_array_equal(load_model(again.directory).predict_proba(held_out), int8_probs)
+
+
+def test_a_dynamic_int8_twin_from_before_still_loads(tmp_path: Path) -> None:
+    directory = saved_model(tmp_path / "m", "expensive")
+    meta = ModelMeta("digits", "expensive", "ds1", quantization="dynamic-int8")
+    save_model(directory, load_model(directory).module, meta)
+    loaded = load_model(directory)
+    raw = np.random.default_rng(1).integers(0, 17, (4, 64)).astype(float)
+    assert loaded.predict_proba(raw).shape == (4, 10)
+    assert any("quantized" in type(m).__module__ for m in loaded.module.modules())
+
+
 def test_loading_an_empty_folder_says_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="holds no model"):
         load_model(tmp_path)
