@@ -60,7 +60,7 @@ from app.runtime import FAST_TRANSPORT
 from app.settings import BatchConfig, load_settings
 from app.workloads import TIERS, get_workload
 from bench import wrk
-from bench.serve_models import DIGITS, prepare, request_bodies
+from bench.serve_models import DIGITS, model_targets, prepare, request_bodies
 from bench.serve_report import report
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
@@ -366,8 +366,10 @@ def main() -> None:
             print(f"transport cluster: {fast}", file=sys.stderr)
             runs = run_cluster(plan, fast, FAST_TRANSPORT, Path(tmp) / "transport.log")
             results |= {f"{s}+t": r for s, r in runs.items()}
+        models = model_targets(store)  # the cascade's and INT8's targets, no cluster up
     print(json.dumps(results), file=sys.stderr)  # the raw runs, for a second look
     print(report(results, plan, note, skipped, time.monotonic() - started))
+    print("\n".join(models))
 
 
 def child(mode: str, *rest: str) -> None:
