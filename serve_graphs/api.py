@@ -355,6 +355,8 @@ def to_matrix(instances: list[Instance], n_features: int, max_instances: int) ->
 
 def _flatten(instance: list[Any], i: int) -> list[float]:
     """Numbers of a flat or 2-D instance; rows of a 2-D one must be equally long."""
+    if all(type(v) is float or type(v) is int for v in instance):  # JSON numbers, flat
+        return instance
     nested = [isinstance(item, list) for item in instance]
     if any(nested):
         if not all(nested) or len({len(row) for row in instance}) > 1:

@@ -54,6 +54,15 @@ class TierAnswer:
 
 TierFn = Callable[[Instances], Awaitable[TierAnswer]]
 
+# A failure that several requests share (their rows went to the tier as one call, see
+# serve_graphs/coalesce.py) names that call here, so it counts once against a breaker.
+SHARED_CALL = "coalesced_call"
+
+
+def call_of(exc: BaseException) -> object | None:
+    """The shared tier call a failure came from, or None (a request's own)."""
+    return getattr(exc, SHARED_CALL, None)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -96,6 +105,7 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.trial_in_flight = False
+        self.last_call: object | None = None  # the shared call that failed last
 
     @property
     def state(self) -> str:
@@ -119,7 +129,13 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures, self.opened_at, self.trial_in_flight = 0, None, False
 
-    def record_failure(self) -> None:
+    def record_failure(self, call: object | None = None) -> None:
+        """One failure; the requests of one shared ``call`` (:func:`call_of`) fail
+        together and count as one."""
+        if call is not None and call is self.last_call:
+            self.trial_in_flight = False
+            return
+        self.last_call = call
         self.failures += 1
         self.trial_in_flight = False
         if self.opened_at is not None or self.failures >= self.failures_to_open:
@@ -217,11 +233,11 @@ class Cascade:
         started = time.perf_counter()
         try:
             answer = await asyncio.wait_for(expensive(instances), self.expensive_timeout_s)
-        except TimeoutError:
-            breaker.record_failure()
+        except TimeoutError as exc:
+            breaker.record_failure(call_of(exc))
             return None, "timeout"
-        except ServiceUnavailable:
-            breaker.record_failure()
+        except ServiceUnavailable as exc:
+            breaker.record_failure(call_of(exc))
             return None, "unavailable"
         except BaseException:  # cancelled (client gone), or a bug: no verdict on the tier
             breaker.release_trial()

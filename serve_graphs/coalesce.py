@@ -11,17 +11,45 @@ tier's ``@serve.batch`` then joins the calls of every ingress replica into forwa
 
 Serve's own ``@serve.batch`` cannot play this part: its queue belongs to the decorated
 function, not to an instance, and an ingress needs one per tier and routed version.
+
+A combined call belongs to none of its requests: it runs in a context of its own, so a
+client that leaves cancels its own wait but never the call that carries other
+requests' rows (Serve cancels a request's child calls with it). The requests' tags
+(their request ids, for the tier's log) are readable inside the call with
+:func:`callers`. One failure is every caller's, as a copy that names the call
+(``cascade.call_of``), so a circuit breaker counts it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import copy
+import functools
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from serve_graphs.cascade import Instances, TierAnswer, TierFn, concat
+from serve_graphs.cascade import SHARED_CALL, Instances, TierAnswer, TierFn, concat
+
+_callers: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "scaledl_coalesced_callers", default=()
+)
+
+
+def callers() -> tuple[str, ...]:
+    """Inside a combined call: the tags of the requests whose rows it carries."""
+    return _callers.get()
+
+
+@dataclass
+class _Waiting:
+    rows: Instances
+    future: asyncio.Future[TierAnswer]
+    tag: str
 
 
 class Coalescer:
@@ -29,11 +57,18 @@ class Coalescer:
 
     ``call_timeout_s`` bounds each combined call, so a tier call that never returns
     cannot hold a slot (and everyone waiting behind it) for ever; callers keep their own
-    deadlines (the cascade's expensive-tier timeout, the request timeout) on top.
+    deadlines on top. A call whose callers have all given up is cancelled, freeing its
+    slot at once. ``tag`` names the calling request (read in the caller's context).
     """
 
     def __init__(
-        self, fn: TierFn, *, max_in_flight: int, max_rows: int, call_timeout_s: float
+        self,
+        fn: TierFn,
+        *,
+        max_in_flight: int,
+        max_rows: int,
+        call_timeout_s: float,
+        tag: Callable[[], str] = lambda: "",
     ) -> None:
         if max_in_flight < 1 or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
@@ -41,65 +76,99 @@ class Coalescer:
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
         self.call_timeout_s = call_timeout_s
-        self.waiting: deque[tuple[Instances, asyncio.Future[TierAnswer]]] = deque()
+        self.tag = tag
+        self.waiting: deque[_Waiting] = deque()
         self.in_flight = 0
         self.calls = 0  # combined calls sent, for tests and the bench
         self._tasks: set[asyncio.Task] = set()
 
     async def __call__(self, instances: Instances) -> TierAnswer:
         future: asyncio.Future[TierAnswer] = asyncio.get_running_loop().create_future()
-        self.waiting.append((instances, future))
+        self.waiting.append(_Waiting(instances, future, self.tag()))
         self._send_waiting()
         return await future
 
     def _send_waiting(self) -> None:
+        loop = asyncio.get_running_loop()
         while self.waiting and self.in_flight < self.max_in_flight:
             batch = self._next_batch()
             if not batch:
                 continue
             self.in_flight += 1
             self.calls += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            context = contextvars.Context()  # the call's own: no request's, see above
+            context.run(_callers.set, tuple(w.tag for w in batch))
+            task = loop.create_task(self._call(batch), context=context)
             self._tasks.add(task)  # a reference, so the task is not collected mid-call
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._done, batch))
+            pending = [len(batch)]
 
-    def _next_batch(self) -> list[tuple[Instances, asyncio.Future[TierAnswer]]]:
+            def gave_up(_: asyncio.Future, task: asyncio.Task = task, pending=pending) -> None:
+                pending[0] -= 1
+                if not pending[0] and not task.done():
+                    task.cancel()  # nobody waits for this call any more
+
+            for w in batch:
+                w.future.add_done_callback(gave_up)
+
+    def _done(self, batch: list[_Waiting], task: asyncio.Task) -> None:
+        """A call ended (answered, failed, timed out, or cancelled, even before it
+        started): its slot is free, and no caller of it waits any more."""
+        for w in batch:
+            if not w.future.done():
+                w.future.cancel()
+        self._tasks.discard(task)
+        self.in_flight -= 1
+        if self.waiting:
+            self._send_waiting()
+
+    def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting calls, up to ``max_rows`` rows (always at least one call);
         callers that gave up meanwhile are left out."""
-        batch, rows = [], 0
+        batch: list[_Waiting] = []
+        rows = 0
         while self.waiting:
-            instances, future = self.waiting[0]
-            if future.done():  # cancelled: its client or its deadline is gone
+            first = self.waiting[0]
+            if first.future.done():  # cancelled: its client or its deadline is gone
                 self.waiting.popleft()
                 continue
-            if batch and rows + len(instances) > self.max_rows:
+            if batch and rows + len(first.rows) > self.max_rows:
                 break
             batch.append(self.waiting.popleft())
-            rows += len(instances)
+            rows += len(first.rows)
         return batch
 
-    async def _send(self, batch: list[tuple[Instances, asyncio.Future[TierAnswer]]]) -> None:
-        futures = [future for _, future in batch]
+    async def _call(self, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
         try:
             answer = await asyncio.wait_for(
-                self.fn(concat([instances for instances, _ in batch])), self.call_timeout_s
+                self.fn(concat([w.rows for w in batch])), self.call_timeout_s
             )
-        except Exception as exc:  # the same failure for everyone in the call
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
-            # Each request is charged its rows' share of the call's time (the cost
-            # report), not the whole call and its wait for a slot.
-            per_row = (time.perf_counter() - started) / len(answer.probs)
-            bounds = np.cumsum([len(instances) for instances, _ in batch])[:-1]
-            for future, probs in zip(futures, np.split(answer.probs, bounds), strict=True):
-                if not future.done():
-                    future.set_result(TierAnswer(probs, answer.version, per_row * len(probs)))
-        finally:
-            for future in futures:  # this task itself was cancelled (the loop is closing)
-                if not future.done():
-                    future.cancel()
-            self.in_flight -= 1
-            self._send_waiting()
+            rows = [len(w.rows) for w in batch]
+            if len(answer.probs) != sum(rows):
+                raise RuntimeError(f"the tier answered {len(answer.probs)} rows of {sum(rows)}")
+        except Exception as exc:  # noqa: BLE001 - every caller's failure, one call's
+            call = object()
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(_copy_for_caller(exc, call))
+            return
+        # Each request is charged its rows' share of the call's time (the cost report),
+        # not the whole call and its wait for a slot.
+        per_row = (time.perf_counter() - started) / len(answer.probs)
+        parts = np.split(answer.probs, np.cumsum(rows)[:-1])
+        for w, probs in zip(batch, parts, strict=True):
+            if not w.future.done():
+                w.future.set_result(TierAnswer(probs, answer.version, per_row * len(probs)))
+
+
+def _copy_for_caller(exc: Exception, call: object) -> Exception:
+    """A caller's own copy of a shared failure (its traceback stays its own), naming
+    the call it came from."""
+    try:
+        mine = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied is shared
+        mine = exc
+    mine.__cause__ = exc.__cause__
+    setattr(mine, SHARED_CALL, call)
+    return mine

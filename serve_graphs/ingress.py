@@ -29,8 +29,8 @@ from serve_graphs.cascade import (
     TierFn,
     Variant,
 )
-from serve_graphs.catalog import RegistryRouteStore, cascade_models
-from serve_graphs.coalesce import Coalescer
+from serve_graphs.catalog import CascadeModels, RegistryRouteStore, cascade_models
+from serve_graphs.coalesce import Coalescer, callers
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
 
@@ -65,12 +65,12 @@ def tier_fn(
         handle = handle.options(multiplexed_model_id=model_id)
 
     async def attempt(instances: Instances) -> TierAnswer:
-        try:
-            probs, version = await handle.predict.remote(instances, model_id)
+        try:  # the requests whose rows these are, for the tier's log
+            probs, version = await handle.predict.remote(instances, model_id, callers())
         except BackPressureError as exc:
             raise ServiceUnavailable(f"the {tier} tier is at capacity: retry shortly") from exc
         except (RayServeException, RayError) as exc:  # a dead replica, a failed model call
-            log.warning("the %s tier failed: %s", tier, exc)
+            log.warning("the %s tier failed for requests %s: %s", tier, callers(), exc)
             raise TierFailed(
                 f"the {tier} tier could not answer ({type(exc).__name__}): retry shortly"
             ) from exc
@@ -88,6 +88,18 @@ def tier_fn(
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     return call
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a worker thread
+        return None
+
+
+def request_id() -> str:
+    """The id of the request being served (Serve's request context; private in 2.60)."""
+    return serve.context._get_serve_request_context().request_id
 
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000]
@@ -167,8 +179,8 @@ class Ingress:
         )
         self.costs = CostMeter()
         self.cascade = Cascade(
-            self.coalesced(tier_fn(cheap, "cheap")),
-            self.coalesced(tier_fn(expensive, "expensive")),
+            self.coalesced(tier_fn(cheap, "cheap"), "cheap"),
+            self.coalesced(tier_fn(expensive, "expensive"), "expensive"),
             threshold=1.0,  # until reconfigure, which Serve calls before the first request
             expensive_timeout_s=cfg.expensive_timeout_s,
             breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
@@ -185,8 +197,10 @@ class Ingress:
             shadow_timeout_s=cfg.request_timeout_s,
         )
         self.watch: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
+        self.loop = asyncio.get_running_loop()  # the loop requests and handles run on
         self.config = IngressConfig.model_validate(user_config)
         self.cascade.calibrated(self.config.cheap_version, self.config.threshold)
         log.info("cascade %s, threshold %.4f", self.config.cascade_version, self.config.threshold)
@@ -201,29 +215,43 @@ class Ingress:
 
     def variant(self, ref: str) -> tuple[str, Variant]:
         """Cascade ``ref`` as a routed version: its tiers' models, bound to the tier
-        deployments by model id, and its own threshold (runs in a thread)."""
+        deployments by model id, and its own threshold.
+
+        Runs in a thread (the registry reads block); the handles are bound on the
+        replica's event loop, which owns them: with Ray's throughput bundle their router
+        runs on that loop and is not thread-safe."""
         int8 = self.config.int8_tiers if self.config else []
         models = cascade_models(self.registry, get_workload(self.args.workload), ref, int8)
-        version = models.ref.version
-        bound = {
-            tier: self.coalesced(
-                tier_fn(self.handles[tier], tier, model_id=models.tiers[tier].model_id)
-            )
-            for tier in TIERS
-        }
-        for tier in TIERS:  # start loading now: the first routed requests need not wait
-            model_id = models.tiers[tier].model_id
-            self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
-        return version, Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
+        if self.loop is None or _running_loop() is self.loop:
+            return models.ref.version, self._bind(models)
+        bound = asyncio.run_coroutine_threadsafe(self._bind_on_loop(models), self.loop)
+        return models.ref.version, bound.result(timeout=ROUTES_READ_TIMEOUT_S)
 
-    def coalesced(self, fn: TierFn) -> Coalescer:
-        """``fn`` with concurrent calls sent as one (serve.tier_calls_in_flight)."""
+    async def _bind_on_loop(self, models: CascadeModels) -> Variant:
+        return self._bind(models)
+
+    def _bind(self, models: CascadeModels) -> Variant:
+        bound = {}
+        for tier in TIERS:
+            model_id = models.tiers[tier].model_id
+            bound[tier] = self.coalesced(tier_fn(self.handles[tier], tier, model_id=model_id), tier)
+            # Start loading now: the first routed requests need not wait.
+            self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
+        version = models.ref.version
+        return Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
+
+    def coalesced(self, fn: TierFn, tier: str) -> Coalescer:
+        """``fn`` with concurrent calls sent as one (serve.tier_calls_in_flight). A call
+        to the expensive tier is given up with its callers (serve.expensive_timeout_s),
+        so a slow one does not hold its slot after they have answered degraded."""
         cfg = self.args.serve
+        timeout = cfg.expensive_timeout_s if tier == "expensive" else cfg.request_timeout_s
         return Coalescer(
             fn,
             max_in_flight=cfg.tier_calls_in_flight,
             max_rows=cfg.batch.max_batch_size,
-            call_timeout_s=cfg.request_timeout_s,
+            call_timeout_s=timeout,
+            tag=request_id,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

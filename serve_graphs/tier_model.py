@@ -143,13 +143,19 @@ class TierModel:
         return answers
 
     async def predict(
-        self, instances: Instances, model_id: str | None = None
+        self, instances: Instances, model_id: str | None = None, requests: tuple[str, ...] = ()
     ) -> tuple[np.ndarray, str]:
         """Probabilities (n, C) for raw rows, and the version that produced them:
         ``model_id`` (``name/version``), or the pinned version when it is None.
 
+        ``requests``: the ids of the HTTP requests whose rows the call carries (the
+        ingress sends several requests' rows as one call); logged, so a request id
+        leads to the tier's log line of the call that answered it.
+
         A request larger than a batch is split into batch-sized chunks, which join other
         requests' rows in the batcher."""
+        if requests:
+            log.info("rows of requests %s", " ".join(requests))
         routed = None  # None: the pinned version when the batch runs (swaps land between)
         if model_id is not None:  # this version and no other, even if a swap lands now
             pinned = self.loaded is not None and model_id == self.loaded.model_id

@@ -168,3 +168,102 @@ def test_frames_of_records_are_combined_and_split_by_position():
     first, second = asyncio.run(run())
     np.testing.assert_allclose(first.probs[:, 0], [0.1, 0.2])
     np.testing.assert_allclose(second.probs[:, 0], [0.7])
+
+
+@in_loop
+async def test_one_failed_call_is_one_breaker_failure_however_many_requests_it_carried():
+    """Each caller gets its own copy of the failure, naming the call; the breaker counts
+    the call once, so one bad call of five requests does not open a 2-failure breaker."""
+    from serve_graphs.cascade import Cascade, CircuitBreaker, call_of
+
+    expensive = Tier(fail=ServiceUnavailable("the expensive tier could not answer"))
+    expensive.gate.clear()
+    coalesced = coalescer(expensive)
+
+    async def cheap(x: np.ndarray) -> TierAnswer:
+        return TierAnswer(np.tile([0.6, 0.4], (len(x), 1)), "cheap/1")  # always escalates
+
+    breaker = CircuitBreaker(failures_to_open=2, reset_after_s=60)
+    cascade = Cascade(cheap, coalesced, threshold=0.9, breaker=breaker)
+    first = asyncio.create_task(cascade.predict(rows(0.5)))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(cascade.predict(rows(0.5))) for _ in range(5)]
+    await asyncio.sleep(0)
+    expensive.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, *rest), 1)
+    assert all(a[0].degraded for a in answers)
+    assert expensive.calls == [1, 5]
+    assert (breaker.failures, breaker.state) == (2, "open")  # two calls, not six requests
+
+    expensive.gate.clear()
+    alone = asyncio.create_task(coalesced(rows(0.5)))
+    await asyncio.sleep(0)
+    together = [asyncio.create_task(coalesced(rows(0.5))) for _ in range(3)]
+    await asyncio.sleep(0)
+    expensive.gate.set()
+    errors = await asyncio.wait_for(asyncio.gather(alone, *together, return_exceptions=True), 1)
+    shared = errors[1:]
+    assert len({id(e) for e in shared}) == 3  # a copy each: tracebacks stay apart
+    assert len({id(call_of(e)) for e in shared}) == 1 and call_of(errors[0]) is not None
+    assert call_of(errors[0]) is not call_of(shared[0])
+
+
+@in_loop
+async def test_a_call_nobody_waits_for_any_more_is_cancelled_and_frees_its_slot():
+    tier = Tier()
+    tier.gate.clear()  # the tier hangs
+    c = coalescer(tier, timeout=60)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c(rows(0.1)), 0.05)  # the caller gives up
+    await asyncio.sleep(0.01)
+    assert c.in_flight == 0  # the call was cancelled with its only caller
+    tier.gate.set()
+    answer = await asyncio.wait_for(c(rows(0.4)), 1)
+    np.testing.assert_allclose(answer.probs[:, 0], [0.4])
+
+
+@in_loop
+async def test_the_combined_call_runs_in_a_context_of_its_own():
+    """Serve cancels a request's child calls with it; a combined call must be no one
+    request's child, so it cannot see (or be tied to) any caller's context."""
+    import contextvars
+
+    seen = contextvars.ContextVar("seen", default="none")
+    inside: list[str] = []
+
+    async def tier(x: np.ndarray) -> TierAnswer:
+        inside.append(seen.get())
+        return TierAnswer(np.zeros((len(x), 2)), "1")
+
+    async def caller(c: Coalescer) -> None:
+        seen.set("request-1")
+        await c(rows(0.1))
+
+    await asyncio.wait_for(caller(coalescer(tier)), 1)
+    assert inside == ["none"]
+
+
+@in_loop
+async def test_a_tier_answer_with_the_wrong_number_of_rows_fails_every_caller_clearly():
+    async def short(x: np.ndarray) -> TierAnswer:
+        return TierAnswer(np.zeros((len(x) - 1, 2)), "1")
+
+    with pytest.raises(RuntimeError, match="answered 1 rows of 2"):
+        await asyncio.wait_for(coalescer(short)(rows(0.1, 0.2)), 1)
+
+
+def test_a_call_cancelled_before_it_started_releases_its_callers_and_slot():
+    async def scenario() -> tuple[bool, int]:
+        tier = Tier()
+        c = coalescer(tier)
+        waiter = asyncio.create_task(c(rows(0.1)))
+        await asyncio.sleep(0)  # the call's task exists but has not run yet
+        for task in list(c._tasks):
+            task.cancel()
+        try:
+            await asyncio.wait_for(waiter, 1)
+        except asyncio.CancelledError:
+            return True, c.in_flight
+        return False, c.in_flight
+
+    assert asyncio.run(scenario()) == (True, 0)

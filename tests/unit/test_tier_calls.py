@@ -23,8 +23,9 @@ class Handle:
         self.calls = 0
         self.predict = self
 
-    def remote(self, instances: np.ndarray, model_id: str | None = None):  # noqa: ANN201
+    def remote(self, instances: np.ndarray, model_id: str | None = None, requests=()):  # noqa: ANN001, ANN201
         self.calls += 1
+        self.requests = requests
 
         async def answer() -> tuple[np.ndarray, str]:
             if self.errors:
@@ -55,6 +56,34 @@ def test_a_call_refused_for_load_is_not_retried() -> None:
     with pytest.raises(ServiceUnavailable, match="at capacity"):
         call(handle)
     assert handle.calls == 1
+
+
+def test_a_combined_call_tells_the_tier_whose_rows_it_carries() -> None:
+    """The tier logs the request ids of a coalesced call; the call itself runs in a
+    context of its own, so no single request's cancellation can reach it."""
+    import contextvars
+
+    from serve_graphs.coalesce import Coalescer
+
+    request = contextvars.ContextVar("request", default="?")
+    handle = Handle()
+    coalesced = Coalescer(
+        tier_fn(handle, "cheap", retry_wait_s=0),
+        max_in_flight=1,
+        max_rows=64,
+        call_timeout_s=5,
+        tag=request.get,
+    )
+
+    async def one(request_id: str, rows: int) -> int:
+        request.set(request_id)
+        return len((await coalesced(np.zeros((rows, 4)))).probs)
+
+    async def burst() -> list[int]:
+        return await asyncio.gather(one("r1", 1), one("r2", 2), one("r3", 3))
+
+    assert asyncio.run(burst()) == [1, 2, 3]
+    assert handle.calls == 2 and handle.requests == ("r2", "r3")  # r1 went alone, first
 
 
 def test_a_swap_that_cannot_load_keeps_the_version_that_serves(tmp_path) -> None:  # noqa: ANN001
