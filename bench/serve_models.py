@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.model_artifact import load_model
+from app.model_artifact import META, load_model
 from app.settings import load_settings
 from app.workloads import TIERS, get_workload
 
@@ -104,7 +104,9 @@ def model_targets(store: Path) -> list[str]:
     fp32 = registry.resolve(name, spec.expensive_version)
     int8 = registry.int8_twin(name, fp32.version)
     delta = registry.run_metrics(fp32).get("int8_accuracy_delta", float("nan"))
-    times = speedup(registry.download(fp32), registry.download(int8))
+    int8_dir = registry.download(int8)
+    times = speedup(registry.download(fp32), int8_dir)
+    kind = json.loads((int8_dir / META).read_text()).get("quantization")
     return [
         f"{'PASS' if cascade_ok else 'FAIL'} cascade <= {MAX_ESCALATED:.0%} escalated at "
         f"accuracy within {MAX_CASCADE_LOSS * 100:.1f} pt of expensive-only: "
@@ -113,7 +115,7 @@ def model_targets(store: Path) -> list[str]:
         f"{ref.label}",
         f"{'PASS' if times >= MIN_INT8_SPEEDUP else 'FAIL'} INT8 expensive tier >= "
         f"{MIN_INT8_SPEEDUP:g}x faster at batch {SPEED_BATCH}: {times:.2f}x (measured now, "
-        f"one thread; {int8.label})",
+        f"one thread; {int8.label}, {kind})",
         f"{'PASS' if delta >= -MAX_INT8_LOSS else 'FAIL'} INT8 accuracy "
         f"within {MAX_INT8_LOSS * 100:.0f} pt: {delta * 100:+.2f} pt (test split, at training)",
     ]
