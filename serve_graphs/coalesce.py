@@ -79,7 +79,6 @@ class Coalescer:
         self.tag = tag
         self.waiting: deque[_Waiting] = deque()
         self.in_flight = 0
-        self.calls = 0  # combined calls sent, for tests and the bench
         self._tasks: set[asyncio.Task] = set()
 
     async def __call__(self, instances: Instances) -> TierAnswer:
@@ -92,24 +91,16 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         while self.waiting and self.in_flight < self.max_in_flight:
             batch = self._next_batch()
-            if not batch:
-                continue
+            if not batch:  # only callers that had given up were waiting
+                break
             self.in_flight += 1
-            self.calls += 1
             context = contextvars.Context()  # the call's own: no request's, see above
             context.run(_callers.set, tuple(w.tag for w in batch))
             task = loop.create_task(self._call(batch), context=context)
             self._tasks.add(task)  # a reference, so the task is not collected mid-call
             task.add_done_callback(functools.partial(self._done, batch))
-            pending = [len(batch)]
-
-            def gave_up(_: asyncio.Future, task: asyncio.Task = task, pending=pending) -> None:
-                pending[0] -= 1
-                if not pending[0] and not task.done():
-                    task.cancel()  # nobody waits for this call any more
-
             for w in batch:
-                w.future.add_done_callback(gave_up)
+                w.future.add_done_callback(functools.partial(_gave_up, batch, task))
 
     def _done(self, batch: list[_Waiting], task: asyncio.Task) -> None:
         """A call ended (answered, failed, timed out, or cancelled, even before it
@@ -160,6 +151,12 @@ class Coalescer:
         for w, probs in zip(batch, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(TierAnswer(probs, answer.version, per_row * len(probs)))
+
+
+def _gave_up(batch: list[_Waiting], task: asyncio.Task, _: asyncio.Future) -> None:
+    """A caller's future is done: cancel the call once nobody waits for it any more."""
+    if not task.done() and all(w.future.done() for w in batch):
+        task.cancel()
 
 
 def _copy_for_caller(exc: Exception, call: object) -> Exception:
