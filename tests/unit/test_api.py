@@ -110,7 +110,7 @@ def test_health_and_docs_are_open() -> None:
 
 BAD_BODIES = [
     ({"instances": []}, 422, "at least 1 item"),
-    ({"instances": 5}, 422, "valid list"),
+    ({"instances": 5}, 422, "should be a valid array"),
     ({"inputs": [[1]]}, 422, "instances: Field required"),
     ({"instances": [[0] * 63]}, 400, "has 63 values; the model takes 64"),
     ({"instances": [[[1, 2], [3]]]}, 400, "ragged"),
