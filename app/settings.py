@@ -179,36 +179,23 @@ class BatchConfig(_Section):
     )
 
 
-class TierScaling(_Section):
-    """How many replicas a tier runs: Serve's autoscaling, from the calls in flight
-    (the ingress's are :class:`IngressScaling`)."""
+class _Scaling(_Section):
+    """Serve autoscaling settings that the tiers and the ingress share."""
 
     min_replicas: int = Field(
         1,
         ge=0,
-        description="0 lets the tier scale to zero when idle; then the first request "
+        description="0 lets a tier scale to zero when idle; then the first request "
         "waits for a cold start (for the expensive tier, past serve.expensive_timeout_s "
         "the cheap answer returns with degraded=true meanwhile).",
     )
-    max_replicas: int = Field(2, ge=1, description="Most replicas of the tier.")
-    target_ongoing_requests: float = Field(
-        2,
-        gt=0,
-        description="Calls in flight per replica the autoscaler aims at. A tier's calls "
-        "are the ingress's coalesced ones, at most serve.tier_calls_in_flight (2) per "
-        "ingress replica, each carrying many requests' rows; so by default a tier runs "
-        "about one replica per busy ingress replica (a slow tier slows the requests, "
-        "the ingress scales out on them, and its new replicas' calls scale the tier). "
-        "1 scales a tier out under any steady load (slower on 2 cores: bench/serve.py).",
-    )
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
     upscale_delay_s: float = Field(3.0, ge=0, description="Sustained load before adding one.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Idle time before removing one.")
-    look_back_period_s: float = Field(
-        30.0, gt=0, description="Window the requests in flight are averaged over."
-    )
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the load is averaged over.")
 
     @model_validator(mode="after")
-    def _min_below_max(self) -> TierScaling:
+    def _min_below_max(self) -> _Scaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}"
@@ -220,8 +207,29 @@ class TierScaling(_Section):
         return {**self.model_dump(), "downscale_to_zero_delay_s": self.downscale_delay_s}
 
 
-class IngressScaling(TierScaling):
-    """The ingress's replicas: its requests in flight are HTTP requests."""
+class TierScaling(_Scaling):
+    """How many replicas a tier runs: enough that each is ``target_busy`` busy
+    (serve_graphs/scaling.py). Its calls in flight say nothing of its load: they are
+    the ingress's coalesced calls, a few per replica however many rows wait."""
+
+    target_busy: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Share of its time a tier replica should spend running batches; "
+        "the tier scales out when its replicas are busier, in when they are idler. "
+        "Lower: more headroom for bursts, more replicas.",
+    )
+
+    def autoscaling_config(self) -> dict[str, float]:
+        """Without the policy's own setting, which serve_graphs.builder passes to it."""
+        config = super().autoscaling_config()
+        del config["target_busy"]
+        return config
+
+
+class IngressScaling(_Scaling):
+    """The ingress's replicas, on Serve's default policy: HTTP requests in flight."""
 
     target_ongoing_requests: float = Field(
         32, gt=0, description="HTTP requests in flight per replica the autoscaler aims at."
@@ -318,8 +326,9 @@ class ServeConfig(_Section):
     tier_calls_in_flight: int = Field(
         2,
         ge=1,
-        description="Calls one ingress replica keeps out to each tier (and routed "
-        "version) at once; requests that arrive meanwhile go together in the next call "
+        description="Calls one ingress replica keeps out at once to each tier (and routed "
+        "version), per running replica of the tier; requests that arrive meanwhile go "
+        "together in the next call "
         "(at most serve.batch.max_batch_size rows). Fewer, fuller calls: the per-call cost "
         "of a Serve hop is paid per batch, not per request (bench/serve.py).",
     )

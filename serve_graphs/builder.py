@@ -21,6 +21,7 @@ from serve_graphs.api import RETRY_AFTER_S
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
 from serve_graphs.catalog import cascade_models
 from serve_graphs.ingress import Ingress
+from serve_graphs.scaling import POLICY
 from serve_graphs.tier_model import TierModel
 
 # JSON lines that carry the request id, so one request can be followed across replicas.
@@ -88,13 +89,15 @@ def stable_args(args: GraphArgs) -> dict[str, Any]:
     return args.model_dump(mode="json", exclude={"serve": SWAPPABLE})
 
 
-def scaling(args: GraphArgs) -> dict[str, dict[str, float]]:
-    """Deployment name -> its Serve autoscaling_config."""
-    return {
-        tier_deployment("cheap"): args.serve.cheap_replicas.autoscaling_config(),
-        tier_deployment("expensive"): args.serve.expensive_replicas.autoscaling_config(),
-        INGRESS: args.serve.ingress_replicas.autoscaling_config(),
-    }
+def scaling(args: GraphArgs) -> dict[str, dict[str, Any]]:
+    """Deployment name -> its Serve autoscaling_config. Tiers scale on how busy their
+    replicas are (serve_graphs/scaling.py), the ingress on its HTTP requests in flight."""
+    configs = {INGRESS: args.serve.ingress_replicas.autoscaling_config()}
+    for tier in TIERS:
+        settings = getattr(args.serve, f"{tier}_replicas")
+        policy = {"policy_function": POLICY, "policy_kwargs": {"target_busy": settings.target_busy}}
+        configs[tier_deployment(tier)] = {**settings.autoscaling_config(), "policy": policy}
+    return configs
 
 
 def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:

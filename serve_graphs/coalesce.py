@@ -55,6 +55,8 @@ class _Waiting:
 class Coalescer:
     """A :data:`TierFn` that sends concurrent calls to ``fn`` as one.
 
+    ``max_in_flight`` may be a function, read whenever a call could go out: the ingress
+    allows a few calls per running tier replica, so a tier that scales out gets more.
     ``call_timeout_s`` bounds each combined call, so a tier call that never returns
     cannot hold a slot (and everyone waiting behind it) for ever; callers keep their own
     deadlines on top. A call whose callers have all given up is cancelled, freeing its
@@ -65,15 +67,16 @@ class Coalescer:
         self,
         fn: TierFn,
         *,
-        max_in_flight: int,
+        max_in_flight: int | Callable[[], int],
         max_rows: int,
         call_timeout_s: float,
         tag: Callable[[], str] = lambda: "",
     ) -> None:
-        if max_in_flight < 1 or max_rows < 1:
+        fixed = None if callable(max_in_flight) else max_in_flight
+        if (fixed is not None and fixed < 1) or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.fn = fn
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight if fixed is None else lambda: fixed
         self.max_rows = max_rows
         self.call_timeout_s = call_timeout_s
         self.tag = tag
@@ -89,7 +92,7 @@ class Coalescer:
 
     def _send_waiting(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.waiting and self.in_flight < self.max_in_flight:
+        while self.waiting and self.in_flight < max(1, self.max_in_flight()):
             batch = self._next_batch()
             if not batch:  # only callers that had given up were waiting
                 break

@@ -43,6 +43,7 @@ class TierFailed(ServiceUnavailable):
 
 
 ROUTES_READ_TIMEOUT_S = 10  # a slow registry must not hold a replica's start for long
+TIER_REPLICAS_POLL_S = 5.0  # how often the ingress reads how many replicas each tier runs
 TIER_ATTEMPTS = 2  # one retry: a dead replica is replaced, its callers go elsewhere
 
 
@@ -197,6 +198,8 @@ class Ingress:
             shadow_timeout_s=cfg.request_timeout_s,
         )
         self.watch: asyncio.Task | None = None
+        self.replicas_watch: asyncio.Task | None = None
+        self.tier_replicas = dict.fromkeys(TIERS, 1)  # running replicas, from serve.status()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -212,6 +215,25 @@ class Ingress:
             self.watch = asyncio.get_running_loop().create_task(
                 self.routing.watch(self.args.serve.routes_poll_s)
             )
+            self.replicas_watch = asyncio.get_running_loop().create_task(
+                self.watch_tier_replicas(TIER_REPLICAS_POLL_S)
+            )
+
+    async def watch_tier_replicas(self, every_s: float) -> None:
+        """Keep :attr:`tier_replicas` current: each tier gets
+        ``serve.tier_calls_in_flight`` calls per running replica (:meth:`coalesced`), so
+        replicas its autoscaler adds get work at once. A failed read keeps the last."""
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                for tier, handle in self.handles.items():
+                    app = status.applications[handle.app_name]
+                    states = app.deployments[handle.deployment_name].replica_states
+                    self.tier_replicas[tier] = states.get("RUNNING", 0)
+            except Exception:  # noqa: BLE001 - the controller is away for a moment
+                log.warning("could not read the tiers' replicas; calls stay at %s",
+                            self.tier_replicas, exc_info=True)  # fmt: skip
+            await asyncio.sleep(every_s)
 
     def variant(self, ref: str) -> tuple[str, Variant]:
         """Cascade ``ref`` as a routed version: its tiers' models, bound to the tier
@@ -241,14 +263,15 @@ class Ingress:
         return Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
 
     def coalesced(self, fn: TierFn, tier: str) -> Coalescer:
-        """``fn`` with concurrent calls sent as one (serve.tier_calls_in_flight). A call
+        """``fn`` with concurrent calls sent as one: at most serve.tier_calls_in_flight
+        per running replica of the tier (one replica's worth while it has none). A call
         to the expensive tier is given up with its callers (serve.expensive_timeout_s),
         so a slow one does not hold its slot after they have answered degraded."""
         cfg = self.args.serve
         timeout = cfg.expensive_timeout_s if tier == "expensive" else cfg.request_timeout_s
         return Coalescer(
             fn,
-            max_in_flight=cfg.tier_calls_in_flight,
+            max_in_flight=lambda: cfg.tier_calls_in_flight * max(1, self.tier_replicas[tier]),
             max_rows=cfg.batch.max_batch_size,
             call_timeout_s=timeout,
             tag=request_id,

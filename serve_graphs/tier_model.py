@@ -17,6 +17,7 @@ from app.settings import BatchConfig
 from serve_graphs.args import TierConfig, TierModelRef
 from serve_graphs.cascade import Instances, concat, take
 from serve_graphs.routing import MAX_VERSIONS
+from serve_graphs.scaling import BUSY, BusyMeter
 
 log = logging.getLogger("ray.serve")
 MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
@@ -81,6 +82,12 @@ class TierModel:
         self.runner: TierRunner | None = None
         self.loaded: TierModelRef | None = None
         self.max_rows = BatchConfig().max_batch_size
+        self.busy = BusyMeter()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: how busy this replica was since the last
+        reading (serve_graphs/scaling.py's policy scales the tier on it)."""
+        return {BUSY: self.busy.read()}
 
     async def reconfigure(self, user_config: dict) -> None:
         """Load the configured version (if new) beside the one serving, then swap.
@@ -135,11 +142,12 @@ class TierModel:
         for i, work in enumerate(batch):
             by_runner.setdefault(id(work.runner or pinned), []).append(i)
         answers: list[tuple[np.ndarray, str]] = [None] * len(batch)  # type: ignore[list-item]
-        for positions in by_runner.values():
-            runner = batch[positions[0]].runner or pinned
-            parts = runner.predict_many([batch[i].rows for i in positions])
-            for i, probs in zip(positions, parts, strict=True):
-                answers[i] = (probs, runner.version)
+        with self.busy.running():
+            for positions in by_runner.values():
+                runner = batch[positions[0]].runner or pinned
+                parts = runner.predict_many([batch[i].rows for i in positions])
+                for i, probs in zip(positions, parts, strict=True):
+                    answers[i] = (probs, runner.version)
         return answers
 
     async def predict(

@@ -225,6 +225,73 @@ def test_a_hot_swap_to_the_int8_twin_under_load_fails_no_request(
     assert any(f"serves {twin.label} (was {cheap})" in line for line in swaps)
 
 
+def running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications["digits"]
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_a_busy_tier_scales_out_and_the_ingress_calls_its_new_replica(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """One ingress replica keeps two calls in flight to the cheap tier, so Serve's
+    default policy would never scale it. Its replicas report how busy they are, and the
+    tier scales on that (target_busy is tiny here, so four clients make it busy); the
+    ingress then lets more calls out, and the new replica answers some of them."""
+    import threading
+    import time
+
+    from ray._private.worker import global_worker
+
+    x, _ = test_rows
+    logs = Path(global_worker.node.get_logs_dir_path()) / "serve"
+
+    def calls_per_replica() -> dict[str, int]:
+        return {
+            f.name: sum("rows of requests" in line for line in f.open())
+            for f in logs.glob("replica_*cheap-tier*.log")
+        }
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            i = offset
+            while not stop.is_set():
+                resp = http.post(
+                    endpoint.predict_url, json={"instances": [x[i % len(x)].tolist()]}, headers=AUTH
+                )
+                statuses.append(resp.status_code)
+                i += 5
+
+    busy = {"max_replicas": 2, "target_busy": 0.005, "upscale_delay_s": 0, "look_back_period_s": 2}
+    redeploy(endpoint, platform, cheap_replicas=busy)
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        started = time.monotonic()
+        while running_replicas("cheap-tier") < 2 and time.monotonic() < started + 90:
+            time.sleep(0.5)
+        scaled_out = time.monotonic() - started
+        assert running_replicas("cheap-tier") == 2, "the busy cheap tier did not scale out"
+        before = calls_per_replica()
+        time.sleep(8)  # the ingress reads the replica count every 5 s
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    after = calls_per_replica()
+    grew = [name for name, n in after.items() if n > before.get(name, 0)]
+    print(f"scaled out after {scaled_out:.1f} s; calls per replica: {before} -> {after}")
+    assert len(grew) == 2, f"calls reached only {grew} since the scale-out: {before} -> {after}"
+    assert set(statuses) == {200}, Counter(statuses)
+    redeploy(endpoint, platform, cheap_replicas={"max_replicas": 1})  # back to one replica
+    redeploy(endpoint, platform)
+
+
 def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
@@ -232,11 +299,8 @@ def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
     a replica and waits for it (here: a deadline long enough not to degrade)."""
     import time
 
-    from ray import serve
-
     def expensive_replicas() -> int:
-        app = serve.status().applications["digits"]
-        return app.deployments["expensive-tier"].replica_states.get("RUNNING", 0)
+        return running_replicas("expensive-tier")
 
     x, _ = test_rows
     zero = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1, "look_back_period_s": 2}

@@ -106,6 +106,27 @@ async def test_calls_in_flight_are_capped_and_the_rest_wait():
 
 
 @in_loop
+async def test_the_cap_can_follow_the_tiers_replicas_and_a_new_replica_gets_calls_at_once():
+    tier = Tier()
+    tier.gate.clear()
+    replicas = [1]
+    c = Coalescer(tier, max_in_flight=lambda: 2 * replicas[0], max_rows=1, call_timeout_s=5)
+    tasks = [asyncio.create_task(c(rows(0.5))) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert tier.calls == [1, 1]
+    replicas[0] = 2  # the tier scaled out: the next request lets two more calls out
+    tasks.append(asyncio.create_task(c(rows(0.5))))
+    await asyncio.sleep(0.01)
+    assert tier.calls == [1, 1, 1, 1]
+    tier.gate.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    assert len(tier.calls) == 7
+    # No replica running (scaled to zero): one call still goes, and cold-starts one.
+    none_running = Coalescer(Tier(), max_in_flight=lambda: 0, max_rows=1, call_timeout_s=5)
+    assert (await asyncio.wait_for(none_running(rows(0.5)), 1)).version == "3"
+
+
+@in_loop
 async def test_a_failed_call_fails_every_request_in_it_and_the_next_calls_still_go():
     tier = Tier(fail=ServiceUnavailable("the cheap tier is at capacity"))
     tier.gate.clear()
