@@ -66,7 +66,7 @@ from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
 from serve_graphs.builder import INGRESS, tier_deployment
 from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
-from serve_graphs.ingress import ServeMetrics
+from serve_graphs.ingress import ServeMetrics, tune_gc
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
 from serve_graphs.tier_model import TierRunner, _rows
@@ -127,6 +127,7 @@ class Monolith:
         import torch
 
         torch.set_num_threads(1)
+        tune_gc()  # as the graph's ingress does
         self.args = GraphArgs.model_validate(args)
         tiers = {t: TierConfig.model_validate(configs[tier_deployment(t)]) for t in TIERS}
         self.runners = {

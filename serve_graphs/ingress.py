@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import Counter
 
@@ -91,6 +92,18 @@ def tier_fn(
     return call
 
 
+# Young-generation collections every 50,000 allocations instead of Python's 700: a
+# request allocates hundreds of short-lived objects, so the default collected on nearly
+# every request. Measured with bench/serve.py (d+t, 64 connections, 30 s, two runs each):
+# 965 and 970 req/s at (700, 10, 10), 1,063 and 1,042 at these thresholds.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """The request-serving process's collector thresholds (:data:`GC_THRESHOLDS`)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -168,6 +181,7 @@ class Ingress:
     which every replica watches."""
 
     def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
+        tune_gc()
         self.args = GraphArgs.model_validate(args)
         self.config: IngressConfig | None = None
         self.handles = {"cheap": cheap, "expensive": expensive}
