@@ -249,15 +249,20 @@ def _vectorised(fn: Callable[[pd.Series], Any]) -> _Rule:
     """A custom check written for a Series, on a flat array. Most are numpy arithmetic
     (``np.floor(s) == s``) and give the same verdict on the bare array, without the cost
     of a Series per call (half the check's time for one row). One that needs the Series
-    (its methods, its index) fails on the array or answers in another form: it gets one."""
+    (its methods, its index) fails on the array or answers in another form: it gets one,
+    from then on without trying the array first."""
+    needs_series = False
 
     def rule(v: np.ndarray) -> np.ndarray:
-        try:
-            ok = fn(v)
-        except Exception:  # noqa: BLE001 - any failure: the check needs a Series
-            ok = None
-        if isinstance(ok, np.ndarray) and ok.dtype == bool and ok.shape == v.shape:
-            return ok
+        nonlocal needs_series
+        if not needs_series:
+            try:
+                ok = fn(v)
+            except Exception:  # noqa: BLE001 - any failure: the check needs a Series
+                ok = None
+            if isinstance(ok, np.ndarray) and ok.dtype == bool and ok.shape == v.shape:
+                return ok
+            needs_series = True
         return np.asarray(fn(pd.Series(v)), dtype=bool)
 
     return rule

@@ -75,6 +75,21 @@ def test_compiled_contract_agrees_with_pandera_on_checks_that_need_a_series() ->
     assert fast == [None if pd.isna(r) else r for r in slow]
 
 
+def test_a_check_that_needs_a_series_gets_one_without_trying_the_array_each_time() -> None:
+    import pandera.pandas as pa
+
+    seen: list[str] = []
+
+    def between(s):  # noqa: ANN001, ANN202 - a pandera check
+        seen.append(type(s).__name__)
+        return s.between(1, 3)
+
+    compiled = CompiledContract(pa.DataFrameSchema({"c": pa.Column(float, pa.Check(between))}))
+    verdicts = [compiled.row_errors(np.array([[v]])) for v in (2.0, 5.0, 3.0)]
+    assert [v[0] is None for v in verdicts] == [True, False, True]
+    assert seen == ["ndarray", "Series", "Series", "Series"]
+
+
 def test_compiled_contract_names_column_and_rule() -> None:
     compiled = CompiledContract(DIGITS.instance_contract())
     row = np.zeros((1, 64))
