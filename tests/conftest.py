@@ -13,6 +13,16 @@ from app.settings import Settings, load_settings
 from app.workloads import get_workload
 
 
+class FakeClock:
+    """A clock a test moves by hand: ``clock.now += 5``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,39 +164,55 @@ def redeploy(endpoint: Endpoint, platform: Platform, **serve: object) -> None:
     deploy(settings, "digits", [dev_key(KEY)])
 
 
+class Load:
+    """Clients that keep posting one-row requests while the block runs: the statuses
+    they got and the model versions that answered, in order."""
+
+    def __init__(self, endpoint: Endpoint, rows: np.ndarray, clients: int = 4) -> None:
+        self.url, self.rows = endpoint.predict_url, rows
+        self.statuses: list[int] = []
+        self.versions: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(k,)) for k in range(clients)]
+
+    def _client(self, offset: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            i = offset
+            while not self.stop.is_set():
+                row = self.rows[i % len(self.rows)].tolist()
+                resp = http.post(self.url, json={"instances": [row]}, headers=AUTH)
+                self.statuses.append(resp.status_code)
+                if resp.status_code == 200:
+                    self.versions.extend(p["model_version"] for p in resp.json()["predictions"])
+                i += 7
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
 def test_a_hot_swap_to_the_int8_twin_under_load_fails_no_request(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
     """The cheap tier swaps to its INT8 twin in place (reconfigure), and back, while four
     clients keep sending requests: every request is answered, first by one version,
     then by the other."""
-    import threading
-    import time
 
     from ray._private.worker import global_worker
 
     x, _ = test_rows
-    statuses: list[int] = []
-    seen: list[str] = []
-    stop = threading.Event()
 
-    def client(offset: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            i = offset
-            while not stop.is_set():
-                resp = http.post(
-                    endpoint.predict_url, json={"instances": [x[i % len(x)].tolist()]}, headers=AUTH
-                )
-                statuses.append(resp.status_code)
-                if resp.status_code == 200:
-                    seen.extend(p["model_version"] for p in resp.json()["predictions"])
-                i += 7
-
-    def wait_for(version: str) -> None:
+    def wait_for(load: Load, version: str) -> None:
         """Until ``version`` answers, and at least 20 more requests were answered: the
         swap is tested under load however slow a shared machine is."""
-        answered, deadline = len(statuses), time.monotonic() + 60
-        while version not in seen[-20:] or len(statuses) - answered < 20:
+        answered, deadline = len(load.statuses), time.monotonic() + 60
+        while version not in load.versions[-20:] or len(load.statuses) - answered < 20:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -203,19 +221,13 @@ def test_a_hot_swap_to_the_int8_twin_under_load_fails_no_request(
     twin = Registry(platform.settings.tracking_uri).int8_twin(
         "digits-cheap", platform.cascade.cheap_version
     )
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(cheap)
+    with Load(endpoint, x) as load:
+        wait_for(load, cheap)
         redeploy(endpoint, platform, int8_tiers=["cheap"])
-        wait_for(twin.label)
+        wait_for(load, twin.label)
         redeploy(endpoint, platform)  # and back
-        wait_for(cheap)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        wait_for(load, cheap)
+    statuses, seen = load.statuses, load.versions
     assert len(statuses) > 50 and set(statuses) == {200}, Counter(statuses)
     first_twin = seen.index(twin.label)
     assert cheap in seen[:first_twin] and cheap in seen[first_twin:]
@@ -239,8 +251,6 @@ def test_a_busy_tier_scales_out_and_the_ingress_calls_its_new_replica(
     default policy would never scale it. Its replicas report how busy they are, and the
     tier scales on that (target_busy is tiny here, so four clients make it busy); the
     ingress then lets more calls out, and the new replica answers some of them."""
-    import threading
-    import time
 
     from ray._private.worker import global_worker
 
@@ -253,25 +263,9 @@ def test_a_busy_tier_scales_out_and_the_ingress_calls_its_new_replica(
             for f in logs.glob("replica_*cheap-tier*.log")
         }
 
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def client(offset: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            i = offset
-            while not stop.is_set():
-                resp = http.post(
-                    endpoint.predict_url, json={"instances": [x[i % len(x)].tolist()]}, headers=AUTH
-                )
-                statuses.append(resp.status_code)
-                i += 5
-
     busy = {"max_replicas": 2, "target_busy": 0.005, "upscale_delay_s": 0, "look_back_period_s": 2}
     redeploy(endpoint, platform, cheap_replicas=busy)
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with Load(endpoint, x) as load:
         started = time.monotonic()
         while running_replicas("cheap-tier") < 2 and time.monotonic() < started + 90:
             time.sleep(0.5)
@@ -279,15 +273,11 @@ def test_a_busy_tier_scales_out_and_the_ingress_calls_its_new_replica(
         assert running_replicas("cheap-tier") == 2, "the busy cheap tier did not scale out"
         before = calls_per_replica()
         time.sleep(8)  # the ingress reads the replica count every 5 s
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
     after = calls_per_replica()
     grew = [name for name, n in after.items() if n > before.get(name, 0)]
     print(f"scaled out after {scaled_out:.1f} s; calls per replica: {before} -> {after}")
     assert len(grew) == 2, f"calls reached only {grew} since the scale-out: {before} -> {after}"
-    assert set(statuses) == {200}, Counter(statuses)
+    assert set(load.statuses) == {200}, Counter(load.statuses)
     redeploy(endpoint, platform, cheap_replicas={"max_replicas": 1})  # back to one replica
     redeploy(endpoint, platform)
 
@@ -297,7 +287,6 @@ def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
 ) -> None:  # noqa: ANN001
     """With min_replicas 0 the idle expensive tier goes away; the next escalation starts
     a replica and waits for it (here: a deadline long enough not to degrade)."""
-    import time
 
     def expensive_replicas() -> int:
         return running_replicas("expensive-tier")
@@ -403,7 +392,6 @@ def test_ab_and_shadow_routing_set_from_the_cli_without_a_redeploy(
     import os
     import subprocess
     import sys
-    import time
 
     from ray._private.worker import global_worker
 

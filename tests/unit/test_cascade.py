@@ -8,20 +8,13 @@ import numpy as np
 
 from app.errors import ServiceUnavailable
 from serve_graphs.cascade import Cascade, CircuitBreaker, TierAnswer
+from tests.conftest import FakeClock
 
 UNSURE = np.array([[0.6, 0.4]])  # below any threshold we use: always escalates
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_breaker_opens_after_failures_lets_one_trial_through_and_closes_on_success() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker(failures_to_open=2, reset_after_s=10, clock=clock)
     breaker.record_failure()
     assert breaker.allow()
@@ -79,7 +72,7 @@ def test_an_open_breaker_stops_calling_the_failing_tier() -> None:
 
 
 def test_a_cancelled_trial_call_does_not_leave_the_breaker_stuck_open() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker(failures_to_open=1, reset_after_s=10, clock=clock)
     started = asyncio.Event()
 

@@ -16,18 +16,11 @@ from app.settings import load_settings
 from serve_graphs.args import GraphArgs
 from serve_graphs.builder import scaling
 from serve_graphs.scaling import BUSY, POLICY, BusyMeter, BusyTierPolicy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock
 
 
 def test_the_meter_reads_the_share_of_time_spent_in_batches() -> None:
-    clock = Clock()
+    clock = FakeClock()
     meter = BusyMeter(clock)
     clock.now += 10  # idle
     assert meter.read() == 0.0
@@ -40,7 +33,7 @@ def test_the_meter_reads_the_share_of_time_spent_in_batches() -> None:
 
 
 def test_a_batch_running_across_a_reading_counts_in_both_windows_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     meter = BusyMeter(clock)
     with meter.running():
         clock.now += 4
