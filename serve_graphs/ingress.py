@@ -95,7 +95,7 @@ def tier_fn(
 # Young-generation collections every 50,000 allocations instead of Python's 700: a
 # request allocates hundreds of short-lived objects, so the default collected on nearly
 # every request. Measured with bench/serve.py (d+t, 64 connections, 30 s, two runs each):
-# 965 and 970 req/s at (700, 10, 10), 1,063 and 1,042 at these thresholds.
+# 965 and 970 req/s at (700, 20, 100), 1,063 and 1,042 at these thresholds.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
