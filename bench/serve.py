@@ -69,10 +69,13 @@ from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer,
 from serve_graphs.ingress import ServeMetrics, tune_gc
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
+from serve_graphs.tier_model import BATCH as TIER_BATCH
 from serve_graphs.tier_model import TierRunner, _rows
 
 PATH = f"/v1/models/{DIGITS}/predict"
-BATCH = BatchConfig()
+# The baselines batch single requests, which need a window to meet in: 5 ms, the
+# tiers' default until 2026-11-29 (the graph's ingress coalesces, so its tiers wait 0).
+BASELINE_BATCH = BatchConfig(batch_wait_timeout_s=0.005)
 MAX_ONGOING = 64  # the scaledl ingress's default, for every single-deployment setup
 
 
@@ -108,7 +111,8 @@ class Batched(PerRequest):
         return respond(await self.predict_batch(instances(await request.json())))
 
     @serve.batch(
-        max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s
+        max_batch_size=BASELINE_BATCH.max_batch_size,
+        batch_wait_timeout_s=BASELINE_BATCH.batch_wait_timeout_s,
     )
     async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         return self.runner.predict_many(batches)
@@ -157,16 +161,16 @@ class Monolith:
         return call
 
     @serve.batch(
-        max_batch_size=BATCH.max_batch_size,
-        batch_wait_timeout_s=BATCH.batch_wait_timeout_s,
+        max_batch_size=TIER_BATCH.max_batch_size,
+        batch_wait_timeout_s=TIER_BATCH.batch_wait_timeout_s,
         batch_size_fn=_rows,
     )
     async def predict_cheap(self, batches: list[Instances]) -> list[np.ndarray]:
         return self.runners["cheap"].predict_many(batches)
 
     @serve.batch(
-        max_batch_size=BATCH.max_batch_size,
-        batch_wait_timeout_s=BATCH.batch_wait_timeout_s,
+        max_batch_size=TIER_BATCH.max_batch_size,
+        batch_wait_timeout_s=TIER_BATCH.batch_wait_timeout_s,
         batch_size_fn=_rows,
     )
     async def predict_expensive(self, batches: list[Instances]) -> list[np.ndarray]:

@@ -12,20 +12,18 @@ import litserve as ls
 import numpy as np
 
 from app.model_artifact import load_model
-from app.settings import BatchConfig
-from bench.serve import instances, respond
+from bench.serve import BASELINE_BATCH, instances, respond
 from serve_graphs.tier_model import TierRunner
 
 
 class DigitsAPI(ls.LitAPI):
     """One request's rows in, label and confidence out; LitServe gathers up to the same
-    batch as the scaledl tiers (BatchConfig: 64 requests, 5 ms)."""
+    batch as stock Serve's (b) (64 requests, 5 ms: ``BASELINE_BATCH``)."""
 
     def __init__(self, model_dir: str, api_path: str) -> None:
-        batch = BatchConfig()
         super().__init__(
-            max_batch_size=batch.max_batch_size,
-            batch_timeout=batch.batch_wait_timeout_s,
+            max_batch_size=BASELINE_BATCH.max_batch_size,
+            batch_timeout=BASELINE_BATCH.batch_wait_timeout_s,
             api_path=api_path,
         )
         self.model_dir = model_dir

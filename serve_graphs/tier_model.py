@@ -20,6 +20,7 @@ from serve_graphs.routing import MAX_VERSIONS
 from serve_graphs.scaling import BUSY, BusyMeter
 
 log = logging.getLogger("ray.serve")
+BATCH = BatchConfig()  # until reconfigure applies the deployment's user_config
 MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
 
 
@@ -81,7 +82,7 @@ class TierModel:
         self.tracking_uri = tracking_uri
         self.runner: TierRunner | None = None
         self.loaded: TierModelRef | None = None
-        self.max_rows = BatchConfig().max_batch_size
+        self.max_rows = BATCH.max_batch_size
         self.busy = BusyMeter()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -134,7 +135,11 @@ class TierModel:
         if self.loaded is None or model_id != self.loaded.model_id:
             await self.routed_runner(model_id)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
+    @serve.batch(
+        max_batch_size=BATCH.max_batch_size,
+        batch_wait_timeout_s=BATCH.batch_wait_timeout_s,
+        batch_size_fn=_rows,
+    )
     async def predict_batch(self, batch: list[Work]) -> list[tuple[np.ndarray, str]]:
         """One forward pass per version in the batch (most batches hold one)."""
         pinned = self.runner  # one version for the whole batch, even if a swap lands now

@@ -59,7 +59,7 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
     configs = {d.name: d.user_config for d in app.deployments}
     assert configs["cheap-tier"] == {
         "model": {"registered_name": "digits-cheap", "model_ref": "3"},
-        "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+        "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.0},
     }
     assert configs["expensive-tier"]["model"]["model_ref"] == "2"
     assert configs["Ingress"] == {
