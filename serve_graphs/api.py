@@ -1,4 +1,5 @@
-"""The HTTP surface, free of Ray: routes, request validation, auth and error mapping.
+"""The HTTP surface, free of Ray: routes, auth and error mapping. What a /v1 body
+becomes (parsed, shaped, checked against the contract) is :mod:`serve_graphs.inputs`.
 
 ``build_api`` returns a FastAPI app around a :class:`Routing` (the routing table over
 cascade versions); the Serve ingress hands it to Serve, tests drive it with a TestClient.
@@ -8,30 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from numbers import Real
-from typing import Annotated, Any, TypeVar
 
-import numpy as np
 import pandas as pd
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from app.errors import (
-    DataContractError,
-    GatewayTimeout,
-    InvalidRequest,
-    PayloadTooLarge,
-    ScaledlError,
-)
+from app.errors import GatewayTimeout, ScaledlError
 from app.keys import ApiKey, KeyRing, Scope
 from app.workloads import Workload
-from data.validate import CompiledContract, RecordFastPath, check_rows, mismatch
 from serve_graphs.admin import admin_router, check_name
 from serve_graphs.cascade import Instances, Prediction
+from serve_graphs.inputs import (
+    InputCheck,
+    PredictRequest,
+    body_schema,
+    parse_body,
+    to_frame,
+    to_matrix,
+)
 from serve_graphs.middleware import BodyLimit, OipJsonBodies
 from serve_graphs.observe import (
     VERSION_HEADER,
@@ -44,31 +43,6 @@ from serve_graphs.observe import (
 )
 from serve_graphs.oip import oip_router
 from serve_graphs.routing import Routing
-
-# Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
-# errors list every branch that failed; the schema still tells clients what to send.
-Instance = Annotated[
-    list[Any] | dict[str, Any],
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {
-                    "type": "array",
-                    "items": {
-                        "anyOf": [
-                            {"type": "number"},
-                            {"type": "array", "items": {"type": "number"}},
-                        ]
-                    },
-                },
-                {
-                    "type": "object",
-                    "description": "A record (workloads of records): feature -> value.",
-                },
-            ]
-        }
-    ),
-]
 
 
 class KeyScope(HTTPBearer):
@@ -83,18 +57,6 @@ class KeyScope(HTTPBearer):
     async def __call__(self, request: Request) -> ApiKey:
         credentials = await super().__call__(request)
         return self.keys.authorize(credentials.credentials if credentials else None, self.needed)
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    instances: list[Instance] = Field(
-        min_length=1,
-        description="Raw inputs, one per prediction: a flat list of the model's features "
-        "or a 2-D array of them (an 8x8 digits image, say), or for workloads of records "
-        "(transactions) an object of feature -> value.",
-        examples=[[[0, 0, 5, 13, 9, 1, 0, 0] * 8]],
-    )
 
 
 class PredictionOut(BaseModel):
@@ -116,7 +78,6 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
-Body = TypeVar("Body", bound=BaseModel)
 log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 1  # what 429/503 answers ask clients to wait, in seconds
 
@@ -267,134 +228,6 @@ def build_api(
         )
     )
     return api
-
-
-class InputCheck:
-    """The workload's contract, applied to every request: the same rules as at ingest.
-
-    Numbers (digits) go through the compiled contract, well under a millisecond.
-    Records (transactions) that are plainly valid take pandera's checks without its
-    per-call overhead (:class:`RecordFastPath`); any other goes through pandera itself,
-    which also coerces types (a number as text) and words the error. Either way a
-    broken instance is a 400 naming the instance and the rule, never the value (it may
-    be PII).
-    """
-
-    def __init__(self, workload: Workload) -> None:
-        self.contract = workload.instance_contract()
-        self.compiled = None if workload.fitted else CompiledContract(self.contract)
-        self.fast = RecordFastPath(self.contract)
-
-    def __call__(self, instances: Instances) -> Instances:
-        if isinstance(instances, pd.DataFrame):
-            fast = self.fast(instances)
-            if fast is not None:  # plainly valid: pandera's checks, without its overhead
-                return fast
-            try:
-                valid, reasons = check_rows(instances, self.contract, where="request")
-            except DataContractError:  # a value no rule could even be applied to
-                raise InvalidRequest(
-                    "instances hold values the input contract cannot check: send one "
-                    "number or string per field"
-                ) from None
-            errors, checked = reasons.tolist(), valid
-        else:
-            errors, checked = self.compiled.row_errors(instances), instances
-        broken = [(i, r) for i, r in enumerate(errors) if r is not None]
-        if broken:
-            shown = "; ".join(f"instance {i}: {r}" for i, r in broken[:5])
-            raise InvalidRequest(f"instances break the input contract: {shown}")
-        return checked
-
-
-def parse_body(model: type[Body], raw: bytes) -> Body:
-    """The request body as ``model``, parsed and checked in one pass by pydantic (a
-    third of FastAPI's cost for a body parameter); a bad one is FastAPI's own 4xx."""
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for a body that :func:`parse_body` reads (the route has no body parameter)."""
-    schema = model.model_json_schema()
-    assert "$defs" not in schema, f"{model.__name__}: inline its nested models"
-    content = {"application/json": {"schema": schema}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-def _check_count(n: int, max_instances: int) -> None:
-    if n > max_instances:
-        raise PayloadTooLarge(
-            f"{n} instances in one request; the limit is {max_instances}: split the request"
-        )
-
-
-def to_frame(instances: list[Instance], workload: Workload, max_instances: int) -> pd.DataFrame:
-    """Record instances -> a frame of the feature columns, or a 4xx naming what is wrong."""
-    _check_count(len(instances), max_instances)
-    columns = list(workload.feature_columns)
-    for i, instance in enumerate(instances):
-        if not isinstance(instance, dict):
-            raise InvalidRequest(
-                f"instance {i} is not an object: send one object of {', '.join(columns)} "
-                "per instance"
-            )
-        problem = mismatch(instance, columns, "field")
-        if problem:
-            raise InvalidRequest(f"instance {i}: {problem}")
-        for field, value in instance.items():
-            if isinstance(value, list | dict | bool):
-                raise InvalidRequest(
-                    f"instance {i}: field {field!r} holds a {type(value).__name__}; send one "
-                    "number or string"
-                )
-    return pd.DataFrame.from_records(instances, columns=columns)
-
-
-def to_matrix(instances: list[Instance], n_features: int, max_instances: int) -> np.ndarray:
-    """Instances -> a float matrix (n, F), or a 4xx naming what is wrong."""
-    _check_count(len(instances), max_instances)
-    rows = []
-    for i, instance in enumerate(instances):
-        if isinstance(instance, dict):
-            raise InvalidRequest(
-                f"instance {i} is an object; this model takes {n_features} numbers per "
-                "instance (a flat list, or a 2-D array of them)"
-            )
-        values = _flatten(instance, i)
-        row = np.asarray(values, dtype=np.float64)
-        if not np.isfinite(row).all():
-            raise InvalidRequest(f"instance {i} holds NaN or infinity: send finite numbers")
-        if row.size != n_features:
-            raise InvalidRequest(
-                f"instance {i} has {row.size} values; the model takes {n_features} "
-                f"(a flat list, or a 2-D array of that many values)"
-            )
-        rows.append(row)
-    return np.stack(rows)
-
-
-def _flatten(instance: list[Any], i: int) -> list[float]:
-    """Numbers of a flat or 2-D instance; rows of a 2-D one must be equally long."""
-    if all(type(v) is float or type(v) is int for v in instance):  # JSON numbers, flat
-        return instance
-    nested = [isinstance(item, list) for item in instance]
-    if any(nested):
-        if not all(nested) or len({len(row) for row in instance}) > 1:
-            raise InvalidRequest(f"instance {i} is a ragged array: its rows must be equally long")
-        instance = [v for row in instance for v in row]
-        if all(type(v) is float or type(v) is int for v in instance):  # JSON numbers, 2-D
-            return instance
-    return [_number(v, i) for v in instance]
-
-
-def _number(value: Any, i: int) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidRequest(f"instance {i} holds {value!r}, which is not a number")
-    return float(value)
 
 
 def _describe(errors: list[dict]) -> str:
