@@ -57,7 +57,8 @@ from starlette.requests import Request
 from app.keys import dev_key
 from app.model_artifact import load_model
 from app.runtime import FAST_TRANSPORT
-from app.settings import BatchConfig, load_settings
+from app.sections import BatchConfig
+from app.settings import load_settings
 from app.workloads import TIERS, get_workload
 from bench import wrk
 from bench.serve_models import DIGITS, model_targets, prepare, request_bodies

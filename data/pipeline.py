@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from app.errors import DataContractError, find_scaledl_error
-from app.settings import IngestConfig, Settings
+from app.sections import IngestConfig
+from app.settings import Settings
 from app.workloads import Workload, get_workload
 from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
 from data.pii import PiiKey, load_pii_key, redact_series

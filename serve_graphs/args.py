@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.keys import ApiKey
-from app.settings import BatchConfig, ServeConfig, Settings
+from app.sections import BatchConfig, ServeConfig
+from app.settings import Settings
 
 
 class TierModelRef(BaseModel):

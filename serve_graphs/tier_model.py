@@ -13,7 +13,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
-from app.settings import BatchConfig
+from app.sections import BatchConfig
 from serve_graphs.args import TierConfig, TierModelRef
 from serve_graphs.cascade import Instances, concat, take
 from serve_graphs.routing import MAX_VERSIONS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.settings import TrainConfig
+from app.sections import TrainConfig
 
 
 def steps_per_epoch(train_rows: int, cfg: TrainConfig) -> int:

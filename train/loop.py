@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from app.errors import CheckpointError
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
-from app.settings import TrainConfig
+from app.sections import TrainConfig
 from app.workloads import Workload, get_workload
 from train.engines import DataParallel, Pipeline, build_engine
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from app.errors import CheckpointError, ConfigError
 from app.registry import ModelRef, Registry
-from app.settings import Settings, TrainConfig
+from app.sections import TrainConfig
+from app.settings import Settings
 from app.workloads import Workload, get_workload
 from data.pipeline import load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.errors import ConfigError
-from app.settings import TrainConfig
+from app.sections import TrainConfig
 from app.workloads import get_workload
 from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
 from train.run import check_layout
