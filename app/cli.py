@@ -3,22 +3,21 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from app import reports
+from app.cli_base import CliState, WorkloadOpt, console, drop_none
 from app.errors import ConfigError, find_scaledl_error
 from app.routes_cli import route_cli
-from app.settings import Settings, load_settings
+from app.serve_cli import keys_cli, serve_cli
 
 cli = typer.Typer(
     name="scaledl",
@@ -29,34 +28,11 @@ cli = typer.Typer(
 )
 data_cli = typer.Typer(help="Ingest raw data into versioned datasets.", no_args_is_help=True)
 models_cli = typer.Typer(help="Registered models and their aliases.", no_args_is_help=True)
-keys_cli = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
-serve_cli = typer.Typer(help="Serve a workload's calibrated cascade over HTTP.")
 cli.add_typer(data_cli, name="data")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(serve_cli, name="serve")
 cli.add_typer(route_cli, name="route")
-
-
-@functools.cache
-def console() -> Console:
-    # Rich assumes 80 columns when output is not a terminal (CI, `ray job logs`): too
-    # narrow for the report tables.
-    return Console(width=None if sys.stdout.isatty() else 140)
-
-
-WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")]
-
-
-@dataclass(frozen=True)
-class _State:
-    config: Path | None
-    verbose: bool
-
-    def settings(self, **overrides: Any) -> Settings:
-        settings = load_settings(self.config, **overrides)
-        settings.storage_root.mkdir(parents=True, exist_ok=True)
-        return settings
 
 
 @cli.callback()
@@ -71,7 +47,7 @@ def _root(
         # MLflow sets its own level when imported; this is the knob it reads.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    ctx.obj = _State(config, verbose)
+    ctx.obj = CliState(config, verbose)
 
 
 # ---------------------------------------------------------------------------- data
@@ -139,7 +115,7 @@ def data_ingest(
     from data.pipeline import ingest
     from data.sources import open_source
 
-    state: _State = ctx.obj
+    state: CliState = ctx.obj
     settings = state.settings(dev=dev or None)
     wl = get_workload(workload)
     raw = open_source(source) if source else None
@@ -223,8 +199,8 @@ def train(
     from data.versions import DatasetStore
     from train.run import check_layout, train_tier
 
-    state: _State = ctx.obj
-    overrides = _drop_none(
+    state: CliState = ctx.obj
+    overrides = drop_none(
         epochs=epochs, num_workers=workers, zero_stage=zero_stage, pipeline_stages=pipeline_stages
     )
     settings = state.settings(train=overrides)
@@ -262,8 +238,8 @@ def calibrate_cmd(
     from app.workloads import get_workload
     from train.calibrate import calibrate
 
-    state: _State = ctx.obj
-    settings = state.settings(calibrate=_drop_none(margin=margin))
+    state: CliState = ctx.obj
+    settings = state.settings(calibrate=drop_none(margin=margin))
     wl = get_workload(workload)
     registry = Registry(settings.tracking_uri)
     for tier, ref in (("cheap", cheap), ("expensive", expensive)):  # fail before Ray starts
@@ -322,117 +298,6 @@ def models_promote(
     console().print(f"{name}: {CHAMPION} -> {target.version} (was {previous or 'unset'})")
 
 
-# ---------------------------------------------------------------------------- keys
-
-
-@keys_cli.command("create")
-def keys_create(
-    ctx: typer.Context,
-    scope: Annotated[str, typer.Option(help="predict (inference routes) or admin (all).")],
-    key_id: Annotated[
-        str | None, typer.Option("--id", help="Who holds the key (default: generated).")
-    ] = None,
-) -> None:
-    """Create an API key: its hash goes into the keys file, the key is printed once."""
-    from app.keys import SCOPES, create_key
-
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    settings = ctx.obj.settings()
-    key, secret = create_key(settings.keys_file, scope, key_id)  # type: ignore[arg-type]
-    console().print(f"key {key.id} ({key.scope}) added to {settings.keys_file}")
-    console().print(secret, highlight=False, soft_wrap=True)
-    console().print("store it now: only its SHA-256 is kept", style="dim")
-
-
-@keys_cli.command("list")
-def keys_list(ctx: typer.Context) -> None:
-    """The keys in the keys file: ids and scopes (secrets are never stored)."""
-    from app.keys import read_keys_file
-
-    settings = ctx.obj.settings()
-    table = Table("id", "scope", "sha256 (prefix)", title=str(settings.keys_file))
-    for key in read_keys_file(settings.keys_file):
-        table.add_row(key.id, key.scope, key.sha256[:12])
-    console().print(table)
-
-
-# ---------------------------------------------------------------------------- serve
-
-
-@serve_cli.callback(invoke_without_command=True)
-def serve_cmd(
-    ctx: typer.Context,
-    workload: Annotated[
-        str | None, typer.Option("--workload", "-w", help="Workload name, e.g. digits.")
-    ] = None,
-    dev: Annotated[
-        bool, typer.Option(help="Development: generate and print an API key if none is set.")
-    ] = False,
-    cascade: Annotated[
-        str | None,
-        typer.Option(help="Calibrated cascade to serve: alias or version (serve.cascade_ref)."),
-    ] = None,
-    keep: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
-) -> None:
-    """Deploy the Serve application (ingress + cascade + batched tiers) and print its URLs.
-
-    `scaledl serve config` prints the same application as a Serve config YAML instead."""
-    from app.runtime import ray_session
-    from app.serving import check_models, deploy, resolve_access, serve_until_interrupted
-
-    if ctx.invoked_subcommand is not None:
-        return
-    if workload is None:
-        raise ConfigError("scaledl serve needs --workload, e.g. --workload digits")
-    state: _State = ctx.obj
-    settings = state.settings(serve=_drop_none(cascade_ref=cascade))
-    if not keep and not settings.ray_address:
-        raise ConfigError(
-            "--no-keep leaves the application running on a cluster this command does not "
-            "own; here it would start (and stop) its own: set RAY_ADDRESS to a running "
-            "cluster (`ray start --head`), or drop --no-keep"
-        )
-    access = resolve_access(settings, dev=dev)
-    check_models(settings, workload)
-    with ray_session(settings, verbose=state.verbose) as ray_info:
-        with console().status("deploying…"):
-            endpoint = deploy(settings, workload, access.keys)
-        shown_key = access.client_key if access.generated else None
-        for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
-            console().print(line, soft_wrap=True)
-        if keep:
-            console().print("serving; press Ctrl-C to stop")
-            serve_until_interrupted()
-
-
-@serve_cli.command("config")
-def serve_config_cmd(
-    ctx: typer.Context,
-    workload: WorkloadOpt,
-    cascade: Annotated[
-        str | None,
-        typer.Option(help="Calibrated cascade to serve: alias or version (serve.cascade_ref)."),
-    ] = None,
-) -> None:
-    """Print the Serve config YAML for `serve deploy` (e.g. > cluster/serve.yaml)."""
-    from app.runtime import FAST_TRANSPORT
-    from app.serve_config import serve_config, to_yaml
-    from app.serving import check_models, resolve_access
-
-    state: _State = ctx.obj
-    settings = state.settings(serve=_drop_none(cascade_ref=cascade))
-    access = resolve_access(settings, dev=False)
-    if access.generated:  # SCALEDL_DEV: a key nobody could ever send
-        raise ConfigError(
-            "a Serve config needs keys someone holds: create one with "
-            "`scaledl keys create --scope predict` or set SCALEDL_API_KEY"
-        )
-    check_models(settings, workload)
-    transport = FAST_TRANSPORT if settings.serve.fast_transport else None
-    typer.echo(to_yaml(serve_config(settings, workload, access.keys), transport), nl=False)
-
-
 # ---------------------------------------------------------------------------- demo
 
 
@@ -448,16 +313,12 @@ def demo(
     """Ingest digits, train both tiers, serve the cascade, send the test split over HTTP."""
     from app.demo import run_demo
 
-    state: _State = ctx.obj
-    settings = state.settings(train=_drop_none(epochs=epochs), dev=True)
+    state: CliState = ctx.obj
+    settings = state.settings(train=drop_none(epochs=epochs), dev=True)
     run_demo(settings, console(), keep=keep, verbose=state.verbose, concurrency=concurrency)
 
 
 # ---------------------------------------------------------------------------- entry
-
-
-def _drop_none(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def main() -> None:

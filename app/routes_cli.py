@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from app.cli_base import console
 from app.errors import ConfigError, ScaledlError, ServiceUnavailable
 
 route_cli = typer.Typer(
@@ -94,8 +95,6 @@ def _call(
 
 
 def _show(view: dict[str, Any]) -> None:
-    from app.cli import console
-
     table = view["table"]
     title = "routing table" if table else f"no table: every request to version {view['deployed']}"
     columns = ("requests", "server_errors", "p50_ms", "p99_ms")
