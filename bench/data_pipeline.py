@@ -31,12 +31,12 @@ ENGINES = ("plain", "ray")
 PII_KEY = "bench-pii-key-0123456789abcdef"
 
 
-def local_pass(source, columns, rows_dir, mark) -> None:  # noqa: ANN001 - a data.pipeline.Pass
+def local_pass(source, columns, rows_dir, mark) -> None:  # noqa: ANN001 - a data.marking.Pass
     """The single-process baseline: read, mark and write one block at a time."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from data.pipeline import SPLIT_COLUMN
+    from data.marking import SPLIT_COLUMN
     from data.readers import read_stream
 
     for i, path in enumerate(source.paths):
@@ -57,7 +57,8 @@ def child(engine: str, source: str, store: str) -> None:
     from app.runtime import ray_session
     from app.settings import load_settings
     from app.workloads import get_workload
-    from data.pipeline import ingest, ray_pass
+    from data.marking import ray_pass
+    from data.pipeline import ingest
     from data.sources import open_source
 
     settings = load_settings(storage_root=Path(store), pii_key=PII_KEY)

@@ -3,7 +3,7 @@
 One streaming pass of Ray Data reads every record once (data/readers.py), checks it
 against the workload's contract, pseudonymizes its PII, and writes it once: into the
 partition of its split, or into the quarantine with the rule it broke, its file and its
-record number. Then, on the written files only:
+record number (data/marking.py). Then, on the written files only:
 
 - ids repeated across batches are moved to the quarantine (the contract's uniqueness);
 - counts per source file are reconciled with what each file holds;
@@ -15,7 +15,6 @@ record number. Then, on the written files only:
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import time
 from collections import Counter
@@ -33,11 +32,19 @@ from app.sections import IngestConfig
 from app.settings import Settings
 from app.workloads import Workload, get_workload
 from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
-from data.pii import PiiKey, load_pii_key, redact_series
-from data.readers import ERROR, ROW, SOURCE, TEXT, RawFiles
+from data.marking import (
+    RAW_COLUMN,
+    REASON_COLUMN,
+    SPLIT_COLUMN,
+    Pass,
+    mark_rows,
+    ray_pass,
+    records_json,
+)
+from data.pii import load_pii_key
+from data.readers import ROW, SOURCE
 from data.sources import RawSource, builtin_raw_file, describe_file, file_sha256, local_source
-from data.split import assign_split
-from data.validate import arrow_schema, check_rows, is_text
+from data.validate import is_text
 from data.versions import (
     PREPROCESSOR,
     QUARANTINE,
@@ -54,9 +61,6 @@ if TYPE_CHECKING:
     import pyarrow
 
 PIPELINE_VERSION = "2"
-SPLIT_COLUMN = "split"
-REASON_COLUMN = "_quarantine_reason"
-RAW_COLUMN = "_raw"
 STATS_BATCH_ROWS = 65_536
 
 
@@ -70,140 +74,6 @@ class IngestResult:
     @property
     def rows_per_s(self) -> float:
         return self.manifest.rows_in / self.seconds if self.seconds > 0 else float("nan")
-
-
-@functools.cache
-def _batch_contract(workload_name: str):  # noqa: ANN202 - pandera schema, once per worker
-    """The contract as one batch can check it: the id's uniqueness is a property of the
-    whole run, checked after the pass (:func:`duplicates_moved`), so that which
-    occurrence stays never depends on where a batch happened to end."""
-    workload = get_workload(workload_name)
-    return workload.contract().update_column(workload.id_column, unique=False)
-
-
-def mark_rows(
-    batch: pd.DataFrame,
-    *,
-    workload_name: str,
-    fractions: tuple[float, float, float],
-    seed: int,
-    pii_secret: bytes | None,
-) -> pyarrow.Table:
-    """Give every record a split: train/val/test, or quarantine with the rule it broke.
-
-    Valid rows keep the contract's typed columns, PII pseudonymized. A quarantined
-    record may hold anything (a word where a number belongs), so it is kept whole as
-    JSON in ``_raw`` (PII pseudonymized too) and its typed columns are null; a record
-    that could not even be parsed keeps its redacted text. Nothing is lost.
-    """
-    import pyarrow
-
-    workload = get_workload(workload_name)
-    contract = _batch_contract(workload_name)
-    key = PiiKey(pii_secret) if pii_secret else None
-    batch = batch.reset_index(drop=True)
-    unparsed = batch[ERROR].notna().to_numpy()
-    rows = batch.loc[~unparsed, list(contract.columns)].reset_index(drop=True)
-    lineage = batch.loc[~unparsed, [SOURCE, ROW]].reset_index(drop=True)
-    valid, reasons = check_rows(rows, contract, where=", ".join(batch[SOURCE].unique()))
-    bad = reasons.notna().to_numpy()
-    typed = arrow_schema(contract)
-
-    valid = protect(valid, workload, key)
-    good = pyarrow.Table.from_pandas(valid[typed.names], schema=typed, preserve_index=False)
-    extra = {
-        RAW_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
-        REASON_COLUMN: pyarrow.nulls(len(good), pyarrow.string()),
-        SOURCE: pyarrow.array(lineage[SOURCE][~bad], pyarrow.string()),
-        ROW: pyarrow.array(lineage[ROW][~bad], pyarrow.int64()),
-        SPLIT_COLUMN: pyarrow.array(
-            assign_split(valid[workload.id_column], fractions, seed), pyarrow.string()
-        ),
-    }
-    for name, column in extra.items():
-        good = good.append_column(name, column)
-
-    broken = protect(rows[bad], workload, key, everything=True)
-    texts = batch.loc[unparsed, TEXT].tolist()
-    quarantined = pyarrow.table(
-        {
-            **{f.name: pyarrow.nulls(int(bad.sum()) + len(texts), f.type) for f in typed},
-            RAW_COLUMN: records_json(broken) + texts,
-            REASON_COLUMN: reasons[bad].astype(str).tolist() + batch.loc[unparsed, ERROR].tolist(),
-            SOURCE: lineage[SOURCE][bad].tolist() + batch.loc[unparsed, SOURCE].tolist(),
-            ROW: pyarrow.array(
-                lineage[ROW][bad].tolist() + batch.loc[unparsed, ROW].tolist(), pyarrow.int64()
-            ),
-            SPLIT_COLUMN: [QUARANTINE] * (int(bad.sum()) + len(texts)),
-        },
-        schema=good.schema,
-    )
-    return pyarrow.concat_tables([good, quarantined])
-
-
-def protect(
-    frame: pd.DataFrame, workload: Workload, key: PiiKey | None, *, everything: bool = False
-) -> pd.DataFrame:
-    """Pseudonymize the identifiers and redact the free text of ``frame`` (a copy).
-
-    ``everything``: also redact every other column, whatever its type, for records that
-    broke the contract and may hold PII anywhere (an email in the wrong column, a card
-    number where the amount belongs).
-    """
-    if not workload.has_pii and not everything:
-        return frame
-    out = frame.copy()
-    for column in workload.pii_identifiers:
-        if key is None:
-            raise DataContractError(f"{workload.name} holds PII but no PII key was given")
-        out[column] = key.pseudonymize(out[column])
-    if not everything:
-        for column in workload.pii_text:
-            out[column] = redact_series(out[column])
-        return out
-    for column in out.columns:
-        if column in workload.pii_identifiers:
-            continue
-        values = out[column].astype(object)
-        present = values.notna()
-        text = values[present].astype(str)
-        redacted = redact_series(text)
-        changed = present.copy()
-        changed[present] = (redacted != text).to_numpy()
-        if changed.any():
-            values[changed] = redacted[changed[present].to_numpy()]
-            out[column] = values
-    return out
-
-
-def records_json(frame: pd.DataFrame) -> list[str]:
-    """Each row as a JSON object; nulls (NaN, NaT, None) as null, so it is valid JSON."""
-    plain = frame.astype(object).where(frame.notna(), None)
-    return [json.dumps(r, default=str, allow_nan=False) for r in plain.to_dict(orient="records")]
-
-
-Mark = Callable[[pd.DataFrame], "pyarrow.Table"]
-Pass = Callable[[RawSource, list[str], Path, Mark], None]
-
-
-def ray_pass(source: RawSource, columns: list[str], rows_dir: Path, mark: Mark) -> None:
-    """The streaming pass on Ray Data: read, mark and write, a block at a time."""
-    import ray.data
-
-    (
-        ray.data.read_datasource(
-            RawFiles(source.paths, columns=columns, filesystem=source.filesystem),
-            # One read task per file, not split further: then read, mark and write fuse
-            # into one task and no block crosses the object store.
-            override_num_blocks=len(source.paths),
-        )
-        .map_batches(
-            mark,
-            batch_size=None,  # a block as read: never concatenated with another file's
-            batch_format="pandas",
-        )
-        .write_parquet(str(rows_dir), partition_cols=[SPLIT_COLUMN])
-    )
 
 
 def ingest(

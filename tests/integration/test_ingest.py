@@ -12,7 +12,8 @@ import pytest
 from app.errors import DataContractError
 from app.settings import Settings
 from app.workloads import get_workload
-from data.pipeline import RAW_COLUMN, REASON_COLUMN, ingest
+from data.marking import RAW_COLUMN, REASON_COLUMN
+from data.pipeline import ingest
 from data.sources import open_source
 from data.versions import QUARANTINE, SPLITS, DatasetStore
 from tests.conftest import corrupt

@@ -18,8 +18,9 @@ from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from app.workloads.transactions import CARD, EMAIL, IPV4
 from data.generate import generate_transactions, transactions_frame
+from data.marking import RAW_COLUMN, REASON_COLUMN
 from data.pii import PiiKey
-from data.pipeline import RAW_COLUMN, REASON_COLUMN, ingest
+from data.pipeline import ingest
 from data.readers import ROW, SOURCE
 from data.sources import open_source
 from data.versions import PREPROCESSOR, QUARANTINE, DatasetStore
