@@ -2,6 +2,8 @@
 
 The session fixture ingests digits and trains both tiers with Ray Train + DeepSpeed
 (a few epochs), so the training, registry and serving tests share the real artifacts.
+Each serving module deploys the calibrated cascade once (``endpoint``), and may
+redeploy it with other settings (:func:`redeploy`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from app.cascade_spec import CascadeSpec
+from app.keys import dev_key
+from app.serving import Endpoint, deploy
 from app.settings import Settings, load_settings
+from app.workloads import get_workload
+from data.versions import DatasetStore
+from tests.conftest import free_port
+
+KEY = "integration-test-key"  # the serving tests' key, with both scopes
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +66,6 @@ class Platform:
 def platform(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Platform:
     from app.cascade_spec import promote_cascade
     from app.registry import Registry
-    from app.workloads import get_workload
     from data.pipeline import ingest
     from train.calibrate import calibrate
     from train.run import train_tier
@@ -73,3 +84,32 @@ def platform(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Pla
     spec, ref = calibrate(settings, workload, cheap="challenger", expensive="challenger")
     promote_cascade(Registry(settings.tracking_uri), spec, ref)
     return Platform(settings, version, outcomes, spec)
+
+
+@pytest.fixture(scope="module")
+def endpoint(platform: Platform) -> Iterator[Endpoint]:
+    from ray import serve
+
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, serve={"port": free_port()}
+    )
+    yield deploy(settings, "digits", [dev_key(KEY)])
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def test_rows(platform: Platform) -> tuple[np.ndarray, np.ndarray]:
+    path = DatasetStore(platform.settings.datasets_dir).split_dir(
+        "digits", platform.dataset_version, "test"
+    )
+    frame = pq.read_table(path).to_pandas()
+    return frame[list(get_workload("digits").feature_columns)].to_numpy(), frame["label"].to_numpy()
+
+
+def redeploy(endpoint: Endpoint, platform: Platform, **serve: object) -> None:
+    """The same application on the same port, with some serve settings changed."""
+    port = int(endpoint.base_url.rsplit(":", 1)[1])
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, serve={"port": port, **serve}
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
