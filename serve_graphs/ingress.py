@@ -13,7 +13,6 @@ from ray.exceptions import RayError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from app.errors import ServiceUnavailable
 from app.keys import KeyRing
@@ -45,7 +44,6 @@ class TierFailed(ServiceUnavailable):
 
 ROUTES_READ_TIMEOUT_S = 10  # a slow registry must not hold a replica's start for long
 TIER_REPLICAS_POLL_S = 5.0  # how often the ingress reads how many replicas each tier runs
-TIER_ATTEMPTS = 2  # one retry: a dead replica is replaced, its callers go elsewhere
 
 
 def tier_fn(
@@ -60,8 +58,14 @@ def tier_fn(
     ``model_id`` (``name/version``) asks for a version other than the one the tier is
     pinned to (a routed A/B version): Serve's model multiplexing sends the call to a
     replica that has it loaded, if one has. A failed call is retried once after
-    ``retry_wait_s`` (tenacity): predictions are idempotent. A call refused for load is
-    not retried: that would add to the load.
+    ``retry_wait_s``: predictions are idempotent. A call refused for load is not retried:
+    that would add to the load.
+
+    The retry is not tenacity's, unlike the registry reads' (``tier_model.py``): its
+    state for each call (an ``AsyncRetrying``, futures, a lock, closures: ~30 objects in
+    reference cycles) is garbage that only Python's cyclic collector frees. At ~100 tier
+    calls a second that set off a 30-80 ms collection, a pause of every request in the
+    ingress, every ~12 s (bench/results/2026-11-29-serve.md).
     """
     if model_id is not None:
         handle = handle.options(multiplexed_model_id=model_id)
@@ -79,15 +83,11 @@ def tier_fn(
         return TierAnswer(probs, version)
 
     async def call(instances: Instances) -> TierAnswer:
-        async for attempt_ in AsyncRetrying(
-            retry=retry_if_exception_type(TierFailed),
-            stop=stop_after_attempt(TIER_ATTEMPTS),
-            wait=wait_fixed(retry_wait_s),
-            reraise=True,
-        ):
-            with attempt_:
-                return await attempt(instances)
-        raise AssertionError("unreachable: tenacity reraises the last failure")
+        try:
+            return await attempt(instances)
+        except TierFailed:  # once the router has had a moment to drop a dead replica
+            await asyncio.sleep(retry_wait_s)
+        return await attempt(instances)
 
     return call
 
