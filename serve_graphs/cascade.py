@@ -232,7 +232,11 @@ class Cascade:
             return None, "breaker_open"
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(expensive(instances), self.expensive_timeout_s)
+            # Not wait_for: its task for the call costs two passes of the event loop.
+            # Under load each pass waits behind every other request's work, so they
+            # made the tier's answer take longer (bench/results/2026-11-29-serve.md).
+            async with asyncio.timeout(self.expensive_timeout_s):
+                answer = await expensive(instances)
         except TimeoutError as exc:
             breaker.record_failure(call_of(exc))
             return None, "timeout"

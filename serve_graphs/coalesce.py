@@ -135,9 +135,8 @@ class Coalescer:
     async def _call(self, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(
-                self.fn(concat([w.rows for w in batch])), self.call_timeout_s
-            )
+            async with asyncio.timeout(self.call_timeout_s):  # see Cascade._expensive
+                answer = await self.fn(concat([w.rows for w in batch]))
             rows = [len(w.rows) for w in batch]
             if len(answer.probs) != sum(rows):
                 raise RuntimeError(f"the tier answered {len(answer.probs)} rows of {sum(rows)}")
