@@ -64,7 +64,7 @@ def tier_fn(
     The retry is not tenacity's, unlike the registry reads' (``tier_model.py``): its
     state for each call (an ``AsyncRetrying``, futures, a lock, closures: ~30 objects in
     reference cycles) is garbage that only Python's cyclic collector frees. At ~100 tier
-    calls a second that set off a 30-80 ms collection, a pause of every request in the
+    calls a second that set off a 25-80 ms collection, a pause of every request in the
     ingress, every ~12 s (bench/results/2026-11-29-serve.md).
     """
     if model_id is not None:

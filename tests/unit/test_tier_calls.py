@@ -55,7 +55,7 @@ def test_two_failures_are_a_503() -> None:
 def test_predictions_leave_no_garbage_for_the_cyclic_collector() -> None:
     """Under load the ingress makes ~100 tier calls a second. Garbage in reference
     cycles from each (tenacity's retry state was ~30 objects) made the collector pause
-    the ingress, and every request in it, for 30-80 ms every ~12 s. Here: 200
+    the ingress, and every request in it, for 25-80 ms every ~12 s. Here: 200
     predictions, 10 at a time, each escalated (both tiers answer 0.5), through the
     coalescers as the ingress runs them."""
     from serve_graphs.cascade import Cascade
