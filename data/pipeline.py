@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ import pandas as pd
 from app.errors import DataContractError, find_scaledl_error
 from app.sections import IngestConfig
 from app.settings import Settings
-from app.workloads import Workload, get_workload
+from app.workloads import Workload
 from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
 from data.marking import (
     RAW_COLUMN,
@@ -384,25 +384,3 @@ def _gate(m: DatasetManifest, cfg: IngestConfig) -> None:
             f"{share:.1%} of rows from {files} broke the contract, over the limit of "
             f"{cfg.max_quarantine_share:.1%} (ingest.max_quarantine_share); top rules: {top}"
         )
-
-
-def load_preprocessor(settings: Settings, manifest: DatasetManifest) -> Preprocessor | None:
-    """The preprocessor fitted with a dataset version (None for workloads without one)."""
-    path = DatasetStore(settings.datasets_dir).version_dir(manifest.workload, manifest.version)
-    file = path / PREPROCESSOR
-    return Preprocessor.model_validate_json(file.read_text()) if file.is_file() else None
-
-
-def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
-    """A lazy Ray Dataset of one split's feature and label columns (streamed, never pulled)."""
-    import ray.data
-
-    workload = get_workload(manifest.workload)
-    path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
-    if not manifest.splits.get(split):
-        raise DataContractError(
-            f"split {split!r} of dataset {manifest.workload} {manifest.version} has no rows: "
-            "ingest more data or change ingest.split_fractions"
-        )
-    columns = [*workload.feature_columns, workload.label_column]
-    return ray.data.read_parquet(str(path), columns=columns, partitioning=None)

@@ -18,7 +18,7 @@ from app.errors import ConfigError
 from app.registry import ModelRef, Registry
 from app.settings import Settings
 from app.workloads import Workload
-from data.pipeline import read_split
+from data.splits import read_split
 from data.versions import DatasetStore
 from train.evaluate import score
 

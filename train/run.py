@@ -18,7 +18,7 @@ from app.registry import ModelRef, Registry
 from app.sections import TrainConfig
 from app.settings import Settings
 from app.workloads import Workload, get_workload
-from data.pipeline import load_preprocessor, read_split
+from data.splits import load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
 from train.evaluate import score

@@ -1,0 +1,54 @@
+"""Reading a published dataset version: its splits as Ray Datasets, and its preprocessor.
+
+Training, evaluation and calibration read versions through here; data/pipeline.py
+writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import DataContractError
+from app.settings import Settings
+from app.workloads import get_workload
+from data.features import Preprocessor
+from data.versions import PREPROCESSOR, DatasetManifest, DatasetStore
+
+
+def load_preprocessor(settings: Settings, manifest: DatasetManifest) -> Preprocessor | None:
+    """The preprocessor fitted with a dataset version (None for workloads without one)."""
+    path = DatasetStore(settings.datasets_dir).version_dir(manifest.workload, manifest.version)
+    file = path / PREPROCESSOR
+    return Preprocessor.model_validate_json(file.read_text()) if file.is_file() else None
+
+
+def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
+    """A lazy Ray Dataset of one split's feature and label columns (streamed, never pulled)."""
+    workload = get_workload(manifest.workload)
+    path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
+    if not manifest.splits.get(split):
+        raise DataContractError(
+            f"split {split!r} of dataset {manifest.workload} {manifest.version} has no rows: "
+            "ingest more data or change ingest.split_fractions"
+        )
+    return read_parquet_v1(str(path), [*workload.feature_columns, workload.label_column])
+
+
+def read_parquet_v1(path: str, columns: list[str]) -> Any:
+    """``ray.data.read_parquet`` through Ray Data's V1 Parquet reader.
+
+    Ray 2.60 reads Parquet with DataSourceV2 by default, whose listing starts a pool of
+    32 footer-reading actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) for every read,
+    however few the files. On the 2-core machine that took ~4 s to list a split of one
+    file; V1 reads it in ~0.4 s (bench/read_split.py). A training run reads five splits.
+    The switch is ``DataContext.use_datasource_v2``, read when the read is planned: it is
+    turned off for this call only.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(path, columns=columns, partitioning=None)
+    finally:
+        context.use_datasource_v2 = v2
