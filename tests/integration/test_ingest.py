@@ -15,6 +15,7 @@ from app.workloads import get_workload
 from data.marking import RAW_COLUMN, REASON_COLUMN
 from data.pipeline import ingest
 from data.sources import open_source
+from data.splits import read_split
 from data.versions import QUARANTINE, SPLITS, DatasetStore
 from tests.conftest import corrupt
 
@@ -53,6 +54,26 @@ def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(
     assert [x.version for x in DatasetStore(store_settings.datasets_dir).manifests("digits")] == [
         m.version
     ]
+
+
+def test_each_split_reads_back_whole_and_the_callers_data_context_is_left_alone(
+    store_settings: Settings,
+) -> None:
+    from ray.data import DataContext
+
+    manifest = ingest(store_settings, DIGITS).manifest
+    context = DataContext.get_current()
+    before = context.use_datasource_v2
+    try:
+        for v2 in (True, False):  # read_split turns Ray's V2 reader off for its read only
+            context.use_datasource_v2 = v2
+            for split, rows in manifest.splits.items():
+                frame = read_split(store_settings, manifest, split).to_pandas()
+                assert len(frame) == rows
+                assert list(frame.columns) == [*DIGITS.feature_columns, DIGITS.label_column]
+                assert context.use_datasource_v2 is v2
+    finally:
+        context.use_datasource_v2 = before
 
 
 def test_bad_rows_are_quarantined_with_their_rule_and_counted(
