@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-PII_KEY = "bench-pii-key-0123456789abcdef"
 
 
 def v2(footer_actors: int | None) -> Callable[[str, list[str]], Any]:
@@ -81,6 +80,7 @@ def main() -> None:
 
     from app.settings import load_settings
     from app.workloads import get_workload
+    from bench.data_pipeline import PII_KEY
     from data.generate import generate_transactions
     from data.pipeline import ingest
     from data.sources import open_source
