@@ -305,8 +305,9 @@ class ServeConfig(_Section):
     tier_calls_in_flight: int = Field(
         2,
         ge=1,
-        description="Calls one ingress replica keeps out at once to each tier (and routed "
-        "version), per running replica of the tier; requests that arrive meanwhile go "
+        description="Calls a caller keeps out at once to the tier it calls (an ingress "
+        "replica to the cheap tier, a cheap-tier replica to the expensive tier), per routed "
+        "version and running replica of the tier; requests that arrive meanwhile go "
         "together in the next call "
         "(at most serve.batch.max_batch_size rows). Fewer, fuller calls: the per-call cost "
         "of a Serve hop is paid per batch, not per request (bench/serve.py).",

@@ -46,7 +46,8 @@ def tier_deployment(tier: str) -> str:
 
 
 def build_app(args: GraphArgs | dict[str, Any]) -> Application:
-    """The graph: an ingress and one deployment per tier.
+    """The graph: an ingress and one deployment per tier; the ingress calls the cheap
+    tier, which calls the expensive tier for the rows it is unsure of.
 
     Serve hands the config YAML's ``args`` over as a dict (it converts only when the
     annotation is a class, and ``from __future__ import annotations`` makes it a string),
@@ -59,18 +60,21 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     args = GraphArgs.model_validate(args)
     serve_cfg = args.serve
     configs = user_configs(args)
-    tiers = {
-        tier: TierModel.options(
-            name=tier_deployment(tier),
+    tier = {
+        t: TierModel.options(
+            name=tier_deployment(t),
             ray_actor_options={"num_cpus": serve_cfg.tier_num_cpus},
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
             max_queued_requests=serve_cfg.tier_max_queued_requests,
-            user_config=configs[tier_deployment(tier)],
-            autoscaling_config=scaling(args)[tier_deployment(tier)],
+            user_config=configs[tier_deployment(t)],
+            autoscaling_config=scaling(args)[tier_deployment(t)],
             logging_config=LOGGING,
-        ).bind(args.tracking_uri)
-        for tier in TIERS
+        )
+        for t in TIERS
     }
+    expensive = tier["expensive"].bind(args.tracking_uri)
+    # The cheap tier escalates to the expensive one itself (serve_graphs/escalate.py).
+    cheap = tier["cheap"].bind(args.tracking_uri, expensive, stable_args(args)["serve"])
     return Ingress.options(
         name=INGRESS,
         ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
@@ -81,7 +85,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
         logging_config=LOGGING,
         user_config=configs[INGRESS],
         autoscaling_config=scaling(args)[INGRESS],
-    ).bind(tiers["cheap"], tiers["expensive"], stable_args(args))
+    ).bind(cheap, expensive, stable_args(args))
 
 
 def stable_args(args: GraphArgs) -> dict[str, Any]:

@@ -51,6 +51,16 @@ class TierAnswer:
     def cost(self, waited: float) -> float:
         return waited if self.seconds is None else self.seconds
 
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def split(self, rows: list[int], seconds: float) -> list[TierAnswer]:
+        """One answer per caller of a call that carried their ``rows`` (serve_graphs/
+        coalesce.py), each charged its rows' share of the call's ``seconds``."""
+        per_row = seconds / len(self.probs)
+        parts = np.split(self.probs, np.cumsum(rows)[:-1])
+        return [TierAnswer(p, self.version, per_row * len(p)) for p in parts]
+
 
 TierFn = Callable[[Instances], Awaitable[TierAnswer]]
 
@@ -62,6 +72,46 @@ SHARED_CALL = "coalesced_call"
 def call_of(exc: BaseException) -> object | None:
     """The shared tier call a failure came from, or None (a request's own)."""
     return getattr(exc, SHARED_CALL, None)
+
+
+@dataclass(frozen=True)
+class CascadeAnswer:
+    """A cascade's predictions for some rows, as the cheap tier returns them when it runs
+    the cascade itself (serve_graphs/escalate.py), with what the caller's meters need:
+    the time each tier spent on these rows, and why unsure rows were answered degraded.
+
+    ``expensive_seconds`` is spent on the rows the expensive tier answered."""
+
+    predictions: list[Prediction]
+    cheap_seconds: float
+    expensive_seconds: float = 0.0
+    degraded_reason: str = ""
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def escalated(self) -> int:
+        return sum(p.tier == "expensive" for p in self.predictions)
+
+    def split(self, rows: list[int], seconds: float) -> list[CascadeAnswer]:
+        """One answer per caller of a call that carried their ``rows``: each gets its
+        predictions and its share of each tier's time (``seconds``, the call's round
+        trip, is not needed: the tier timed itself)."""
+        total, escalated = len(self.predictions), self.escalated()
+        parts, start = [], 0
+        for n in rows:
+            part = CascadeAnswer(self.predictions[start : start + n], 0.0)
+            share = part.escalated() / escalated if escalated else 0.0
+            parts.append(
+                CascadeAnswer(
+                    part.predictions,
+                    self.cheap_seconds * n / total,
+                    self.expensive_seconds * share,
+                    self.degraded_reason,
+                )
+            )
+            start += n
+        return parts
 
 
 @dataclass(frozen=True)
@@ -207,8 +257,7 @@ class Cascade:
     def calibrated(self, cheap_version: str, threshold: float) -> None:
         """A new cascade: ``threshold`` for answers of ``cheap_version`` (and any version
         it does not know); the previous version keeps its own until it is gone."""
-        previous = {v: t for v, t in self.thresholds.items() if v != cheap_version}
-        self.thresholds = {**dict(list(previous.items())[-1:]), cheap_version: threshold}
+        self.thresholds = calibrated(self.thresholds, cheap_version, threshold)
         self.threshold = threshold
 
     def _breaker(self, variant: Variant | None) -> CircuitBreaker:
@@ -249,6 +298,13 @@ class Cascade:
         breaker.record_success()
         on_tier_call("expensive", len(instances), answer.cost(time.perf_counter() - started))
         return answer, ""
+
+
+def calibrated(thresholds: dict[str, float], cheap_version: str, threshold: float) -> dict:
+    """Thresholds by cheap-tier version after a new calibration: ``threshold`` for
+    ``cheap_version``, and the previous version's own until it is gone (a swap)."""
+    previous = {v: t for v, t in thresholds.items() if v != cheap_version}
+    return {**dict(list(previous.items())[-1:]), cheap_version: threshold}
 
 
 def _ignore(tier: str, rows: int, seconds: float) -> None:

@@ -28,12 +28,23 @@ import copy
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, Self, TypeVar
 
-import numpy as np
+from serve_graphs.cascade import SHARED_CALL, Instances, concat
 
-from serve_graphs.cascade import SHARED_CALL, Instances, TierAnswer, TierFn, concat
+
+class Answer(Protocol):
+    """What a coalesced call returns: one row's answer per row sent, divisible among the
+    callers (``TierAnswer``: a tier's probabilities; ``CascadeAnswer``: predictions)."""
+
+    def __len__(self) -> int: ...
+
+    def split(self, rows: list[int], seconds: float) -> list[Self]: ...
+
+
+A = TypeVar("A", bound=Answer)
 
 _callers: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "scaledl_coalesced_callers", default=()
@@ -45,15 +56,22 @@ def callers() -> tuple[str, ...]:
     return _callers.get()
 
 
+def carrying(tags: tuple[str, ...]) -> None:
+    """The current task works on the rows of these requests: a tier that was called with
+    them, and calls on (the cheap tier escalating), names them to its own callee."""
+    _callers.set(tags)
+
+
 @dataclass
-class _Waiting:
+class _Waiting(Generic[A]):
     rows: Instances
-    future: asyncio.Future[TierAnswer]
+    future: asyncio.Future[A]
     tag: str
 
 
-class Coalescer:
-    """A :data:`TierFn` that sends concurrent calls to ``fn`` as one.
+class Coalescer(Generic[A]):
+    """A call of rows (a :data:`~serve_graphs.cascade.TierFn`, say) that sends
+    concurrent calls to ``fn`` as one.
 
     ``max_in_flight`` may be a function, read whenever a call could go out: the ingress
     allows a few calls per running tier replica, so a tier that scales out gets more.
@@ -65,7 +83,7 @@ class Coalescer:
 
     def __init__(
         self,
-        fn: TierFn,
+        fn: Callable[[Instances], Awaitable[A]],
         *,
         max_in_flight: int | Callable[[], int],
         max_rows: int,
@@ -80,12 +98,12 @@ class Coalescer:
         self.max_rows = max_rows
         self.call_timeout_s = call_timeout_s
         self.tag = tag
-        self.waiting: deque[_Waiting] = deque()
+        self.waiting: deque[_Waiting[A]] = deque()
         self.in_flight = 0
         self._tasks: set[asyncio.Task] = set()
 
-    async def __call__(self, instances: Instances) -> TierAnswer:
-        future: asyncio.Future[TierAnswer] = asyncio.get_running_loop().create_future()
+    async def __call__(self, instances: Instances) -> A:
+        future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
         self.waiting.append(_Waiting(instances, future, self.tag()))
         self._send_waiting()
         return await future
@@ -138,8 +156,8 @@ class Coalescer:
             async with asyncio.timeout(self.call_timeout_s):  # see Cascade._expensive
                 answer = await self.fn(concat([w.rows for w in batch]))
             rows = [len(w.rows) for w in batch]
-            if len(answer.probs) != sum(rows):
-                raise RuntimeError(f"the tier answered {len(answer.probs)} rows of {sum(rows)}")
+            if len(answer) != sum(rows):
+                raise RuntimeError(f"the tier answered {len(answer)} rows of {sum(rows)}")
         except Exception as exc:  # noqa: BLE001 - every caller's failure, one call's
             call = object()
             for w in batch:
@@ -148,11 +166,10 @@ class Coalescer:
             return
         # Each request is charged its rows' share of the call's time (the cost report),
         # not the whole call and its wait for a slot.
-        per_row = (time.perf_counter() - started) / len(answer.probs)
-        parts = np.split(answer.probs, np.cumsum(rows)[:-1])
-        for w, probs in zip(batch, parts, strict=True):
+        parts = answer.split(rows, time.perf_counter() - started)
+        for w, part in zip(batch, parts, strict=True):
             if not w.future.done():
-                w.future.set_result(TierAnswer(probs, answer.version, per_row * len(probs)))
+                w.future.set_result(part)
 
 
 def _gave_up(batch: list[_Waiting], task: asyncio.Task, _: asyncio.Future) -> None:

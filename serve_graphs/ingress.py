@@ -1,4 +1,5 @@
-"""Ingress: the HTTP entry (FastAPI) with auth, validation and the cascade inside it."""
+"""Ingress: the HTTP entry (FastAPI) with auth, validation and routing; the cheap tier
+runs the cascade it routes to."""
 
 from __future__ import annotations
 
@@ -9,87 +10,26 @@ from collections import Counter
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve import metrics
-from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from app.errors import ServiceUnavailable
 from app.keys import KeyRing
 from app.registry import Registry
-from app.workloads import TIERS, get_workload
+from app.workloads import get_workload
 from serve_graphs.api import build_api
 from serve_graphs.args import GraphArgs, IngressConfig
-from serve_graphs.cascade import (
-    Cascade,
-    CircuitBreaker,
-    Instances,
-    Prediction,
-    TierAnswer,
-    TierFn,
-    Variant,
-)
+from serve_graphs.cascade import Prediction
 from serve_graphs.catalog import CascadeModels, RegistryRouteStore, cascade_models
-from serve_graphs.coalesce import Coalescer, callers
+from serve_graphs.coalesce import Coalescer
+from serve_graphs.escalate import CascadeFn, CascadeRoute, RemoteCascade, RoutedCascade
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
+from serve_graphs.tier_calls import cascade_fn, watch_replicas
+from serve_graphs.tier_model import TIER_REPLICAS_POLL_S
 
 log = logging.getLogger("ray.serve")
 
-
-class TierFailed(ServiceUnavailable):
-    """A tier call that failed (a replica died mid-call), as opposed to one refused for
-    load: worth one more try, since a prediction is idempotent."""
-
-
 ROUTES_READ_TIMEOUT_S = 10  # a slow registry must not hold a replica's start for long
-TIER_REPLICAS_POLL_S = 5.0  # how often the ingress reads how many replicas each tier runs
-
-
-def tier_fn(
-    handle: DeploymentHandle,
-    tier: str,
-    *,
-    model_id: str | None = None,
-    retry_wait_s: float = 0.05,
-) -> TierFn:
-    """A tier as the cascade sees it; a tier that cannot answer is a 503, never a 500.
-
-    ``model_id`` (``name/version``) asks for a version other than the one the tier is
-    pinned to (a routed A/B version): Serve's model multiplexing sends the call to a
-    replica that has it loaded, if one has. A failed call is retried once after
-    ``retry_wait_s``: predictions are idempotent. A call refused for load is not retried:
-    that would add to the load.
-
-    The retry is not tenacity's, unlike the registry reads' (``tier_model.py``): its
-    state for each call (an ``AsyncRetrying``, futures, a lock, closures: ~30 objects in
-    reference cycles) is garbage that only Python's cyclic collector frees. At ~100 tier
-    calls a second that set off a 25-80 ms collection, a pause of every request in the
-    ingress, every ~12 s (bench/results/2026-11-29-serve.md).
-    """
-    if model_id is not None:
-        handle = handle.options(multiplexed_model_id=model_id)
-
-    async def attempt(instances: Instances) -> TierAnswer:
-        try:  # the requests whose rows these are, for the tier's log
-            probs, version = await handle.predict.remote(instances, model_id, callers())
-        except BackPressureError as exc:
-            raise ServiceUnavailable(f"the {tier} tier is at capacity: retry shortly") from exc
-        except (RayServeException, RayError) as exc:  # a dead replica, a failed model call
-            log.warning("the %s tier failed for requests %s: %s", tier, callers(), exc)
-            raise TierFailed(
-                f"the {tier} tier could not answer ({type(exc).__name__}): retry shortly"
-            ) from exc
-        return TierAnswer(probs, version)
-
-    async def call(instances: Instances) -> TierAnswer:
-        try:
-            return await attempt(instances)
-        except TierFailed:  # once the router has had a moment to drop a dead replica
-            await asyncio.sleep(retry_wait_s)
-        return await attempt(instances)
-
-    return call
 
 
 # Young-generation collections every 50,000 allocations instead of Python's 700: a
@@ -178,7 +118,8 @@ class Ingress:
     """The cascade's threshold and version come with ``user_config`` (IngressConfig), so
     a newly calibrated cascade is swapped in place together with its tiers. Other
     cascade versions (A/B, canary, shadow) come from the routing table in the registry,
-    which every replica watches."""
+    which every replica watches. The cheap tier runs the cascade (serve_graphs/
+    escalate.py): one call per request, whichever tier answers it."""
 
     def __init__(self, cheap: DeploymentHandle, expensive: DeploymentHandle, args: dict) -> None:
         tune_gc()
@@ -193,15 +134,11 @@ class Ingress:
             tag_keys=("reason",),
         )
         self.costs = CostMeter()
-        self.cascade = Cascade(
-            self.coalesced(tier_fn(cheap, "cheap"), "cheap"),
-            self.coalesced(tier_fn(expensive, "expensive"), "expensive"),
-            threshold=1.0,  # until reconfigure, which Serve calls before the first request
-            expensive_timeout_s=cfg.expensive_timeout_s,
-            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
+        self.cascade = RemoteCascade(
             on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
             on_tier_call=self.costs.tier_call,
         )
+        self.cascade.call = self.coalesced(cascade_fn(cheap, self.cascade.route))
         self.registry = Registry(self.args.tracking_uri)
         self.routing = Routing(
             self.cascade,
@@ -213,7 +150,7 @@ class Ingress:
         )
         self.watch: asyncio.Task | None = None
         self.replicas_watch: asyncio.Task | None = None
-        self.tier_replicas = dict.fromkeys(TIERS, 1)  # running replicas, from serve.status()
+        self.tier_replicas = {"cheap": 1}  # running replicas, from serve.status()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -230,28 +167,14 @@ class Ingress:
                 self.routing.watch(self.args.serve.routes_poll_s)
             )
             self.replicas_watch = asyncio.get_running_loop().create_task(
-                self.watch_tier_replicas(TIER_REPLICAS_POLL_S)
+                watch_replicas(
+                    {"cheap": self.handles["cheap"]}, self.tier_replicas, TIER_REPLICAS_POLL_S
+                )  # fmt: skip
             )
 
-    async def watch_tier_replicas(self, every_s: float) -> None:
-        """Keep :attr:`tier_replicas` current: each tier gets
-        ``serve.tier_calls_in_flight`` calls per running replica (:meth:`coalesced`), so
-        replicas its autoscaler adds get work at once. A failed read keeps the last."""
-        while True:
-            try:
-                status = await asyncio.to_thread(serve.status)
-                for tier, handle in self.handles.items():
-                    app = status.applications[handle.app_name]
-                    states = app.deployments[handle.deployment_name].replica_states
-                    self.tier_replicas[tier] = states.get("RUNNING", 0)
-            except Exception:  # noqa: BLE001 - the controller is away for a moment
-                log.warning("could not read the tiers' replicas; calls stay at %s",
-                            self.tier_replicas, exc_info=True)  # fmt: skip
-            await asyncio.sleep(every_s)
-
-    def variant(self, ref: str) -> tuple[str, Variant]:
-        """Cascade ``ref`` as a routed version: its tiers' models, bound to the tier
-        deployments by model id, and its own threshold.
+    def variant(self, ref: str) -> tuple[str, RoutedCascade]:
+        """Cascade ``ref`` as a routed version: its tiers' models, named to the cheap
+        tier by model id, and its own threshold.
 
         Runs in a thread (the registry reads block); the handles are bound on the
         replica's event loop, which owns them: with Ray's throughput bundle their router
@@ -263,31 +186,27 @@ class Ingress:
         bound = asyncio.run_coroutine_threadsafe(self._bind_on_loop(models), self.loop)
         return models.ref.version, bound.result(timeout=ROUTES_READ_TIMEOUT_S)
 
-    async def _bind_on_loop(self, models: CascadeModels) -> Variant:
+    async def _bind_on_loop(self, models: CascadeModels) -> RoutedCascade:
         return self._bind(models)
 
-    def _bind(self, models: CascadeModels) -> Variant:
-        bound = {}
-        for tier in TIERS:
-            model_id = models.tiers[tier].model_id
-            bound[tier] = self.coalesced(tier_fn(self.handles[tier], tier, model_id=model_id), tier)
-            # Start loading now: the first routed requests need not wait.
+    def _bind(self, models: CascadeModels) -> RoutedCascade:
+        ids = {tier: models.tiers[tier].model_id for tier in self.handles}
+        route = CascadeRoute(models.ref.version, ids["cheap"], ids["expensive"],
+                             models.spec.threshold)  # fmt: skip
+        for tier, model_id in ids.items():  # loading now: the first requests need not wait
             self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
-        version = models.ref.version
-        return Variant(version, bound["cheap"], bound["expensive"], models.spec.threshold)
+        call = cascade_fn(self.handles["cheap"], lambda: route, model_id=ids["cheap"])
+        return RoutedCascade(route.key, self.coalesced(call))
 
-    def coalesced(self, fn: TierFn, tier: str) -> Coalescer:
+    def coalesced(self, fn: CascadeFn) -> Coalescer:
         """``fn`` with concurrent calls sent as one: at most serve.tier_calls_in_flight
-        per running replica of the tier (one replica's worth while it has none). A call
-        to the expensive tier is given up with its callers (serve.expensive_timeout_s),
-        so a slow one does not hold its slot after they have answered degraded."""
+        per running replica of the cheap tier (one replica's worth while it has none)."""
         cfg = self.args.serve
-        timeout = cfg.expensive_timeout_s if tier == "expensive" else cfg.request_timeout_s
         return Coalescer(
             fn,
-            max_in_flight=lambda: cfg.tier_calls_in_flight * max(1, self.tier_replicas[tier]),
+            max_in_flight=lambda: cfg.tier_calls_in_flight * max(1, self.tier_replicas["cheap"]),
             max_rows=cfg.batch.max_batch_size,
-            call_timeout_s=timeout,
+            call_timeout_s=cfg.request_timeout_s,
             tag=request_id,
         )
 

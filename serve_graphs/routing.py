@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from app.errors import InvalidRequest, NotFound, ScaledlError, ServiceUnavailable
 from serve_graphs.cascade import Cascade, Instances, Prediction, Variant
+from serve_graphs.escalate import RemoteCascade, RoutedCascade
 
 log = logging.getLogger("ray.serve")
 _T = TypeVar("_T")
@@ -157,12 +158,15 @@ class Route:
     deployed cascade, on the tiers' pinned versions), and where its shadow copy goes."""
 
     version: str
-    variant: Variant | None
+    variant: Routed | None
     shadow: Route | None = None
 
 
-# (ref) -> (version, Variant): resolves an alias or version; raises NotFound with a fix.
-Resolve = Callable[[str], tuple[str, Variant]]
+# A cascade version beside the deployed one: in-process tiers (Variant) for a Cascade,
+# a route through the cheap tier (RoutedCascade) for the graph's RemoteCascade.
+Routed = Variant | RoutedCascade
+# (ref) -> (version, Routed): resolves an alias or version; raises NotFound with a fix.
+Resolve = Callable[[str], tuple[str, Routed]]
 # (primary version, shadow version, primary, shadow or None on failure, shadow seconds)
 OnShadow = Callable[[str, str, list[Prediction], list[Prediction] | None, float], None]
 
@@ -170,7 +174,7 @@ OnShadow = Callable[[str, str, list[Prediction], list[Prediction] | None, float]
 class Routing:
     def __init__(
         self,
-        cascade: Cascade,
+        cascade: Cascade | RemoteCascade,
         deployed: Callable[[], str],
         resolve: Resolve,
         store: RouteStore,
@@ -189,17 +193,17 @@ class Routing:
         self.shadow_timeout_s = shadow_timeout_s
         self.rng = rng or random.Random()
         self.table: RouteTable | None = None
-        self.variants: dict[str, Variant] = {}
+        self.variants: dict[str, Routed] = {}
         self.stored: str | None = None  # the store's text the table came from
         self.generation = 0  # counts tables applied: a stale read must not undo a newer one
         self.shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
 
     @classmethod
-    def fixed(cls, cascade: Cascade, version: str) -> Routing:
+    def fixed(cls, cascade: Cascade | RemoteCascade, version: str) -> Routing:
         """One cascade version and no registry behind it (tests, benchmarks)."""
 
-        def resolve(ref: str) -> tuple[str, Variant]:
+        def resolve(ref: str) -> tuple[str, Routed]:
             raise NotFound(f"only cascade version {version} is served here")
 
         return cls(cascade, lambda: version, resolve, MemoryRouteStore())
@@ -235,7 +239,7 @@ class Routing:
             shadow = Route(table.shadow.version, self._variant(table.shadow.version))
         return Route(version, self._variant(version), shadow)
 
-    def _variant(self, version: str) -> Variant | None:
+    def _variant(self, version: str) -> Routed | None:
         return None if version == self.deployed() else self.variants[version]
 
     async def predict(self, route: Route, instances: Instances) -> list[Prediction]:
@@ -340,7 +344,7 @@ class Routing:
                 log.exception("reading the routing table failed; retrying in %g s", poll_s)
 
     def _apply(
-        self, table: RouteTable | None, variants: dict[str, Variant], text: str | None
+        self, table: RouteTable | None, variants: dict[str, Routed], text: str | None
     ) -> None:
         """The new table and its variants, swapped in together (one event-loop step)."""
         versions = table.versions() if table else []
@@ -348,7 +352,7 @@ class Routing:
         self.table, self.stored = table, text
         self.generation += 1
 
-    def _resolve_ref(self, ref: str) -> tuple[str, Variant]:
+    def _resolve_ref(self, ref: str) -> tuple[str, Routed]:
         try:
             return self.resolve(version_of(ref) or ref)  # v7 and 7 name version 7
         except NotFound as exc:

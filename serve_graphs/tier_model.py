@@ -1,4 +1,9 @@
-"""TierModel: one model tier as a batched, independently scaled Serve deployment."""
+"""TierModel: one model tier as a batched, independently scaled Serve deployment.
+
+The cheap tier is bound to the expensive one and runs the cascade (serve_graphs/
+escalate.py): the ingress calls it once per request, and it escalates the rows it is
+unsure of itself.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,22 @@ from dataclasses import dataclass
 import numpy as np
 from mlflow.exceptions import MlflowException
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.model_artifact import LoadedModel, load_model
 from app.registry import Registry
-from app.sections import BatchConfig
+from app.sections import BatchConfig, ServeConfig
 from serve_graphs.args import TierConfig, TierModelRef
-from serve_graphs.cascade import Instances, concat, take
+from serve_graphs.cascade import CascadeAnswer, Instances, TierAnswer, TierFn, concat, take
+from serve_graphs.coalesce import Coalescer, callers, carrying
+from serve_graphs.escalate import CascadeRoute, Escalation
 from serve_graphs.routing import MAX_VERSIONS
 from serve_graphs.scaling import BUSY, BusyMeter
+from serve_graphs.tier_calls import tier_fn, watch_replicas
 
 log = logging.getLogger("ray.serve")
+TIER_REPLICAS_POLL_S = 5.0  # how often a caller reads how many replicas a tier runs
 BATCH = BatchConfig()  # until reconfigure applies the deployment's user_config
 MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
 
@@ -73,7 +83,14 @@ class TierModel:
     which loads the new version beside the old one and then swaps them, so requests keep
     being answered throughout (a hot swap)."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        expensive: DeploymentHandle | None = None,
+        serve_config: dict | None = None,
+    ) -> None:
+        """``expensive`` (with the ``serve`` section of the settings, ``serve_config``):
+        the tier this one escalates to; the cheap tier has it, the expensive one not."""
         import torch
 
         # Requests are small: one intra-op thread per replica beats threads fighting
@@ -84,6 +101,34 @@ class TierModel:
         self.loaded: TierModelRef | None = None
         self.max_rows = BATCH.max_batch_size
         self.busy = BusyMeter()
+        self.escalation: Escalation | None = None
+        self.watch: asyncio.Task | None = None
+        if expensive is not None:
+            cfg = ServeConfig.model_validate(serve_config or {})
+            self.expensive, self.cfg = expensive, cfg
+            self.expensive_replicas = {"expensive": 1}  # running, from serve.status()
+            self.escalation = Escalation(
+                self._answer,
+                self._expensive_caller,
+                expensive_timeout_s=cfg.expensive_timeout_s,
+                breaker_failures=cfg.breaker_failures,
+                breaker_reset_s=cfg.breaker_reset_s,
+            )
+
+    def _expensive_caller(self, model_id: str | None) -> TierFn:
+        """Calls to the expensive tier for ``model_id``, concurrent ones sent as one: at
+        most ``serve.tier_calls_in_flight`` per running expensive replica. A call is given
+        up with its callers (``serve.expensive_timeout_s``)."""
+        cfg = self.cfg
+        return Coalescer(
+            tier_fn(self.expensive, "expensive", model_id=model_id),
+            max_in_flight=lambda: (
+                cfg.tier_calls_in_flight * max(1, self.expensive_replicas["expensive"])
+            ),
+            max_rows=cfg.batch.max_batch_size,
+            call_timeout_s=cfg.expensive_timeout_s,
+            tag=lambda: " ".join(callers()),
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric: how busy this replica was since the last
@@ -120,6 +165,12 @@ class TierModel:
         self.max_rows = cfg.batch.max_batch_size
         self.predict_batch.set_max_batch_size(cfg.batch.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch.batch_wait_timeout_s)
+        if self.escalation is not None and self.watch is None:
+            self.watch = asyncio.get_running_loop().create_task(
+                watch_replicas(
+                    {"expensive": self.expensive}, self.expensive_replicas, TIER_REPLICAS_POLL_S
+                )
+            )
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VERSIONS)
     async def routed_runner(self, model_id: str) -> TierRunner:
@@ -169,6 +220,25 @@ class TierModel:
         requests' rows in the batcher."""
         if requests:
             log.info("rows of requests %s", " ".join(requests))
+        return await self._probs(instances, model_id)
+
+    async def cascade(
+        self, instances: Instances, route: CascadeRoute, requests: tuple[str, ...] = ()
+    ) -> CascadeAnswer:
+        """The cascade's predictions for raw rows: this tier answers, and sends the rows
+        it is unsure of on to the expensive tier (serve_graphs/escalate.py). ``route``
+        names the cascade (its models and thresholds); ``requests`` as for predict."""
+        if self.escalation is None:
+            raise RuntimeError("only the cheap tier runs the cascade: call predict here")
+        if requests:
+            log.info("rows of requests %s", " ".join(requests))
+            carrying(requests)  # named to the expensive tier in turn
+        return await self.escalation(instances, route)
+
+    async def _answer(self, instances: Instances, model_id: str | None) -> TierAnswer:
+        return TierAnswer(*await self._probs(instances, model_id))
+
+    async def _probs(self, instances: Instances, model_id: str | None) -> tuple[np.ndarray, str]:
         routed = None  # None: the pinned version when the batch runs (swaps land between)
         if model_id is not None:  # this version and no other, even if a swap lands now
             pinned = self.loaded is not None and model_id == self.loaded.model_id

@@ -13,7 +13,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from app.errors import ServiceUnavailable
-from serve_graphs.ingress import tier_fn
+from serve_graphs.tier_calls import tier_fn
 
 
 class Handle:
@@ -53,11 +53,11 @@ def test_two_failures_are_a_503() -> None:
 
 
 def test_predictions_leave_no_garbage_for_the_cyclic_collector() -> None:
-    """Under load the ingress makes ~100 tier calls a second. Garbage in reference
+    """Under load the ingress made ~100 tier calls a second. Garbage in reference
     cycles from each (tenacity's retry state was ~30 objects) made the collector pause
     the ingress, and every request in it, for 25-80 ms every ~12 s. Here: 200
-    predictions, 10 at a time, each escalated (both tiers answer 0.5), through the
-    coalescers as the ingress runs them."""
+    predictions, 10 at a time, each escalated (both tiers answer 0.5), through
+    coalesced tier calls as the cheap tier makes them (the ingress's: test_escalate)."""
     from serve_graphs.cascade import Cascade
     from serve_graphs.coalesce import Coalescer
 
