@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument(
         "--mix",
-        choices=("digits", "unsure"),
+        choices=("digits", "unsure", "sure"),
         default="digits",
         help="digits: requests cycle through 256 digits (the cascade escalates its natural "
         "share); unsure: every request holds one digit the cheap tier is unsure of (every "

@@ -64,6 +64,9 @@ def request_bodies(store: Path, mix: str) -> tuple[list[str], str, str]:
     unsure = np.flatnonzero(confidence < spec.threshold)
     if mix == "unsure":
         chosen = [int(unsure[0]) if unsure.size else int(confidence.argmin())]
+    elif mix == "sure":
+        sure = np.flatnonzero(confidence >= spec.threshold)
+        chosen = np.random.default_rng(0).choice(sure, 256, replace=False).tolist()
     else:
         chosen = np.random.default_rng(0).choice(len(rows), 256, replace=False).tolist()
     escalated = float(np.mean(confidence[chosen] < spec.threshold))
