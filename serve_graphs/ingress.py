@@ -25,7 +25,6 @@ from serve_graphs.escalate import CascadeFn, CascadeRoute, RemoteCascade, Routed
 from serve_graphs.observe import CostMeter
 from serve_graphs.routing import Routing
 from serve_graphs.tier_calls import cascade_fn, watch_replicas
-from serve_graphs.tier_model import TIER_REPLICAS_POLL_S
 
 log = logging.getLogger("ray.serve")
 
@@ -167,9 +166,7 @@ class Ingress:
                 self.routing.watch(self.args.serve.routes_poll_s)
             )
             self.replicas_watch = asyncio.get_running_loop().create_task(
-                watch_replicas(
-                    {"cheap": self.handles["cheap"]}, self.tier_replicas, TIER_REPLICAS_POLL_S
-                )  # fmt: skip
+                watch_replicas({"cheap": self.handles["cheap"]}, self.tier_replicas)
             )
 
     def variant(self, ref: str) -> tuple[str, RoutedCascade]:

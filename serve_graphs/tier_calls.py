@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
+REPLICAS_POLL_S = 5.0  # how often a caller reads how many replicas its tier runs
 
 
 class TierFailed(ServiceUnavailable):
@@ -110,7 +111,7 @@ def retried(
 
 
 async def watch_replicas(
-    handles: dict[str, DeploymentHandle], running: dict[str, int], every_s: float
+    handles: dict[str, DeploymentHandle], running: dict[str, int], every_s: float = REPLICAS_POLL_S
 ) -> None:
     """Keep ``running`` (tier -> running replicas) current, from ``serve.status()``, so
     a caller keeps ``serve.tier_calls_in_flight`` calls out per running replica and

@@ -29,7 +29,6 @@ from serve_graphs.scaling import BUSY, BusyMeter
 from serve_graphs.tier_calls import tier_fn, watch_replicas
 
 log = logging.getLogger("ray.serve")
-TIER_REPLICAS_POLL_S = 5.0  # how often a caller reads how many replicas a tier runs
 BATCH = BatchConfig()  # until reconfigure applies the deployment's user_config
 MAX_STRADDLES = 3  # tries for a multi-chunk request to land on one side of a swap
 
@@ -167,9 +166,7 @@ class TierModel:
         self.predict_batch.set_batch_wait_timeout_s(cfg.batch.batch_wait_timeout_s)
         if self.escalation is not None and self.watch is None:
             self.watch = asyncio.get_running_loop().create_task(
-                watch_replicas(
-                    {"expensive": self.expensive}, self.expensive_replicas, TIER_REPLICAS_POLL_S
-                )
+                watch_replicas({"expensive": self.expensive}, self.expensive_replicas)
             )
 
     @serve.multiplexed(max_num_models_per_replica=MAX_VERSIONS)
