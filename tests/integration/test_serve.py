@@ -85,6 +85,40 @@ def test_request_id_is_echoed_and_errors_are_4xx(endpoint: Endpoint) -> None:
     assert httpx.get(f"{endpoint.base_url}/docs").status_code == 200
 
 
+def test_an_escalated_request_id_is_in_the_log_of_every_deployment_it_touched(
+    endpoint: Endpoint, test_rows
+) -> None:  # noqa: ANN001
+    """The cheap tier escalates to the expensive tier itself; the request's id goes
+    along, so the expensive tier's log line of the call names it too."""
+    from ray._private.worker import global_worker
+
+    x, _ = test_rows
+    answers = httpx.post(
+        endpoint.predict_url, json={"instances": x.tolist()}, headers=AUTH, timeout=60
+    ).json()["predictions"]
+    unsure = next(i for i, p in enumerate(answers) if p["tier"] == "expensive")
+    request_id = f"trace-escalated-{time.time_ns()}"
+    resp = httpx.post(
+        endpoint.predict_url,
+        json={"instances": [x[unsure].tolist()]},
+        headers={**AUTH, "x-request-id": request_id},
+    )
+    assert resp.json()["predictions"][0]["tier"] == "expensive"
+    logs = Path(global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 10
+    while True:  # replica logs are written as they come; give them a moment
+        touched = {
+            deployment
+            for deployment in ("Ingress", "cheap-tier", "expensive-tier")
+            for f in logs.glob(f"replica_*{deployment}*.log")
+            if request_id in f.read_text()
+        }
+        if len(touched) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert touched == {"Ingress", "cheap-tier", "expensive-tier"}
+
+
 def test_the_serve_config_yaml_args_build_the_graph(platform: Platform) -> None:
     """`serve deploy config.yaml` hands build_app its `args` as a plain dict."""
     from pydantic import ValidationError
