@@ -7,8 +7,9 @@ a  stock Ray Serve, one deployment: ``__call__`` parses the JSON and runs the ca
 b  the same with ``@serve.batch`` (the tiers' BatchConfig: 64 rows, 5 ms);
 c  LitServe 0.2.19, the same model and batching, one worker (``bench.serve_litserve``);
 d  the scaledl graph exactly as ``scaledl serve`` deploys it (``app.serving.deploy``:
-   the Ingress with auth, the input contract and the cascade, and the batched cheap and
-   expensive TierModel deployments), ``POST /v1/models/digits/predict`` with a key;
+   the Ingress with auth, the input contract and routing, and the batched cheap and
+   expensive TierModel deployments, the cheap one running the cascade),
+   ``POST /v1/models/digits/predict`` with a key;
 e  the same logic as ONE deployment (:class:`Monolith`): the same FastAPI app
    (``build_api``), Cascade, KeyRing and metrics, but the tiers are ``TierRunner`` s
    called in-process through two ``@serve.batch`` methods, not deployment handles.
