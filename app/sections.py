@@ -151,8 +151,8 @@ class BatchConfig(_Section):
         ge=0,
         le=0.05,
         description="Longest wait for a batch to fill (<= 50 ms). 0: a batch starts as "
-        "soon as the replica is free, with every call queued by then. The ingress already "
-        "sends concurrent requests as one call and holds the rest until a call returns, "
+        "soon as the replica is free, with every call queued by then. Its callers already "
+        "send concurrent requests as one call and hold the rest until a call returns, "
         "so a wait at the tier only delays them (bench/results/2026-11-29-serve.md: 5 ms "
         "cost 7-10 % of the graph's throughput and 10 ms of p99 at 64 clients).",
     )
@@ -189,7 +189,7 @@ class _Scaling(_Section):
 class TierScaling(_Scaling):
     """How many replicas a tier runs: enough that each is ``target_busy`` busy
     (serve_graphs/scaling.py). Its calls in flight say nothing of its load: they are
-    the ingress's coalesced calls, a few per replica however many rows wait."""
+    their callers' coalesced calls, a few per replica however many rows wait."""
 
     target_busy: float = Field(
         0.6,
@@ -267,7 +267,7 @@ class ServeConfig(_Section):
     expensive_replicas: TierScaling = TierScaling()
     ingress_replicas: IngressScaling = Field(
         IngressScaling(min_replicas=1, max_replicas=1),
-        description="Ingress replicas (auth, contract, routing, cascade). One by default: "
+        description="Ingress replicas (auth, contract, routing). One by default: "
         "the cost and A/B reports are per replica. The ingress is the graph's busiest "
         "process (bench/serve.py), so give it more where there are cores for them.",
     )

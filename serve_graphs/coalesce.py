@@ -1,16 +1,19 @@
-"""Concurrent calls to one tier sent as one call: the ingress's half of dynamic batching.
+"""Concurrent calls to one tier sent as one call: the caller's half of dynamic batching.
+The callers are the ingress (to the cheap tier) and the cheap tier (to the expensive
+tier, when it escalates).
 
-Every call to a tier deployment costs the ingress the same, whatever it carries: Serve's
+Every call to a tier deployment costs its caller the same, whatever it carries: Serve's
 router picks a replica, the arguments are serialized, the call is submitted and its
 answer awaited. With one call per request that cost was most of the ingress's CPU
 (bench/serve.py, py-spy). A :class:`Coalescer` keeps at most ``max_in_flight`` calls
 out per tier; requests that reach the tier while they are out wait and go together, as
 one call, when one returns. There is no timer: at low load each call goes out alone and
 at once, and under load a call carries as many requests' rows as arrived meanwhile. The
-tier's ``@serve.batch`` then joins the calls of every ingress replica into forward passes.
+tier's ``@serve.batch`` then joins the calls of all its callers' replicas into forward
+passes.
 
 Serve's own ``@serve.batch`` cannot play this part: its queue belongs to the decorated
-function, not to an instance, and an ingress needs one per tier and routed version.
+function, not to an instance, and a caller needs one per tier and routed version.
 
 A combined call belongs to none of its requests: it runs in a context of its own, so a
 client that leaves cancels its own wait but never the call that carries other
@@ -73,7 +76,7 @@ class Coalescer(Generic[A]):
     """A call of rows (a :data:`~serve_graphs.cascade.TierFn`, say) that sends
     concurrent calls to ``fn`` as one.
 
-    ``max_in_flight`` may be a function, read whenever a call could go out: the ingress
+    ``max_in_flight`` may be a function, read whenever a call could go out: a caller
     allows a few calls per running tier replica, so a tier that scales out gets more.
     ``call_timeout_s`` bounds each combined call, so a tier call that never returns
     cannot hold a slot (and everyone waiting behind it) for ever; callers keep their own
