@@ -258,7 +258,10 @@ class ServeConfig(_Section):
         "with degraded=true.",
     )
     breaker_failures: int = Field(
-        5, ge=1, description="Expensive-tier failures in a row that open its circuit breaker."
+        5,
+        ge=1,
+        description="Expensive-tier failures in a row that open its circuit breaker (one "
+        "per cheap-tier replica and cascade version).",
     )
     breaker_reset_s: float = Field(
         10.0, gt=0, description="Seconds an open breaker waits before one trial request."

@@ -325,7 +325,8 @@ def main() -> None:
         default="digits",
         help="digits: requests cycle through 256 digits (the cascade escalates its natural "
         "share); unsure: every request holds one digit the cheap tier is unsure of (every "
-        "request runs both tiers: the cascade's worst case)",
+        "request runs both tiers: the cascade's worst case); sure: 256 digits the cheap tier "
+        "is sure of (no request escalates: what escalation costs, by difference)",
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -19,7 +19,7 @@ class TierModelRef(BaseModel):
 
     @property
     def model_id(self) -> str:
-        """``name/ref``: how the ingress names it to a tier replica (multiplexed id)."""
+        """``name/ref``: how a caller names it to a tier replica (multiplexed id)."""
         return f"{self.registered_name}/{self.model_ref}"
 
     @classmethod
@@ -39,7 +39,8 @@ class TierConfig(BaseModel):
 
 
 class IngressConfig(BaseModel):
-    """The ingress's ``user_config``: the cascade it runs, swapped in place with the tiers."""
+    """The ingress's ``user_config``: the cascade it routes to by default (the cheap tier
+    runs it, with the threshold the ingress sends), swapped in place with the tiers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -39,6 +39,9 @@ SWAPPABLE = {
     "ingress_replicas",
 }
 # (The routing table is not deployed at all: it lives in the registry, see catalog.py.)
+# The settings the cheap tier's escalation reads; only these reach it, so a change to
+# another (an ingress limit, say) does not restart the tiers.
+ESCALATION = {"expensive_timeout_s", "breaker_failures", "breaker_reset_s", "tier_calls_in_flight"}
 
 
 def tier_deployment(tier: str) -> str:
@@ -74,7 +77,8 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     }
     expensive = tier["expensive"].bind(args.tracking_uri)
     # The cheap tier escalates to the expensive one itself (serve_graphs/escalate.py).
-    cheap = tier["cheap"].bind(args.tracking_uri, expensive, stable_args(args)["serve"])
+    escalation = args.serve.model_dump(mode="json", include=ESCALATION)
+    cheap = tier["cheap"].bind(args.tracking_uri, expensive, escalation)
     return Ingress.options(
         name=INGRESS,
         ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},

@@ -94,10 +94,12 @@ class CascadeAnswer:
         return sum(p.tier == "expensive" for p in self.predictions)
 
     def split(self, rows: list[int], seconds: float) -> list[CascadeAnswer]:
-        """One answer per caller of a call that carried their ``rows``: each gets its
-        predictions and its share of each tier's time (``seconds``, the call's round
-        trip, is not needed: the tier timed itself)."""
+        """One answer per caller of a call that carried their ``rows``, each charged as
+        a :class:`TierAnswer` is: the cheap tier the call's round trip ``seconds`` (less
+        the expensive tier's part) by rows, the expensive tier its time by the rows it
+        answered."""
         total, escalated = len(self.predictions), self.escalated()
+        cheap = max(0.0, seconds - self.expensive_seconds)
         parts, start = [], 0
         for n in rows:
             part = CascadeAnswer(self.predictions[start : start + n], 0.0)
@@ -105,7 +107,7 @@ class CascadeAnswer:
             parts.append(
                 CascadeAnswer(
                     part.predictions,
-                    self.cheap_seconds * n / total,
+                    cheap * n / total,
                     self.expensive_seconds * share,
                     self.degraded_reason,
                 )

@@ -78,6 +78,7 @@ class Coalescer(Generic[A]):
 
     ``max_in_flight`` may be a function, read whenever a call could go out: a caller
     allows a few calls per running tier replica, so a tier that scales out gets more.
+    ``max_rows`` may be one too (a batch size that a new configuration changes).
     ``call_timeout_s`` bounds each combined call, so a tier call that never returns
     cannot hold a slot (and everyone waiting behind it) for ever; callers keep their own
     deadlines on top. A call whose callers have all given up is cancelled, freeing its
@@ -89,16 +90,17 @@ class Coalescer(Generic[A]):
         fn: Callable[[Instances], Awaitable[A]],
         *,
         max_in_flight: int | Callable[[], int],
-        max_rows: int,
+        max_rows: int | Callable[[], int],
         call_timeout_s: float,
         tag: Callable[[], str] = lambda: "",
     ) -> None:
         fixed = None if callable(max_in_flight) else max_in_flight
-        if (fixed is not None and fixed < 1) or max_rows < 1:
+        rows = None if callable(max_rows) else max_rows
+        if (fixed is not None and fixed < 1) or (rows is not None and rows < 1):
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.fn = fn
         self.max_in_flight = max_in_flight if fixed is None else lambda: fixed
-        self.max_rows = max_rows
+        self.max_rows = max_rows if rows is None else lambda: rows
         self.call_timeout_s = call_timeout_s
         self.tag = tag
         self.waiting: deque[_Waiting[A]] = deque()
@@ -141,13 +143,13 @@ class Coalescer(Generic[A]):
         """The oldest waiting calls, up to ``max_rows`` rows (always at least one call);
         callers that gave up meanwhile are left out."""
         batch: list[_Waiting] = []
-        rows = 0
+        rows, limit = 0, self.max_rows()
         while self.waiting:
             first = self.waiting[0]
             if first.future.done():  # cancelled: its client or its deadline is gone
                 self.waiting.popleft()
                 continue
-            if batch and rows + len(first.rows) > self.max_rows:
+            if batch and rows + len(first.rows) > limit:
                 break
             batch.append(self.waiting.popleft())
             rows += len(first.rows)

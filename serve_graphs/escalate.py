@@ -110,9 +110,6 @@ class Escalation:
             predictions, spent.seconds["cheap"], spent.seconds["expensive"], spent.reason
         )
 
-    def breaker(self, key: str = "") -> CircuitBreaker:
-        return _kept(self.breakers, key, self.new_breaker)
-
 
 def _kept(kept: OrderedDict, key: object, make: Callable[[], object]):  # noqa: ANN202
     """``kept[key]``, made on first use; the least recently used go past :data:`KEPT`."""

@@ -1,10 +1,11 @@
 """Tier autoscaling on how busy the replicas are, not on their calls in flight.
 
 Serve's default policy scales a deployment on its requests in flight per replica. A
-tier's requests are the ingress's coalesced calls (serve_graphs/coalesce.py): at most
-``serve.tier_calls_in_flight`` per ingress replica and tier replica, however many rows
+tier's requests are its callers' coalesced calls (serve_graphs/coalesce.py; the ingress
+calls the cheap tier, the cheap tier the expensive one): at most
+``serve.tier_calls_in_flight`` per calling replica and tier replica, however many rows
 wait behind them. That count says nothing about load, so a tier would never scale out
-while the ingress holds the queue. What does say it is the share of its time a replica
+while its callers hold the queue. What does say it is the share of its time a replica
 spends running batches: each replica reports it (:class:`BusyMeter`, read by Serve
 through ``record_autoscaling_stats``) and :class:`BusyTierPolicy` sizes the tier so
 that each replica is ``target_busy`` busy.

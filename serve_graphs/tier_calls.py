@@ -20,7 +20,7 @@ from serve_graphs.cascade import CascadeAnswer, Instances, TierAnswer, TierFn
 from serve_graphs.coalesce import callers
 
 if TYPE_CHECKING:
-    from serve_graphs.escalate import CascadeRoute
+    from serve_graphs.escalate import CascadeFn, CascadeRoute
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -61,7 +61,7 @@ def cascade_fn(
     *,
     model_id: str | None = None,
     retry_wait_s: float = 0.05,
-) -> Callable[[Instances], Awaitable[CascadeAnswer]]:
+) -> CascadeFn:
     """The cascade of ``route()`` (read at each call, so a new calibration applies at
     once), run by the cheap tier: its answers for rows, the expensive tier's included
     where the cheap one was unsure. ``model_id``: the cheap version the route names, for

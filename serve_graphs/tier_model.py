@@ -88,8 +88,9 @@ class TierModel:
         expensive: DeploymentHandle | None = None,
         serve_config: dict | None = None,
     ) -> None:
-        """``expensive`` (with the ``serve`` section of the settings, ``serve_config``):
-        the tier this one escalates to; the cheap tier has it, the expensive one not."""
+        """``expensive``: the tier this one escalates to (the cheap tier has it, the
+        expensive one not), with the settings of the escalation in ``serve_config``
+        (part of the ``serve`` section: timeout, breaker, calls in flight)."""
         import torch
 
         # Requests are small: one intra-op thread per replica beats threads fighting
@@ -124,7 +125,7 @@ class TierModel:
             max_in_flight=lambda: (
                 cfg.tier_calls_in_flight * max(1, self.expensive_replicas["expensive"])
             ),
-            max_rows=cfg.batch.max_batch_size,
+            max_rows=lambda: self.max_rows,  # the batch size reconfigure applied
             call_timeout_s=cfg.expensive_timeout_s,
             tag=lambda: " ".join(callers()),
         )
@@ -209,8 +210,8 @@ class TierModel:
         """Probabilities (n, C) for raw rows, and the version that produced them:
         ``model_id`` (``name/version``), or the pinned version when it is None.
 
-        ``requests``: the ids of the HTTP requests whose rows the call carries (the
-        ingress sends several requests' rows as one call); logged, so a request id
+        ``requests``: the ids of the HTTP requests whose rows the call carries (its
+        caller sends several requests' rows as one call); logged, so a request id
         leads to the tier's log line of the call that answered it.
 
         A request larger than a batch is split into batch-sized chunks, which join other

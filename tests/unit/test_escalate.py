@@ -99,8 +99,11 @@ def test_a_failing_expensive_tier_degrades_and_its_breaker_opens_per_route() -> 
     assert all(a.predictions[0].degraded and a.predictions[0].tier == "cheap" for a in answers)
     assert [a.degraded_reason for a in answers] == ["unavailable"] * 2 + ["breaker_open"] * 2
     assert len(tiers.expensive_calls) == 2  # open after two failures: no more calls
-    assert escalation.breaker("").state == "open"
-    assert escalation.breaker("7").state == "closed"  # a challenger's breaker is its own
+    assert escalation.breakers[""].state == "open"
+    challenger = CascadeRoute("7", "digits-cheap/4", "digits-exp/5", threshold=0.7)
+    answer = asyncio.run(escalation(rows(0), challenger))
+    assert answer.degraded_reason == "unavailable"  # tried: its breaker is its own
+    assert tiers.expensive_calls[-1] == (1, "digits-exp/5")
 
 
 class CheapTierHandle:
@@ -154,11 +157,13 @@ def test_degraded_answers_are_counted_at_the_ingress_but_a_shadow_copy_is_not() 
     handle = CheapTierHandle(Tiers(expensive_fails=True).escalation())
     costs, degraded = CostMeter(), []
     cascade = remote_cascade(handle, costs, degraded)
-    routed = RoutedCascade("7", cascade.call)
+    shadow = CascadeRoute("7", "digits-cheap/4", "digits-exp/5", threshold=0.7)
+    routed = RoutedCascade("7", cascade_fn(handle, lambda: shadow, retry_wait_s=0))
 
     asyncio.run(cascade.predict(rows(0, 0, 1)))
     assert degraded == [(2, "unavailable")]
-    asyncio.run(cascade.predict(rows(0), routed, record=False))
+    (mirrored,) = asyncio.run(cascade.predict(rows(0), routed, record=False))
+    assert handle.calls[-1] == (1, "7") and mirrored.degraded
     assert degraded == [(2, "unavailable")] and costs.call_rows["cheap"] == 3
 
 

@@ -114,6 +114,35 @@ def test_a_combined_call_tells_the_tier_whose_rows_it_carries() -> None:
     assert handle.calls == 2 and handle.requests == ("r2", "r3")  # r1 went alone, first
 
 
+def test_the_cheap_tier_escalates_through_its_handle_and_names_the_requests(tmp_path) -> None:  # noqa: ANN001
+    """TierModel wired as the builder wires the cheap tier: its own model answers, the
+    unsure rows go to the expensive tier's handle with the ids of the HTTP requests."""
+    from serve_graphs.escalate import CascadeRoute
+    from serve_graphs.tier_model import TierModel, TierRunner
+
+    class SureOfOnes:
+        def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+            sure = np.asarray(rows)[:, 0] == 1
+            return np.where(sure[:, None], [[0.9, 0.1]], [[0.6, 0.4]])
+
+    expensive = Handle()
+    settings = {"expensive_timeout_s": 5, "tier_calls_in_flight": 1}
+    tier = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}", expensive, settings)
+    tier.runner = TierRunner(SureOfOnes(), "digits-cheap/1")  # type: ignore[arg-type]
+
+    async def unbatched(rows: np.ndarray, model_id: str | None) -> tuple[np.ndarray, str]:
+        return tier.runner.model.predict_proba(rows), tier.runner.version
+
+    tier._probs = unbatched  # @serve.batch runs only inside a Serve replica
+    route = CascadeRoute("", None, None, 0.7, {})
+    answer = asyncio.run(tier.cascade(np.array([[1.0, 0.0], [0.0, 0.0]]), route, ("r1", "r2")))
+    assert [p.tier for p in answer.predictions] == ["cheap", "expensive"]
+    assert expensive.calls == 1 and expensive.requests == ("r1 r2",)
+    with pytest.raises(RuntimeError, match="only the cheap tier"):
+        plain = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        asyncio.run(plain.cascade(np.zeros((1, 2)), route))
+
+
 def test_a_swap_that_cannot_load_keeps_the_version_that_serves(tmp_path) -> None:  # noqa: ANN001
     """Serve stops a replica whose reconfigure raises; a failed swap must not do that."""
     from serve_graphs.tier_model import TierModel, TierRunner
