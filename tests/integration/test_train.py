@@ -90,12 +90,23 @@ def test_pipeline_and_data_parallel_combine(platform: Platform) -> None:
     assert '"train_batch_size": 32' in run.data.params["deepspeed"]  # 16 x 2 pipes
 
 
+def _registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has registered, from the snapshot its checkpoint manager
+    writes after each one (a folder on disk may not be registered yet)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return 0
+    return len(snapshot["checkpoint_results"])
+
+
 def _kill_a_worker_after(run_dir: Path, checkpoints: int) -> None:
+    """Kill a worker once ``checkpoints`` are registered: early enough that training
+    is still running, late enough that there is a checkpoint to resume from."""
     deadline = time.monotonic() + 300
-    while len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) < checkpoints:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    time.sleep(1.0)  # let Ray register the checkpoint it just wrote
+    while _registered_checkpoints(run_dir) < checkpoints:
+        assert time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.2)
     import ray
 
     # Workers are children of this test cluster's raylet: never another cluster's.
@@ -110,7 +121,7 @@ def _kill_a_worker_after(run_dir: Path, checkpoints: int) -> None:
 
 
 def _train_while_killing(settings: Settings, tier: str, run_name: str) -> TrainOutcome:
-    killer = threading.Thread(target=_kill_a_worker_after, args=(settings.runs_dir / run_name, 2))
+    killer = threading.Thread(target=_kill_a_worker_after, args=(settings.runs_dir / run_name, 1))
     killer.start()
     try:
         return train_tier(settings, DIGITS, tier, run_name=run_name)
