@@ -91,10 +91,29 @@ class GatewayTimeout(ScaledlError):
     status_code = 504
 
 
+class TooManyRequests(ScaledlError):
+    """A key over its rate limit (``serve.rate_limits``): answered 429 with Retry-After."""
+
+    status_code = 429
+
+
 class ServiceUnavailable(ScaledlError):
     """A dependency (a model tier, the registry) cannot answer right now."""
 
     status_code = 503
+
+
+class Overloaded(ServiceUnavailable):
+    """Shed at once: a tier's callers already have as many rows waiting as they may
+    (``serve.tier_max_waiting_rows``). Retrying would only add to the load, so it is not
+    retried here; the client is asked to, after Retry-After."""
+
+
+class TierError(ScaledlError):
+    """A tier raised an error of its own (a bug in model code, not a dead replica): a
+    500, logged with the request ids, and never retried as if it were transient."""
+
+    status_code = 500
 
 
 def find_scaledl_error(exc: BaseException) -> ScaledlError | None:

@@ -215,6 +215,13 @@ class IngressScaling(_Scaling):
     )
 
 
+class RateLimit(_Section):
+    """A token bucket per API key: ``per_s`` tokens a second, at most ``burst`` saved."""
+
+    per_s: float = Field(gt=0, description="Requests a second one key may send, sustained.")
+    burst: int = Field(ge=1, description="Requests one key may send at once after a pause.")
+
+
 class ServeConfig(_Section):
     """The HTTP service."""
 
@@ -241,8 +248,31 @@ class ServeConfig(_Section):
     tier_max_queued_requests: int = Field(
         256,
         ge=1,
-        description="Calls waiting for a tier replica; past it the request gets a 503 with "
-        "Retry-After (or a degraded answer, for the expensive tier).",
+        description="Calls waiting in Serve for a tier replica; past it the request gets a "
+        "503 with Retry-After (or a degraded answer, for the expensive tier). Its callers "
+        "keep only serve.tier_calls_in_flight calls out per replica, so this is a backstop: "
+        "the bound that acts under load is serve.tier_max_waiting_rows.",
+    )
+    tier_max_waiting_rows: int = Field(
+        128,
+        ge=1,
+        description="Rows one caller (an ingress replica for the cheap tier, a cheap-tier "
+        "replica for the expensive one) lets wait for a tier while its calls are out; a "
+        "request past it gets a 503 with Retry-After at once (for the expensive tier: a "
+        "degraded answer), instead of waiting out its timeout. About two batches: a "
+        "request that is let wait is sent within about one round of calls.",
+    )
+    rate_limits: dict[Literal["predict", "admin"], RateLimit] = Field(
+        {},
+        description="Per-key rate limits by the scope a route needs, e.g. "
+        "{predict: {per_s: 50, burst: 100}}; a key over its limit gets a 429 with "
+        "Retry-After. None by default.",
+    )
+    keys_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each ingress replica checks the keys file for a change: a "
+        "key created or revoked takes effect within this time, without a restart.",
     )
     max_instances_per_request: int = Field(1024, ge=1, description="Instances in one request.")
     max_body_bytes: int = Field(

@@ -11,8 +11,9 @@ d  the scaledl graph exactly as ``scaledl serve`` deploys it (``app.serving.depl
    expensive TierModel deployments, the cheap one running the cascade),
    ``POST /v1/models/digits/predict`` with a key;
 e  the same logic as ONE deployment (:class:`Monolith`): the same FastAPI app
-   (``build_api``), Cascade, KeyRing and metrics, but the tiers are ``TierRunner`` s
-   called in-process through two ``@serve.batch`` methods, not deployment handles.
+   (``build_api``), routing, cascade, tiers (``decide.tier.Tier``), KeyRing and
+   metrics, but the tiers are called in-process through two ``@serve.batch`` methods,
+   not deployment handles.
 
 a-c serve the expensive tier's model (``load_model``). Every request carries one
 instance: by default the digits in turn, so d and e escalate the cascade's natural share
@@ -64,15 +65,17 @@ from app.workloads import TIERS, get_workload
 from bench import wrk
 from bench.serve_models import DIGITS, model_targets, prepare, request_bodies
 from bench.serve_report import report
-from serve_graphs.api import build_api
+from serve_graphs.api.app import build_api
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
 from serve_graphs.builder import INGRESS, tier_deployment
-from serve_graphs.cascade import Cascade, CircuitBreaker, Instances, TierAnswer, TierFn
-from serve_graphs.ingress import ServeMetrics, tune_gc
-from serve_graphs.observe import CostMeter
-from serve_graphs.routing import Routing
+from serve_graphs.decide.cascade import CascadeCaller, Instances, TierAnswer
+from serve_graphs.decide.coalesce import Coalescer
+from serve_graphs.decide.routing import Routing
+from serve_graphs.decide.tier import Probs, Tier, TierRunner, Work, batch_rows
+from serve_graphs.ingress import tune_gc
+from serve_graphs.metrics import ServeMetrics
 from serve_graphs.tier_model import BATCH as TIER_BATCH
-from serve_graphs.tier_model import TierRunner, _rows
+from serve_graphs.tier_model import load_runner
 
 PATH = f"/v1/models/{DIGITS}/predict"
 # The baselines batch single requests, which need a window to meet in: 5 ms, the
@@ -135,48 +138,59 @@ class Monolith:
         torch.set_num_threads(1)
         tune_gc()  # as the graph's ingress does
         self.args = GraphArgs.model_validate(args)
+        cfg = self.args.serve
         tiers = {t: TierConfig.model_validate(configs[tier_deployment(t)]) for t in TIERS}
-        self.runners = {
-            t: TierRunner.from_registry(self.args.tracking_uri, c.model) for t, c in tiers.items()
-        }
         for method in (self.predict_cheap, self.predict_expensive):
             method.set_max_batch_size(tiers["cheap"].batch.max_batch_size)
             method.set_batch_wait_timeout_s(tiers["cheap"].batch.batch_wait_timeout_s)
+        max_rows = tiers["cheap"].batch.max_batch_size
+        expensive = Tier(self.predict_expensive, _no_routed, max_rows=max_rows)
+
+        async def answer(rows: Instances) -> TierAnswer:
+            return TierAnswer(*await expensive.predict(rows))
+
+        self.tiers = {
+            "expensive": expensive,
+            "cheap": Tier(
+                self.predict_cheap,
+                _no_routed,
+                max_rows=max_rows,
+                # As TierModel calls the expensive tier, in-process instead of a handle.
+                expensive=lambda model_id: Coalescer(
+                    answer,
+                    max_in_flight=cfg.tier_calls_in_flight,
+                    max_rows=max_rows,
+                    max_waiting_rows=cfg.tier_max_waiting_rows,
+                    timeout_s=cfg.expensive_timeout_s,
+                    name="expensive",
+                ),
+                breaker_failures=cfg.breaker_failures,
+                breaker_reset_s=cfg.breaker_reset_s,
+            ),
+        }
+        for t, c in tiers.items():
+            self.tiers[t].swap(load_runner(self.args.tracking_uri, c.model), c.model)
         ingress = IngressConfig.model_validate(configs[INGRESS])
-        self.version = ingress.cascade_version
-        cfg = self.args.serve
-        self.costs = CostMeter()
-        self.cascade = Cascade(
-            self._tier("cheap", self.predict_cheap),
-            self._tier("expensive", self.predict_expensive),
-            threshold=ingress.threshold,
-            expensive_timeout_s=cfg.expensive_timeout_s,
-            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
-            on_tier_call=self.costs.tier_call,
+        self.cascade = CascadeCaller(
+            lambda rows: self.tiers["cheap"].cascade(rows, self.cascade.route())
         )
-        self.cascade.calibrated(ingress.cheap_version, ingress.threshold)
-
-    def _tier(self, tier: str, batched) -> TierFn:  # noqa: ANN001 - a serve.batch method
-        async def call(rows: Instances) -> TierAnswer:
-            return TierAnswer(await batched(rows), self.runners[tier].version)
-
-        return call
+        self.cascade.calibrated(ingress.cascade_version, ingress.cheap_version, ingress.threshold)
 
     @serve.batch(
         max_batch_size=TIER_BATCH.max_batch_size,
         batch_wait_timeout_s=TIER_BATCH.batch_wait_timeout_s,
-        batch_size_fn=_rows,
+        batch_size_fn=batch_rows,
     )
-    async def predict_cheap(self, batches: list[Instances]) -> list[np.ndarray]:
-        return self.runners["cheap"].predict_many(batches)
+    async def predict_cheap(self, batch: list[Work]) -> list[Probs]:
+        return await self.tiers["cheap"].run_batch(batch)
 
     @serve.batch(
         max_batch_size=TIER_BATCH.max_batch_size,
         batch_wait_timeout_s=TIER_BATCH.batch_wait_timeout_s,
-        batch_size_fn=_rows,
+        batch_size_fn=batch_rows,
     )
-    async def predict_expensive(self, batches: list[Instances]) -> list[np.ndarray]:
-        return self.runners["expensive"].predict_many(batches)
+    async def predict_expensive(self, batch: list[Work]) -> list[Probs]:
+        return await self.tiers["expensive"].run_batch(batch)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from app.keys import KeyRing
@@ -184,14 +198,17 @@ class Monolith:
         cfg = self.args.serve
         return build_api(
             get_workload(self.args.workload),
-            Routing.fixed(self.cascade, self.version),
+            Routing.fixed(self.cascade, self.cascade.version),
             keys=KeyRing(self.args.api_keys),
             max_instances=cfg.max_instances_per_request,
             max_body_bytes=cfg.max_body_bytes,
             request_timeout_s=cfg.request_timeout_s,
             observer=ServeMetrics(),
-            costs=self.costs,
         )
+
+
+async def _no_routed(model_id: str) -> TierRunner:
+    raise AssertionError("the monolith serves its pinned versions only")
 
 
 # --- the children: one cluster, LitServe ----------------------------------------------
@@ -210,7 +227,7 @@ def deploy_setup(setup: str, plan: dict) -> str:
     if setup == "e":
         from serve_graphs.builder import stable_args, user_configs
 
-        args = GraphArgs.from_settings(settings, DIGITS, keys)
+        args = GraphArgs.from_settings(settings, DIGITS, keys, None)
         app = Monolith.options(
             max_ongoing_requests=args.serve.ingress_max_ongoing_requests,
             max_queued_requests=args.serve.ingress_max_queued_requests,

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.keys import ApiKey
 from app.sections import BatchConfig, ServeConfig
 from app.settings import Settings
-
-
-class TierModelRef(BaseModel):
-    """Which model version a tier serves."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    registered_name: str = Field(description="Registry name, e.g. digits-cheap.")
-    model_ref: str = Field("champion", description="Alias or version number to load.")
-
-    @property
-    def model_id(self) -> str:
-        """``name/ref``: how a caller names it to a tier replica (multiplexed id)."""
-        return f"{self.registered_name}/{self.model_ref}"
-
-    @classmethod
-    def from_id(cls, model_id: str) -> TierModelRef:
-        name, _, ref = model_id.rpartition("/")
-        return cls(registered_name=name, model_ref=ref)
+from serve_graphs.decide.tier import TierModelRef
 
 
 class TierConfig(BaseModel):
@@ -53,6 +35,12 @@ class IngressConfig(BaseModel):
     int8_tiers: list[str] = Field(
         [], description="Tiers served by INT8 twins: other versions routed to run so too."
     )
+    max_batch_size: int = Field(
+        64, ge=1, description="serve.batch.max_batch_size: most rows in one call to a tier."
+    )
+    cold_start_tiers: list[str] = Field(
+        [], description="Tiers with min_replicas 0: ready while they have no replica."
+    )
 
 
 class GraphArgs(BaseModel):
@@ -69,17 +57,34 @@ class GraphArgs(BaseModel):
     workload: str = Field(description="Workload to serve, e.g. digits.")
     tracking_uri: str = Field(description="MLflow registry URI the tiers load from.")
     api_keys: list[ApiKey] = Field(
-        min_length=1,
-        description="Accepted keys, hashed, with scopes (`scaledl keys create` writes them; "
-        "copy the keys file's lines here). The API is never open.",
+        [],
+        description="Accepted keys besides the keys file's, hashed, with scopes (the "
+        "development key, SCALEDL_API_KEY). The API is never open: these or a keys file.",
+    )
+    keys_file: str | None = Field(
+        None,
+        description="The keys file (`scaledl keys create` and `revoke` edit it), read by "
+        "every ingress replica and re-read when it changes: keys change without a restart. "
+        "On a cluster it must be on storage every node shares.",
     )
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="after")
+    def _some_key(self) -> GraphArgs:
+        if not self.api_keys and not self.keys_file:
+            raise ValueError(
+                "no API keys: give api_keys or keys_file (`scaledl keys create` writes one)"
+            )
+        return self
+
     @classmethod
-    def from_settings(cls, settings: Settings, workload: str, keys: list[ApiKey]) -> GraphArgs:
+    def from_settings(
+        cls, settings: Settings, workload: str, keys: list[ApiKey], keys_file: str | None = None
+    ) -> GraphArgs:
         return cls(
             workload=workload,
             tracking_uri=settings.tracking_uri,
             api_keys=keys,
+            keys_file=keys_file,
             serve=settings.serve,
         )

@@ -17,7 +17,7 @@ from ray.serve.schema import LoggingConfig
 
 from app.registry import Registry
 from app.workloads import TIERS, get_workload
-from serve_graphs.api import RETRY_AFTER_S
+from serve_graphs.api.app import RETRY_AFTER_S
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
 from serve_graphs.catalog import cascade_models
 from serve_graphs.ingress import Ingress
@@ -41,7 +41,13 @@ SWAPPABLE = {
 # (The routing table is not deployed at all: it lives in the registry, see catalog.py.)
 # The settings the cheap tier's escalation reads; only these reach it, so a change to
 # another (an ingress limit, say) does not restart the tiers.
-ESCALATION = {"expensive_timeout_s", "breaker_failures", "breaker_reset_s", "tier_calls_in_flight"}
+ESCALATION = {
+    "expensive_timeout_s",
+    "breaker_failures",
+    "breaker_reset_s",
+    "tier_calls_in_flight",
+    "tier_max_waiting_rows",
+}
 
 
 def tier_deployment(tier: str) -> str:
@@ -76,7 +82,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
         for t in TIERS
     }
     expensive = tier["expensive"].bind(args.tracking_uri)
-    # The cheap tier escalates to the expensive one itself (serve_graphs/escalate.py).
+    # The cheap tier escalates to the expensive one itself (serve_graphs/decide/cascade.py).
     escalation = args.serve.model_dump(mode="json", include=ESCALATION)
     cheap = tier["cheap"].bind(args.tracking_uri, expensive, escalation)
     return Ingress.options(
@@ -126,5 +132,9 @@ def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:
         cascade_version=models.ref.version,
         cheap_version=models.tiers["cheap"].model_id,
         int8_tiers=list(serve_cfg.int8_tiers),
+        max_batch_size=serve_cfg.batch.max_batch_size,
+        cold_start_tiers=[
+            t for t in TIERS if getattr(serve_cfg, f"{t}_replicas").min_replicas == 0
+        ],
     ).model_dump(mode="json")
     return configs

@@ -1,30 +1,33 @@
 """Ingress: the HTTP entry (FastAPI) with auth, validation and routing; the cheap tier
-runs the cascade it routes to."""
+runs the cascade it routes to.
+
+A thin wrapper: the app is ``serve_graphs.api.app.build_api``'s, the routing
+``decide.routing.Routing``'s and the cascade's caller ``decide.cascade.CascadeCaller``.
+This file wires them to Serve: the handles, ``user_config`` and the registry."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
-from collections import Counter
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from app.keys import KeyRing
 from app.registry import Registry
 from app.workloads import get_workload
-from serve_graphs.api import build_api
+from serve_graphs.api.app import build_api
+from serve_graphs.api.limits import RateLimiter
 from serve_graphs.args import GraphArgs, IngressConfig
-from serve_graphs.cascade import Prediction
 from serve_graphs.catalog import CascadeModels, RegistryRouteStore, cascade_models
-from serve_graphs.coalesce import Coalescer
-from serve_graphs.escalate import CascadeFn, CascadeRoute, RemoteCascade, RoutedCascade
-from serve_graphs.observe import CostMeter
-from serve_graphs.routing import Routing
-from serve_graphs.tier_calls import cascade_fn, watch_replicas
+from serve_graphs.decide.cascade import CascadeCaller, CascadeFn, CascadeRoute, RoutedCascade
+from serve_graphs.decide.readiness import Readiness
+from serve_graphs.decide.routing import Routing
+from serve_graphs.decide.tier_calls import tier_caller, watch_replicas
+from serve_graphs.metrics import ServeMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -55,62 +58,6 @@ def request_id() -> str:
     return serve.context._get_serve_request_context().request_id
 
 
-LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000]
-
-
-class ServeMetrics:
-    """The Observer of a replica: Ray Serve metrics, exported to Prometheus by Ray as
-    ``ray_<name>`` (counters gain ``_total``, histograms ``_bucket``/``_sum``/``_count``)."""
-
-    def __init__(self) -> None:
-        self.requests = metrics.Counter(
-            "scaledl_requests",
-            description="HTTP requests by route, status and the cascade version that "
-            "answered (none: no version did, e.g. a 4xx): A/B results per version.",
-            tag_keys=("route", "status", "cascade_version"),
-        )
-        self.latency = metrics.Histogram(
-            "scaledl_request_latency_ms",
-            description="HTTP request latency by route and the cascade version that answered.",
-            boundaries=LATENCY_BOUNDARIES_MS,
-            tag_keys=("route", "cascade_version"),
-        )
-        self.answered = metrics.Counter(
-            "scaledl_predictions",
-            description="Instances answered, by tier and model version, and whether the "
-            "answer was degraded: the expensive-tier share and A/B comparisons come from it.",
-            tag_keys=("tier", "model_version", "degraded"),
-        )
-
-        self.shadowed = metrics.Counter(
-            "scaledl_shadow_instances",
-            description="Instances mirrored to a shadow version, by primary and shadow "
-            "version and whether the shadow's label agreed (failed: the copy got no answer).",
-            tag_keys=("cascade_version", "shadow_version", "outcome"),
-        )
-
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
-        tags = {"route": route, "cascade_version": version}
-        self.requests.inc(tags={**tags, "status": str(status)})
-        self.latency.observe(seconds * 1000, tags=tags)
-
-    def predictions(self, predictions: list[Prediction]) -> None:
-        counts = Counter((p.tier, p.model_version, p.degraded) for p in predictions)
-        for (tier, version, degraded), n in counts.items():
-            tags = {"tier": tier, "model_version": version, "degraded": str(degraded).lower()}
-            self.answered.inc(n, tags=tags)
-
-    def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
-        tags = {"cascade_version": primary, "shadow_version": shadow}
-        if mirrored is None:
-            self.shadowed.inc(len(answer), tags={**tags, "outcome": "failed"})
-            return
-        agreed = sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
-        for outcome, n in (("agree", agreed), ("disagree", len(answer) - agreed)):
-            if n:
-                self.shadowed.inc(n, tags={**tags, "outcome": outcome})
-
-
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -126,48 +73,43 @@ class Ingress:
         self.config: IngressConfig | None = None
         self.handles = {"cheap": cheap, "expensive": expensive}
         cfg = self.args.serve
-        degraded = metrics.Counter(
-            "scaledl_cascade_degraded",
-            description="Instances answered by the cheap tier because the expensive tier "
-            "was slow, failing or behind an open breaker.",
-            tag_keys=("reason",),
-        )
-        self.costs = CostMeter()
-        self.cascade = RemoteCascade(
-            on_degraded=lambda n, reason: degraded.inc(n, tags={"reason": reason}),
-            on_tier_call=self.costs.tier_call,
-        )
-        self.cascade.call = self.coalesced(cascade_fn(cheap, self.cascade.route))
+        self.cascade = CascadeCaller()
+        self.cascade.call = self.caller(self.cascade.route)
         self.registry = Registry(self.args.tracking_uri)
         self.routing = Routing(
             self.cascade,
-            deployed=lambda: self.config.cascade_version if self.config else "",
+            deployed=lambda: self.cascade.version,
             resolve=self.variant,
             store=RegistryRouteStore(self.registry, self.args.workload),
             shadow_limit=cfg.shadow_max_in_flight,
             shadow_timeout_s=cfg.request_timeout_s,
         )
-        self.watch: asyncio.Task | None = None
-        self.replicas_watch: asyncio.Task | None = None
-        self.tier_replicas = {"cheap": 1}  # running replicas, from serve.status()
+        self.tier_replicas = {"cheap": 0, "expensive": 0}  # running, from serve.status()
+        self.readiness = Readiness(
+            self.tier_replicas,
+            lambda: set(self.config.cold_start_tiers) if self.config else set(),
+        )
+        self.tasks: list[asyncio.Task] = []  # the watches, and routed versions' loads
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
         self.loop = asyncio.get_running_loop()  # the loop requests and handles run on
-        self.config = IngressConfig.model_validate(user_config)
-        self.cascade.calibrated(self.config.cheap_version, self.config.threshold)
-        log.info("cascade %s, threshold %.4f", self.config.cascade_version, self.config.threshold)
-        if self.watch is None:  # the first config: read the routing table before serving
+        previous, self.config = self.config, IngressConfig.model_validate(user_config)
+        config = self.config
+        self.cascade.calibrated(config.cascade_version, config.cheap_version, config.threshold)
+        log.info("cascade %s, threshold %.4f", config.cascade_version, config.threshold)
+        if previous is None:  # the first config: read the routing table before serving
+            await watch_replicas(self.handles, self.tier_replicas, once=True)
             try:
                 await asyncio.wait_for(self.routing.refresh(), ROUTES_READ_TIMEOUT_S)
             except Exception:  # serve the deployed cascade; the watch tries again
                 log.exception("reading the routing table failed; serving the deployed cascade")
-            self.watch = asyncio.get_running_loop().create_task(
-                self.routing.watch(self.args.serve.routes_poll_s)
-            )
-            self.replicas_watch = asyncio.get_running_loop().create_task(
-                watch_replicas({"cheap": self.handles["cheap"]}, self.tier_replicas)
-            )
+            self.tasks += [
+                self.loop.create_task(self.routing.watch(self.args.serve.routes_poll_s)),
+                self.loop.create_task(watch_replicas(self.handles, self.tier_replicas)),
+            ]
+        elif previous.int8_tiers != config.int8_tiers:  # routed versions run so too
+            await self.routing.rebind()
 
     def variant(self, ref: str) -> tuple[str, RoutedCascade]:
         """Cascade ``ref`` as a routed version: its tiers' models, named to the cheap
@@ -187,36 +129,58 @@ class Ingress:
         return self._bind(models)
 
     def _bind(self, models: CascadeModels) -> RoutedCascade:
+        version = models.ref.version
         ids = {tier: models.tiers[tier].model_id for tier in self.handles}
-        route = CascadeRoute(models.ref.version, ids["cheap"], ids["expensive"],
-                             models.spec.threshold)  # fmt: skip
-        for tier, model_id in ids.items():  # loading now: the first requests need not wait
-            self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
-        call = cascade_fn(self.handles["cheap"], lambda: route, model_id=ids["cheap"])
-        return RoutedCascade(route.key, self.coalesced(call))
+        route = CascadeRoute(version, ids["cheap"], ids["expensive"], models.spec.threshold)
+        # Loading now: the first requests need not wait, and readiness waits for it.
+        self.readiness.loading(version)
+        self.tasks.append(asyncio.get_running_loop().create_task(self._load(version, ids)))
+        return RoutedCascade(version, self.caller(lambda: route, ids["cheap"]))
 
-    def coalesced(self, fn: CascadeFn) -> Coalescer:
-        """``fn`` with concurrent calls sent as one: at most serve.tier_calls_in_flight
-        per running replica of the cheap tier (one replica's worth while it has none)."""
-        cfg = self.args.serve
-        return Coalescer(
-            fn,
-            max_in_flight=lambda: cfg.tier_calls_in_flight * max(1, self.tier_replicas["cheap"]),
-            max_rows=cfg.batch.max_batch_size,
-            call_timeout_s=cfg.request_timeout_s,
+    async def _load(self, version: str, ids: dict[str, str]) -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    self.handles[tier].options(multiplexed_model_id=model_id).load.remote(model_id)
+                    for tier, model_id in ids.items()
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - readiness says so; requests will too
+            log.warning("loading version %s failed: %s", version, type(exc).__name__)
+            self.readiness.loaded(version, type(exc).__name__)
+        else:
+            self.readiness.loaded(version)
+        finally:
+            self.tasks = [t for t in self.tasks if not t.done()]
+
+    def caller(self, route: Callable[[], CascadeRoute], model_id: str | None = None) -> CascadeFn:
+        """The cascade of ``route()`` through the cheap tier, concurrent requests as one
+        call (``tier_calls.tier_caller``), each of at most serve.batch.max_batch_size rows
+        and each request waiting at most serve.request_timeout_s."""
+        return tier_caller(
+            self.handles["cheap"],
+            "cheap",
+            self.args.serve,
+            model_id,
+            replicas=lambda: self.tier_replicas["cheap"],
+            max_rows=lambda: self.config.max_batch_size if self.config else 64,
+            timeout_s=self.args.serve.request_timeout_s,
             tag=request_id,
+            route=route,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         cfg = self.args.serve
+        keys = KeyRing(self.args.api_keys, self.args.keys_file, poll_s=cfg.keys_poll_s)
         return build_api(
             get_workload(self.args.workload),
             self.routing,
-            keys=KeyRing(self.args.api_keys),
+            keys=keys,
+            limits=RateLimiter(cfg.rate_limits),
+            readiness=self.readiness,
             max_instances=cfg.max_instances_per_request,
             max_body_bytes=cfg.max_body_bytes,
             request_timeout_s=cfg.request_timeout_s,
             route_header=cfg.route_header,
             observer=ServeMetrics(),
-            costs=self.costs,
         )

@@ -28,23 +28,35 @@ KEY = "integration-test-key"  # the serving tests' key, with both scopes
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+METRICS_PORT = free_port()  # the node's metrics export, as Prometheus scrapes it
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     import os
 
     import ray
 
+    from app.runtime import FAST_TRANSPORT
+
     # Replicas and handles report their load every half second (default 10 s), so an
-    # autoscaling test sees a scale-down in seconds; the cluster's processes inherit it.
-    for name in (
-        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    # autoscaling test sees a scale-down in seconds, and metrics reach the node's export
+    # every second (default 10 s); the cluster's processes inherit them.
+    for name, value in (
+        ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5"),
+        ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5"),
+        ("RAY_metrics_report_interval_ms", "1000"),
     ):
-        os.environ.setdefault(name, "0.5")
-    # Ray's stock Serve transport, though local clusters of `scaledl serve` get the fast
-    # one by default: this tier passed on it too (38 tests, 2026-11-28), but took 12 min
-    # instead of 9. The system tier's demo runs the default.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        os.environ.setdefault(name, value)
+    # The transport users get: a local cluster of `scaledl serve` starts with it
+    # (serve.fast_transport, on by default), so the serving tests run on it too.
+    os.environ.update(FAST_TRANSPORT)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+    )
     yield
     ray.shutdown()
 
@@ -106,10 +118,13 @@ def test_rows(platform: Platform) -> tuple[np.ndarray, np.ndarray]:
     return frame[list(get_workload("digits").feature_columns)].to_numpy(), frame["label"].to_numpy()
 
 
-def redeploy(endpoint: Endpoint, platform: Platform, **serve: object) -> None:
-    """The same application on the same port, with some serve settings changed."""
+def redeploy(
+    endpoint: Endpoint, platform: Platform, keys_file: str | None = None, **serve: object
+) -> None:
+    """The same application on the same port, with some serve settings changed (and
+    ``keys_file``, the keys file its replicas read, if given)."""
     port = int(endpoint.base_url.rsplit(":", 1)[1])
     settings = load_settings(
         storage_root=platform.settings.storage_root, serve={"port": port, **serve}
     )
-    deploy(settings, "digits", [dev_key(KEY)])
+    deploy(settings, "digits", [dev_key(KEY)], keys_file=keys_file)

@@ -17,7 +17,8 @@ import pytest
 
 from app.registry import Registry
 from app.serving import Endpoint
-from tests.integration.conftest import AUTH, KEY, Platform, redeploy
+from serve_graphs.api.observe import VERSION_HEADER
+from tests.integration.conftest import AUTH, KEY, METRICS_PORT, Platform, redeploy
 
 
 def test_the_cascade_answers_the_test_split_accurately(
@@ -83,6 +84,65 @@ def test_request_id_is_echoed_and_errors_are_4xx(endpoint: Endpoint) -> None:
     assert (bad.status_code, bad.json()) == (400, {"error": "request body is not valid JSON"})
     assert httpx.get(f"{endpoint.base_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{endpoint.base_url}/docs").status_code == 200
+
+
+def requests_counted() -> Counter:
+    """``ray_scaledl_requests_total`` by (route, status, cascade_version), summed over
+    replicas, as Prometheus would scrape it from the node's metrics export."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "ray_scaledl_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = sample.labels
+                key = (labels["route"], labels["status"], labels["cascade_version"])
+                counts[key] += sample.value
+    return counts
+
+
+def test_the_metrics_export_counts_each_request_by_status_and_version_as_sent(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """What an error-rate alert or a rollout gate reads: Ray's export of the graph's
+    request counter agrees with what the client received, per status and version."""
+    x, _ = test_rows
+    deployed = Registry(platform.settings.tracking_uri).resolve("digits-cascade", "champion")
+    version = deployed.version
+    before = requests_counted()
+    sent: Counter = Counter()
+    with httpx.Client(timeout=30) as http:
+        for i, row in enumerate(x[:12]):
+            url = endpoint.predict_url
+            if i % 3 == 0:  # the same version, named explicitly
+                url = f"{endpoint.base_url}/v1/models/digits/versions/v{version}/predict"
+            resp = http.post(url, json={"instances": [row.tolist()]}, headers=AUTH)
+            sent[("/v1/predict", str(resp.status_code), resp.headers.get(VERSION_HEADER))] += 1
+        for _ in range(3):
+            resp = http.post(endpoint.predict_url, json={"instances": [[0] * 64]})
+            sent[("/v1/predict", str(resp.status_code), "none")] += 1
+        for _ in range(2):
+            resp = http.post(endpoint.predict_url, json={"instances": [[0] * 63]}, headers=AUTH)
+            sent[
+                ("/v1/predict", str(resp.status_code), resp.headers.get(VERSION_HEADER, "none"))
+            ] += 1
+    assert sent == {
+        ("/v1/predict", "200", version): 12,
+        ("/v1/predict", "401", "none"): 3,
+        ("/v1/predict", "400", "none"): 2,
+    }
+    deadline = time.monotonic() + 30
+    while True:  # the export lags by its report interval
+        counted = requests_counted()
+        delta = {k: counted[k] - before.get(k, 0) for k in counted}
+        delta = {k: v for k, v in delta.items() if v and k[0] == "/v1/predict"}
+        if delta == sent or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert delta == sent
 
 
 def test_an_escalated_request_id_is_in_the_log_of_every_deployment_it_touched(
@@ -278,6 +338,38 @@ def test_a_slow_expensive_tier_degrades_to_the_cheap_answer(
     degraded = [p for p in predictions if p["degraded"]]
     assert degraded and all(p["tier"] == "cheap" for p in degraded)
     assert not any(p["tier"] == "expensive" for p in predictions)
+
+
+def test_a_saturated_tier_sheds_at_once_with_a_json_503_never_a_504(
+    endpoint: Endpoint, test_rows, platform: Platform
+) -> None:  # noqa: ANN001
+    """Redeploys with one call in flight to the cheap tier and one row let wait behind
+    it: a burst is answered or shed at once (503 + Retry-After, a JSON reason), never
+    left to wait out the request timeout."""
+    import asyncio
+
+    redeploy(endpoint, platform, tier_calls_in_flight=1, tier_max_waiting_rows=1)
+    x, _ = test_rows
+
+    async def one(client: httpx.AsyncClient, row: np.ndarray) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        resp = await client.post(endpoint.predict_url, json={"instances": [row.tolist()]},
+                                 headers=AUTH)  # fmt: skip
+        return resp, time.perf_counter() - started
+
+    async def burst() -> list[tuple[httpx.Response, float]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(one(client, row) for row in x[:64]))
+
+    answers = asyncio.run(burst())
+    statuses = Counter(r.status_code for r, _ in answers)
+    shed = [(r, s) for r, s in answers if r.status_code == 503]
+    print(f"burst of 64 at one call in flight: {dict(statuses)}; slowest 503 "
+          f"{max((s for _, s in shed), default=0) * 1000:.0f} ms")  # fmt: skip
+    assert set(statuses) <= {200, 503} and shed, statuses
+    assert all(r.headers["retry-after"] == "1" for r, _ in shed)
+    assert any("cheap tier is at capacity" in r.json()["error"] for r, _ in shed)
+    assert max(s for _, s in shed) < 5  # at once: the request timeout is 10 s
 
 
 def test_overload_is_shed_with_503_and_retry_after_never_a_hang(

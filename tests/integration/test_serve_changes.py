@@ -159,6 +159,8 @@ def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
         assert resp.status_code == 200, resp.text
         return time.perf_counter() - started, resp.json()["predictions"]
 
+    ready = httpx.get(f"{endpoint.base_url}/v2/health/ready", timeout=10)
+    assert ready.status_code == 200, ready.text  # no replica, but one starts on demand
     cold, predictions = timed()
     assert any(p["tier"] == "expensive" for p in predictions)
     assert not any(p["degraded"] for p in predictions)
@@ -166,3 +168,43 @@ def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
     print(f"expensive tier from zero: cold {cold:.2f} s, warm {warm:.2f} s")
     assert expensive_replicas() == 1
     redeploy(endpoint, platform)  # one replica again, the default deadline
+
+
+def test_a_key_created_or_revoked_applies_to_the_running_ingress_under_load(
+    endpoint: Endpoint, test_rows, platform: Platform, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """Keys live in the keys file that every ingress replica re-reads when it changes:
+    a new key is accepted and a revoked one refused within seconds, while other clients
+    keep being answered by the same replica (its live report keeps counting)."""
+    from app.keys import create_key, revoke_key
+
+    keys_file = tmp_path / "api-keys.txt"
+    create_key(keys_file, "predict", "first")
+    redeploy(endpoint, platform, keys_file=str(keys_file))  # once: the app reads the file now
+    x, _ = test_rows
+    body = {"instances": [x[0].tolist()]}
+    cost_url = f"{endpoint.base_url}/v1/models/digits/cost"
+
+    def status_with(secret: str) -> int:
+        headers = {"Authorization": f"Bearer {secret}"}
+        return httpx.post(endpoint.predict_url, json=body, headers=headers, timeout=30).status_code
+
+    def within(seconds: float, secret: str, status: int) -> float:
+        started = time.monotonic()
+        while status_with(secret) != status and time.monotonic() < started + seconds:
+            time.sleep(0.2)
+        assert status_with(secret) == status
+        return time.monotonic() - started
+
+    with Load(endpoint, x) as load:
+        before = httpx.get(cost_url, headers=AUTH).json()
+        key, secret = create_key(keys_file, "predict", "new-client")
+        accepted = within(15, secret, 200)
+        revoke_key(keys_file, key.id)
+        refused = within(15, secret, 401)
+        after = httpx.get(cost_url, headers=AUTH).json()
+    print(f"new key accepted after {accepted:.1f} s, revoked key refused after {refused:.1f} s")
+    assert set(load.statuses) == {200}, Counter(load.statuses)
+    # The same ingress replica served throughout: its report since it started grew.
+    assert after["requests"] > before["requests"] and after["since_s"] >= before["since_s"]
+    redeploy(endpoint, platform)

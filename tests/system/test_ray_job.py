@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cli.reports import SAMPLE_DIGIT
 from app.registry import Registry
-from app.reports import SAMPLE_DIGIT
 from tests.conftest import free_port
 from tests.system.conftest import BIN, REPO, Head, clean_env
 

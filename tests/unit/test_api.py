@@ -1,4 +1,5 @@
-"""The HTTP surface without Ray: real models (untrained weights) behind the cascade."""
+"""The HTTP surface without Ray: real models (untrained weights) behind the graph's own
+cascade, wired as the deployments wire it (tests/unit/graph.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import torch
 from app.errors import ServiceUnavailable
 from app.keys import KeyRing, dev_key
 from app.model_artifact import LoadedModel, ModelMeta
+from app.sections import ServeConfig
 from app.workloads import get_workload
-from serve_graphs.api import build_api
-from serve_graphs.cascade import Cascade, TierAnswer, TierFn
-from serve_graphs.routing import Routing
+from serve_graphs.api.app import build_api
+from serve_graphs.decide.routing import Routing
+from serve_graphs.decide.tier import TierRunner
+from tests.unit.graph import Graph, graph
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -28,30 +31,53 @@ KEY = "s3cret-key-for-unit-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def local_tier(tier: str, calls: list[int]) -> TierFn:
+class Model:
+    """A loaded model that records the rows of each forward pass, and can fail or wait."""
+
+    def __init__(self, inner: object, calls: list[int], fail: Exception | None = None) -> None:
+        self.inner, self.calls, self.fail = inner, calls, fail
+        self.delay_s = 0.0
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        self.calls.append(len(rows))
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        return self.inner.predict_proba(rows)
+
+
+def local_tier(tier: str, calls: list[int], fail: Exception | None = None) -> TierRunner:
+    """A tier's model (untrained weights) as a tier replica runs it."""
     torch.manual_seed(0)
     model = LoadedModel(DIGITS.build_model(tier).eval(), ModelMeta("digits", tier, "v0"), DIGITS)
+    return TierRunner(Model(model, calls, fail), f"digits-{tier}/1")
 
-    async def predict(instances: np.ndarray) -> TierAnswer:
-        calls.append(len(instances))
-        return TierAnswer(model.predict_proba(instances), f"digits-{tier}/1")
 
-    return predict
+def digits_graph(
+    threshold: float, calls: dict[str, list[int]] | None = None, **kwargs: object
+) -> Graph:
+    calls = calls if calls is not None else {"cheap": [], "expensive": []}
+    return graph(
+        local_tier("cheap", calls["cheap"]),
+        local_tier("expensive", calls["expensive"]),
+        threshold=threshold,
+        **kwargs,
+    )
 
 
 def client(
     threshold: float, calls: dict[str, list[int]] | None = None, max_instances: int = 8
 ) -> TestClient:
-    calls = calls if calls is not None else {"cheap": [], "expensive": []}
-    cascade = Cascade(
-        local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), threshold
-    )
-    return TestClient(api_for(cascade, max_instances))
+    return TestClient(api_for(digits_graph(threshold, calls), max_instances))
 
 
-def api_for(cascade: Cascade, max_instances: int = 8, keys: KeyRing | None = None):  # noqa: ANN201
+def api_for(g: Graph, max_instances: int = 8, keys: KeyRing | None = None, **kwargs):  # noqa: ANN003, ANN201
     keys = keys or KeyRing([dev_key(KEY)])
-    return build_api(DIGITS, Routing.fixed(cascade, "3"), keys=keys, max_instances=max_instances)
+    routing = Routing.fixed(g.caller, g.caller.version)
+    return build_api(DIGITS, routing, keys=keys, max_instances=max_instances, **kwargs)
 
 
 def digit_images(n: int) -> list[list[list[int]]]:
@@ -118,6 +144,9 @@ BAD_BODIES = [
     ({"instances": [[True] * 64]}, 400, "True, which is not a number"),
     ({"instances": [[0] * 10 + [17] + [0] * 53]}, 400, "instance 0: px_10: in_range(0, 16)"),
     ({"instances": [[0] * 64] * 9}, 413, "9 instances in one request; the limit is 8"),
+    ({"instances": [[10**400] + [0] * 63]}, 400, "instance 0 holds a number too large"),
+    ({"instances": [[[10**400] + [0] * 7] + [[0] * 8] * 7]}, 400, "too large for a float64"),
+    ({"instances": [[0.5] * 63 + [-(10**309)]]}, 400, "too large for a float64"),
 ]
 
 
@@ -148,41 +177,45 @@ def test_unknown_model_is_404() -> None:
     assert "serves 'digits'" in resp.json()["error"]
 
 
-async def unavailable(instances: np.ndarray) -> TierAnswer:
-    raise ServiceUnavailable("the tier is at capacity: retry shortly")
-
-
 def test_when_the_cheap_tier_cannot_answer_the_request_is_a_503_with_retry_after() -> None:
-    cascade = Cascade(unavailable, local_tier("expensive", []), threshold=0.5)
-    resp = TestClient(api_for(cascade)).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
+    g = digits_graph(0.5)
+    g.cheap.runner.model.fail = ServiceUnavailable("the tier is at capacity: retry shortly")
+    resp = TestClient(api_for(g)).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 503
     assert resp.headers["retry-after"] == "1"
     assert resp.json() == {"error": "the tier is at capacity: retry shortly"}
 
 
 def test_when_the_expensive_tier_cannot_answer_the_cheap_answer_returns_degraded() -> None:
-    degraded: list[tuple[int, str]] = []
-    cascade = Cascade(
-        local_tier("cheap", []),
-        unavailable,
-        threshold=1.01,  # always escalate
-        on_degraded=lambda n, reason: degraded.append((n, reason)),
+    g = digits_graph(1.01)  # always escalate
+    g.expensive.runner.model.fail = ServiceUnavailable("the expensive tier is away")
+    seen = Recorder()
+    resp = TestClient(api_for(g, observer=seen)).post(
+        URL, json={"instances": digit_images(2)}, headers=AUTH
     )
-    resp = TestClient(api_for(cascade)).post(URL, json={"instances": digit_images(2)}, headers=AUTH)
     assert resp.status_code == 200
     assert [(p["tier"], p["degraded"]) for p in resp.json()["predictions"]] == [
         ("cheap", True),
         ("cheap", True),
     ]
-    assert degraded == [(2, "unavailable")]
+    assert seen.degraded_rows == [(2, "unavailable")]
+
+
+def test_a_bug_in_the_expensive_tier_degrades_with_reason_error_and_is_not_retried() -> None:
+    calls: dict[str, list[int]] = {"cheap": [], "expensive": []}
+    g = digits_graph(1.01, calls)
+    g.expensive.runner.model.fail = ValueError("a bug in the expensive model")
+    seen = Recorder()
+    resp = TestClient(api_for(g, observer=seen)).post(
+        URL, json={"instances": digit_images(2)}, headers=AUTH
+    )
+    assert resp.status_code == 200 and all(p["degraded"] for p in resp.json()["predictions"])
+    assert seen.degraded_rows == [(2, "error")]
+    assert calls["expensive"] == [2]  # one forward pass: a bug is not retried
 
 
 def test_a_body_over_the_limit_is_a_413_announced_or_streamed() -> None:
-    cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.0)
-    api = build_api(
-        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY)]), max_instances=8,
-        max_body_bytes=1024,
-    )  # fmt: skip
+    api = api_for(digits_graph(0.0), max_body_bytes=1024)
     big = {"instances": digit_images(8)}  # about 1.8 KB of JSON
     resp = TestClient(api).post(URL, json=big, headers=AUTH)
     assert resp.status_code == 413 and "serve.max_body_bytes" in resp.json()["error"]
@@ -202,14 +235,9 @@ def test_a_body_over_the_limit_is_a_413_announced_or_streamed() -> None:
 
 
 def test_a_prediction_past_the_timeout_is_a_504() -> None:
-    async def slow(instances: np.ndarray) -> TierAnswer:
-        await asyncio.sleep(5)
-        raise AssertionError("not reached")
-
-    api = build_api(
-        DIGITS, Routing.fixed(Cascade(slow, slow, 0.0), "3"), keys=KeyRing([dev_key(KEY)]),
-        max_instances=8, request_timeout_s=0.2,
-    )  # fmt: skip
+    g = digits_graph(0.0, cfg=ServeConfig(request_timeout_s=0.2))
+    g.cheap.runner.model.delay_s = 1.0
+    api = api_for(g, request_timeout_s=0.2)
     resp = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 504 and "serve.request_timeout_s" in resp.json()["error"]
 
@@ -218,6 +246,8 @@ class Recorder:
     def __init__(self) -> None:
         self.requests: list[tuple[str, int]] = []
         self.answered: list[tuple[str, str, bool]] = []
+        self.degraded_rows: list[tuple[int, str]] = []
+        self.dropped: list[tuple[str, str, int]] = []
 
     def request(self, route: str, status: int, seconds: float, version: str) -> None:
         assert seconds >= 0
@@ -229,18 +259,19 @@ class Recorder:
     def shadow(self, *args) -> None:  # noqa: ANN002
         raise AssertionError("no shadow is routed here")
 
+    def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
+        self.dropped.append((primary, shadow, n))
+
+    def degraded(self, n: int, reason: str) -> None:
+        self.degraded_rows.append((n, reason))
+
 
 def test_every_request_and_answer_reaches_the_observer_by_route_and_version() -> None:
     seen = Recorder()
-    cascade = Cascade(local_tier("cheap", []), local_tier("expensive", []), 0.9999)
-    api = build_api(
-        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY)]), max_instances=8,
-        observer=seen,
-    )  # fmt: skip
-    http = TestClient(api)
+    http = TestClient(api_for(digits_graph(0.9999), observer=seen))
     assert http.post(URL, json={"instances": digit_images(2)}, headers=AUTH).status_code == 200
     assert http.post(URL, json={"instances": digit_images(1)}).status_code == 401
-    assert http.get("/v2/models/digits/versions/3/ready").status_code == 200
+    assert http.get("/v2/models/digits/versions/v3/ready").status_code == 200
     assert http.get("/no/such/path/42").status_code == 404
     assert seen.requests == [
         ("/v1/predict", 200, "3"),
@@ -251,38 +282,26 @@ def test_every_request_and_answer_reaches_the_observer_by_route_and_version() ->
     assert seen.answered == [("expensive", "digits-expensive/1", False)] * 2
 
 
-def test_a_bug_is_a_json_500_and_a_wrong_method_keeps_its_allow_header() -> None:
-    async def broken(instances: np.ndarray) -> TierAnswer:
-        raise ValueError("a bug in a tier")
-
-    api = build_api(
-        DIGITS, Routing.fixed(Cascade(broken, broken, 0.0), "3"), keys=KeyRing([dev_key(KEY)]),
-        max_instances=8,
-    )  # fmt: skip
-    http = TestClient(api, raise_server_exceptions=False)
+def test_a_bug_in_the_cheap_tier_is_a_json_500_counted_as_such_and_not_retried() -> None:
+    calls: dict[str, list[int]] = {"cheap": [], "expensive": []}
+    g = digits_graph(0.0, calls)
+    g.cheap.runner.model.fail = ValueError("a bug in a tier")
+    seen = Recorder()
+    http = TestClient(api_for(g, observer=seen), raise_server_exceptions=False)
     resp = http.post(URL, json={"instances": digit_images(1)}, headers=AUTH)
-    assert resp.status_code == 500 and resp.json() == {
-        "error": "internal error; it is logged with this request's id"
-    }
+    assert resp.status_code == 500
+    assert "the cheap tier failed on this request (ValueError)" in resp.json()["error"]
+    assert calls["cheap"] == [1]  # not retried as if the replica had died
+    assert seen.requests == [("/v1/predict", 500, "3")]
     wrong = http.delete(URL, headers=AUTH)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
 
 def test_the_cost_report_is_admin_only_and_counts_live_traffic() -> None:
     from app.keys import ApiKey, key_sha256
-    from serve_graphs.observe import CostMeter
 
-    costs = CostMeter()
-    cascade = Cascade(
-        local_tier("cheap", []), local_tier("expensive", []), 0.9999,
-        on_tier_call=costs.tier_call,
-    )  # fmt: skip
     reader = ApiKey(id="app", scope="predict", sha256=key_sha256("predict-only-key-123"))
-    api = build_api(
-        DIGITS, Routing.fixed(cascade, "3"), keys=KeyRing([dev_key(KEY), reader]),
-        max_instances=8, costs=costs,
-    )  # fmt: skip
-    http = TestClient(api)
+    http = TestClient(api_for(digits_graph(0.9999), keys=KeyRing([dev_key(KEY), reader])))
     for n in (1, 3):
         assert http.post(URL, json={"instances": digit_images(n)}, headers=AUTH).status_code == 200
     url = "/v1/models/digits/cost"
@@ -296,3 +315,92 @@ def test_the_cost_report_is_admin_only_and_counts_live_traffic() -> None:
     assert report["compute_ms_per_request"] == pytest.approx(
         2 * (report["cheap_ms_per_instance"] + report["expensive_ms_per_instance"])
     )
+
+
+def test_a_request_the_client_abandons_counts_as_499_not_500() -> None:
+    """Serve cancels a request whose client has gone (wrk closing its connections, a
+    browser tab closed): no client saw a 500, so none is counted."""
+    from serve_graphs.api.observe import RequestMetrics
+
+    seen = Recorder()
+    started = asyncio.Event()
+
+    async def slow_app(scope, receive, send) -> None:  # noqa: ANN001
+        started.set()
+        await asyncio.sleep(60)
+
+    async def abandon() -> None:
+        middleware = RequestMetrics(slow_app, seen)
+        scope = {"type": "http", "path": "/v1/models/digits/predict", "state": {}}
+        task = asyncio.create_task(middleware(scope, None, None))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(abandon())
+    assert seen.requests == [("/v1/predict", 499, "none")]
+
+
+def test_a_key_over_its_rate_limit_gets_a_429_with_retry_after_and_others_go_on() -> None:
+    from app.keys import ApiKey, key_sha256
+    from app.sections import RateLimit
+    from serve_graphs.api.limits import RateLimiter
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    other = ApiKey(id="other", scope="predict", sha256=key_sha256("another-key-for-tests"))
+    limits = RateLimiter({"predict": RateLimit(per_s=0.5, burst=2)}, clock=clock)
+    http = TestClient(
+        api_for(digits_graph(0.0), keys=KeyRing([dev_key(KEY), other]), limits=limits)
+    )
+    body = {"instances": digit_images(1)}
+    assert [http.post(URL, json=body, headers=AUTH).status_code for _ in range(2)] == [200, 200]
+    resp = http.post(URL, json=body, headers=AUTH)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "2"
+    assert "over its rate limit of 0.5 requests/s (burst 2)" in resp.json()["error"]
+    other_auth = {"Authorization": "Bearer another-key-for-tests"}
+    assert http.post(URL, json=body, headers=other_auth).status_code == 200  # its own bucket
+    clock.now += 2  # one token back
+    assert http.post(URL, json=body, headers=AUTH).status_code == 200
+    assert http.post(URL, json=body, headers=AUTH).status_code == 429
+
+
+def test_readiness_is_a_503_with_the_reason_until_the_tiers_run() -> None:
+    from serve_graphs.decide.readiness import Readiness
+
+    replicas = {"cheap": 1, "expensive": 0}
+    cold = set()
+    readiness = Readiness(replicas, lambda: cold)
+    http = TestClient(api_for(digits_graph(0.5), readiness=readiness))
+    for path in (
+        "/v2/health/ready",
+        "/v2/models/digits/ready",
+        "/v2/models/digits/versions/v3/ready",
+    ):
+        resp = http.get(path)
+        assert resp.status_code == 503, path
+        assert resp.json()["ready"] is False
+        assert "the expensive tier has no running replica" in resp.json()["error"]
+    cold.add("expensive")  # min_replicas 0: the first request starts one
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    cold.clear()
+    replicas["expensive"] = 1
+    assert http.get("/v2/models/digits/versions/3/ready").json() == {
+        "name": "digits",
+        "ready": True,
+    }
+    readiness.loading("7")  # a routed version, loading: only it is not ready
+    readiness.loaded("7", "ModelNotFound")
+    assert readiness.reason(["3", "7"], "3") == "version 7's models failed to load: ModelNotFound"
+    assert readiness.reason(["3"], "3") is None
+
+
+def test_the_cost_report_counts_degraded_answers_as_escalated() -> None:
+    g = digits_graph(1.01)  # everything escalates
+    g.expensive.runner.model.fail = ServiceUnavailable("the expensive tier is away")
+    http = TestClient(api_for(g))
+    assert http.post(URL, json={"instances": digit_images(2)}, headers=AUTH).status_code == 200
+    report = http.get("/v1/models/digits/cost", headers=AUTH).json()
+    assert report["escalated_share"] == report["degraded_share"] == 1.0
+    assert report["expensive_share"] == 0.0

@@ -16,9 +16,11 @@ from app.model_artifact import LoadedModel, ModelMeta
 from app.workloads import get_workload
 from data.features import fit_preprocessor
 from data.generate import transactions_frame
-from serve_graphs.api import build_api
-from serve_graphs.cascade import Cascade, Instances, TierAnswer, TierFn
-from serve_graphs.routing import Routing
+from serve_graphs.api.app import build_api
+from serve_graphs.decide.cascade import Instances
+from serve_graphs.decide.routing import Routing
+from serve_graphs.decide.tier import TierRunner
+from tests.unit.graph import graph
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -38,27 +40,41 @@ PREPROCESSOR = fit_preprocessor(
 BOUND = get_workload("transactions", PREPROCESSOR)
 
 
-def local_tier(tier: str, seen: list[Instances]) -> TierFn:
+class Seen:
+    """A loaded model that records the rows of each forward pass it runs."""
+
+    def __init__(self, model: LoadedModel, seen: list[Instances]) -> None:
+        self.model, self.seen = model, seen
+
+    def predict_proba(self, rows: Instances):  # noqa: ANN201
+        self.seen.append(rows)
+        return self.model.predict_proba(rows)
+
+
+def local_tier(tier: str, seen: list[Instances]) -> TierRunner:
     torch.manual_seed(0)
     model = LoadedModel(
         BOUND.build_model(tier).eval(), ModelMeta("transactions", tier, "v0"), BOUND
     )
+    return TierRunner(Seen(model, seen), f"transactions-{tier}/1")
 
-    async def predict(instances: Instances) -> TierAnswer:
-        seen.append(instances)
-        return TierAnswer(model.predict_proba(instances), f"transactions-{tier}/1")
 
-    return predict
+def records_client(threshold: float, calls: dict[str, list]) -> TestClient:
+    """The graph (tests/unit/graph.py) serving cascade version 2 of transactions."""
+    g = graph(
+        local_tier("cheap", calls["cheap"]),
+        local_tier("expensive", calls["expensive"]),
+        version="2",
+        threshold=threshold,
+    )
+    routing = Routing.fixed(g.caller, "2")
+    return TestClient(build_api(TX, routing, keys=KeyRing([dev_key(KEY)]), max_instances=8))
 
 
 @pytest.fixture
 def client_and_calls() -> tuple[TestClient, dict[str, list]]:
     calls: dict[str, list] = {"cheap": [], "expensive": []}
-    cascade = Cascade(
-        local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), 0.0
-    )
-    api = build_api(TX, Routing.fixed(cascade, "2"), keys=KeyRing([dev_key(KEY)]), max_instances=8)
-    return TestClient(api), calls
+    return records_client(0.0, calls), calls
 
 
 def records(n: int) -> list[dict]:
@@ -148,11 +164,7 @@ def test_serving_applies_the_same_features_as_training() -> None:
 
 def test_unsure_records_escalate_as_a_frame_of_just_those_rows() -> None:
     calls: dict[str, list] = {"cheap": [], "expensive": []}
-    cascade = Cascade(
-        local_tier("cheap", calls["cheap"]), local_tier("expensive", calls["expensive"]), 1.01
-    )
-    api = build_api(TX, Routing.fixed(cascade, "2"), keys=KeyRing([dev_key(KEY)]), max_instances=8)
-    resp = TestClient(api).post(URL, json={"instances": records(3)}, headers=AUTH)
+    resp = records_client(1.01, calls).post(URL, json={"instances": records(3)}, headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert [p["tier"] for p in resp.json()["predictions"]] == ["expensive"] * 3
     escalated = calls["expensive"][0]
@@ -160,8 +172,6 @@ def test_unsure_records_escalate_as_a_frame_of_just_those_rows() -> None:
 
 
 def test_a_tier_batches_several_requests_frames_into_one_pass() -> None:
-    from serve_graphs.tier_model import TierRunner
-
     torch.manual_seed(0)
     model = LoadedModel(
         BOUND.build_model("cheap").eval(), ModelMeta("transactions", "cheap", "v"), BOUND

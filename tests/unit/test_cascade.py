@@ -1,4 +1,6 @@
-"""The cascade's protection of the expensive tier: timeout and circuit breaker (no Ray)."""
+"""The cascade the cheap tier runs, and its protection of the expensive tier: the
+decision, the timeout and the circuit breaker (no Ray: the tiers are async functions,
+the expensive one behind the same coalesced caller the cheap tier uses)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,56 @@ import asyncio
 
 import numpy as np
 
-from app.errors import ServiceUnavailable
-from serve_graphs.cascade import Cascade, CircuitBreaker, TierAnswer
+from app.errors import Overloaded, ServiceUnavailable, TierError
+from serve_graphs.decide.breaker import CircuitBreaker
+from serve_graphs.decide.cascade import Cascade, CascadeRoute, TierAnswer
+from serve_graphs.decide.coalesce import Coalescer
 from tests.conftest import FakeClock
 
-UNSURE = np.array([[0.6, 0.4]])  # below any threshold we use: always escalates
+DEPLOYED = CascadeRoute("3", None, None, threshold=0.7, thresholds={"digits-cheap/1": 0.7})
+
+
+class Tiers:
+    """A cheap tier sure of a row (0.9) when its first feature is 1, unsure (0.6)
+    otherwise, per model id; an expensive tier that answers label 1 at 0.99, or fails
+    with ``fail``, or takes ``delay_s``."""
+
+    def __init__(self, fail: Exception | None = None, delay_s: float = 0.0) -> None:
+        self.cheap_calls: list[tuple[int, str | None]] = []
+        self.expensive_calls: list[tuple[int, str | None]] = []
+        self.fail, self.delay_s = fail, delay_s
+
+    async def cheap(self, rows: np.ndarray, model_id: str | None) -> TierAnswer:
+        self.cheap_calls.append((len(rows), model_id))
+        sure = rows[:, 0] == 1
+        probs = np.where(sure[:, None], [[0.9, 0.1]], [[0.6, 0.4]])
+        return TierAnswer(probs, model_id or "digits-cheap/1")
+
+    def expensive(self, model_id: str | None, timeout_s: float = 5.0) -> Coalescer:
+        async def call(rows: np.ndarray) -> TierAnswer:
+            self.expensive_calls.append((len(rows), model_id))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if self.fail is not None:
+                raise self.fail
+            return TierAnswer(np.tile([[0.01, 0.99]], (len(rows), 1)), model_id or "digits-exp/1")
+
+        return Coalescer(
+            call, max_in_flight=1, max_rows=64, max_waiting_rows=64, timeout_s=timeout_s
+        )
+
+    def cascade(self, timeout_s: float = 5.0, failures: int = 2, clock=None) -> Cascade:  # noqa: ANN001
+        return Cascade(
+            self.cheap,
+            lambda model_id: self.expensive(model_id, timeout_s),
+            breaker_failures=failures,
+            breaker_reset_s=60,
+            **({"clock": clock} if clock else {}),
+        )
+
+
+def rows(*first: int) -> np.ndarray:
+    return np.array([[f, 0.0] for f in first])
 
 
 def test_the_breaker_opens_after_failures_lets_one_trial_through_and_closes_on_success() -> None:
@@ -31,103 +78,117 @@ def test_the_breaker_opens_after_failures_lets_one_trial_through_and_closes_on_s
     assert (breaker.state, breaker.failures) == ("closed", 0)
 
 
-def cascade_with(expensive, **kwargs) -> tuple[Cascade, list[tuple[int, str]], list[int]]:  # noqa: ANN001
-    cheap_calls: list[int] = []
-    degraded: list[tuple[int, str]] = []
+def test_one_shared_call_counts_once_however_its_failures_interleave() -> None:
+    breaker = CircuitBreaker(failures_to_open=3, reset_after_s=10)
+    a, b = object(), object()
+    for call in (a, b, a, b, a):  # two calls' requests failing in turn
+        breaker.record_failure(call)
+    assert (breaker.failures, breaker.state) == (2, "closed")
 
-    async def cheap(x: np.ndarray) -> TierAnswer:
-        cheap_calls.append(len(x))
-        return TierAnswer(np.repeat(UNSURE, len(x), axis=0), "digits-cheap/1")
 
-    cascade = Cascade(
-        cheap, expensive, 0.9, on_degraded=lambda n, r: degraded.append((n, r)), **kwargs
-    )
-    return cascade, degraded, cheap_calls
+def test_the_cheap_tier_escalates_only_the_rows_it_is_unsure_of() -> None:
+    tiers = Tiers()
+    answer = asyncio.run(tiers.cascade()(rows(1, 0, 1, 0), DEPLOYED))
+    assert [(p.tier, p.label) for p in answer.predictions] == [
+        ("cheap", 0),
+        ("expensive", 1),
+        ("cheap", 0),
+        ("expensive", 1),
+    ]
+    assert [p.model_version for p in answer.predictions][:2] == ["digits-cheap/1", "digits-exp/1"]
+    assert tiers.expensive_calls == [(2, None)]  # the unsure two, in one call
+    assert answer.escalated() == 2 and answer.cheap_seconds > 0
+
+
+def test_a_routed_cascade_runs_its_own_models_and_threshold() -> None:
+    tiers = Tiers()
+    route = CascadeRoute("7", "digits-cheap/4", "digits-exp/5", threshold=0.95)
+    answer = asyncio.run(tiers.cascade()(rows(1, 0), route))
+    assert tiers.cheap_calls == [(2, "digits-cheap/4")]
+    assert tiers.expensive_calls == [(2, "digits-exp/5")]  # 0.9 is unsure at 0.95
+    assert {p.model_version for p in answer.predictions} == {"digits-exp/5"}
+
+
+def test_answers_of_a_swapped_out_cheap_version_are_judged_by_its_own_threshold() -> None:
+    """A new cascade reaches the ingress and the cheap tier's replicas at different
+    moments; an answer of the outgoing version keeps the threshold calibrated for it."""
+    tiers = Tiers()
+    swap = CascadeRoute("4", None, None, 0.5, {"digits-cheap/1": 0.95, "digits-cheap/2": 0.5})
+    asyncio.run(tiers.cascade()(rows(1), swap))
+    assert tiers.expensive_calls == [(1, None)]  # digits-cheap/1 answered: 0.9 < 0.95
 
 
 def test_a_slow_expensive_tier_times_out_into_a_degraded_answer() -> None:
-    async def slow(x: np.ndarray) -> TierAnswer:
-        await asyncio.sleep(5)
-        raise AssertionError("never reached")
-
-    cascade, degraded, _ = cascade_with(slow, expensive_timeout_s=0.05)
-    (answer,) = asyncio.run(cascade.predict(np.zeros((1, 2))))
-    assert (answer.tier, answer.degraded, answer.label) == ("cheap", True, 0)
-    assert degraded == [(1, "timeout")]
+    tiers = Tiers(delay_s=5)
+    answer = asyncio.run(tiers.cascade(timeout_s=0.05)(rows(0), DEPLOYED))
+    (p,) = answer.predictions
+    assert (p.tier, p.degraded, p.label, answer.degraded_reason) == ("cheap", True, 0, "timeout")
 
 
-def test_an_open_breaker_stops_calling_the_failing_tier() -> None:
-    calls: list[int] = []
+def test_a_failing_expensive_tier_degrades_and_its_breaker_opens_per_version() -> None:
+    tiers = Tiers(fail=ServiceUnavailable("the expensive tier could not answer"))
+    cascade = tiers.cascade()
 
-    async def failing(x: np.ndarray) -> TierAnswer:
-        calls.append(len(x))
-        raise ServiceUnavailable("the expensive tier could not answer")
+    async def four() -> list:
+        return [await cascade(rows(0), DEPLOYED) for _ in range(4)]
 
-    breaker = CircuitBreaker(failures_to_open=3, reset_after_s=60)
-    cascade, degraded, _ = cascade_with(failing, breaker=breaker)
-    for _ in range(5):
-        asyncio.run(cascade.predict(np.zeros((1, 2))))
-    assert len(calls) == 3  # the 4th and 5th requests never reached it
-    assert [r for _, r in degraded] == ["unavailable"] * 3 + ["breaker_open"] * 2
+    answers = asyncio.run(four())
+    assert all(a.predictions[0].degraded and a.predictions[0].tier == "cheap" for a in answers)
+    assert [a.degraded_reason for a in answers] == ["unavailable"] * 2 + ["breaker_open"] * 2
+    assert len(tiers.expensive_calls) == 2  # open after two failures: no more calls
+    assert cascade.breakers["3"].state == "open"
+    challenger = CascadeRoute("7", "digits-cheap/4", "digits-exp/5", threshold=0.7)
+    answer = asyncio.run(cascade(rows(0), challenger))
+    assert answer.degraded_reason == "unavailable"  # tried: its breaker is its own
+    assert tiers.expensive_calls[-1] == (1, "digits-exp/5")
+    # The next deployed version starts with a closed breaker of its own.
+    promoted = CascadeRoute("4", None, None, threshold=0.7)
+    assert asyncio.run(cascade(rows(0), promoted)).degraded_reason == "unavailable"
+
+
+def test_a_bug_in_the_expensive_tier_degrades_with_reason_error() -> None:
+    tiers = Tiers(fail=TierError("the expensive tier failed on this request (ValueError)"))
+    answer = asyncio.run(tiers.cascade()(rows(0, 1), DEPLOYED))
+    assert answer.degraded_reason == "error"
+    assert [p.degraded for p in answer.predictions] == [True, False]
+
+
+def test_a_shedding_expensive_tier_degrades_but_is_no_breaker_failure() -> None:
+    tiers = Tiers(fail=Overloaded("the expensive tier is at capacity: retry shortly"))
+    cascade = tiers.cascade(failures=1)
+    for _ in range(3):
+        assert asyncio.run(cascade(rows(0), DEPLOYED)).degraded_reason == "overloaded"
+    assert cascade.breakers["3"].state == "closed" and len(tiers.expensive_calls) == 3
+
+
+def test_one_slow_call_carrying_five_requests_is_one_breaker_failure() -> None:
+    tiers = Tiers(delay_s=5)
+    cascade = tiers.cascade(timeout_s=0.1, failures=2)
+
+    async def five_at_once() -> list:
+        return await asyncio.gather(*(cascade(rows(0), DEPLOYED) for _ in range(5)))
+
+    answers = asyncio.run(five_at_once())
+    assert {a.degraded_reason for a in answers} == {"timeout"}
+    # The first request's call went alone; the four behind it waited on it and then
+    # timed out, blamed on it: one call, one failure.
+    assert cascade.breakers["3"].failures == 1 and cascade.breakers["3"].state == "closed"
 
 
 def test_a_cancelled_trial_call_does_not_leave_the_breaker_stuck_open() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker(failures_to_open=1, reset_after_s=10, clock=clock)
-    started = asyncio.Event()
-
-    async def hanging(x: np.ndarray) -> TierAnswer:
-        started.set()
-        await asyncio.sleep(60)
-        raise AssertionError("never reached")
-
-    cascade, _, _ = cascade_with(hanging, breaker=breaker, expensive_timeout_s=30)
+    tiers = Tiers(delay_s=60)
+    cascade = tiers.cascade(timeout_s=30, failures=1, clock=clock)
+    breaker = cascade.breakers.setdefault("3", cascade.new_breaker())
     breaker.record_failure()  # open
-    clock.now = 10  # half-open: the next call is the trial
+    clock.now = 60  # half-open: the next call is the trial
 
     async def cancel_the_trial() -> None:
-        task = asyncio.create_task(cascade.predict(np.zeros((1, 2))))
-        await started.wait()
+        task = asyncio.create_task(cascade(rows(0), DEPLOYED))
+        while not tiers.expensive_calls:
+            await asyncio.sleep(0.01)
         task.cancel()  # the client went away mid-trial
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(cancel_the_trial())
     assert breaker.state == "half-open" and breaker.allow()  # the next request may try
-
-
-def test_during_a_swap_each_cheap_version_is_judged_by_its_own_threshold() -> None:
-    """A new cascade reaches the ingress and the cheap tier's replicas at different
-    moments; an answer of the outgoing version keeps the threshold calibrated for it."""
-    answering = {"version": "digits-cheap/1"}
-
-    async def cheap(instances: np.ndarray) -> TierAnswer:
-        return TierAnswer(np.array([[0.7, 0.3]]), answering["version"])
-
-    async def expensive(instances: np.ndarray) -> TierAnswer:
-        return TierAnswer(np.array([[0.1, 0.9]]), "digits-expensive/1")
-
-    cascade = Cascade(cheap, expensive, threshold=1.0)
-    cascade.calibrated("digits-cheap/1", 0.6)  # 0.7 is sure enough for version 1
-    cascade.calibrated("digits-cheap/2", 0.8)  # not for version 2
-    tier = lambda: asyncio.run(cascade.predict(np.zeros((1, 4))))[0].tier  # noqa: E731
-    assert tier() == "cheap"  # version 1 still answers: its own threshold
-    answering["version"] = "digits-cheap/2"
-    assert tier() == "expensive"
-    cascade.calibrated("digits-cheap/3", 0.5)  # only the last two versions are kept
-    assert set(cascade.thresholds) == {"digits-cheap/2", "digits-cheap/3"}
-
-
-def test_a_shared_calls_time_is_charged_to_the_cost_not_the_wait() -> None:
-    """A tier answer that carries its rows' share of a coalesced call's time is what the
-    cost report gets; an answer without one is charged the whole wait."""
-
-    async def expensive(x: np.ndarray) -> TierAnswer:
-        await asyncio.sleep(0.05)  # waited for a slot and the call: not this row's cost
-        return TierAnswer(np.array([[0.1, 0.9]] * len(x)), "digits-expensive/1", seconds=0.002)
-
-    calls: list[tuple[str, int, float]] = []
-    cascade, _, _ = cascade_with(expensive, on_tier_call=lambda *c: calls.append(c))
-    asyncio.run(cascade.predict(np.zeros((1, 2))))
-    (cheap_tier, cheap_rows, cheap_s), (tier, rows, seconds) = calls
-    assert (cheap_tier, cheap_rows, tier, rows, seconds) == ("cheap", 1, "expensive", 1, 0.002)
-    assert 0 <= cheap_s < 0.05  # no share given: the whole (short) wait

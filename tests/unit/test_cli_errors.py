@@ -126,3 +126,18 @@ def test_keys_create_prints_the_key_once_and_stores_its_hash(tmp_path: Path) -> 
     assert "web" in listed.stdout and secret not in listed.stdout
     wrong = scaledl("keys", "create", "--scope", "root", cwd=tmp_path)
     assert wrong.returncode == 2 and "unknown scope 'root'" in wrong.stderr
+
+
+def test_keys_revoke_removes_the_key_and_names_the_ids_for_an_unknown_one(tmp_path: Path) -> None:
+    for key_id in ("web", "ops"):
+        created = scaledl("keys", "create", "--scope", "predict", "--id", key_id, cwd=tmp_path)
+        assert created.returncode == 0, created.stderr
+    revoked = scaledl("keys", "revoke", "web", cwd=tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "key web (predict) revoked" in revoked.stdout
+    stored = (tmp_path / ".scaledl" / "api-keys.txt").read_text()
+    assert [line.split()[0] for line in stored.splitlines()] == ["ops"]
+    unknown = scaledl("keys", "revoke", "web", cwd=tmp_path)
+    assert unknown.returncode == 2, unknown.stderr
+    assert unknown.stderr.startswith("error: ") and "(its keys: ops)" in unknown.stderr
+    assert "scaledl keys list" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from app.keys import KeyRing, create_key, read_keys_file
-from serve_graphs.cascade import Cascade
 from tests.conftest import free_port
-from tests.unit.test_api import AUTH, KEY, TestClient, api_for, digit_images, local_tier
+from tests.unit.graph import Graph
+from tests.unit.test_api import AUTH, KEY, TestClient, api_for, digit_images, digits_graph
 
 INFER = "/v2/models/digits/infer"
 
 
-def cascade() -> Cascade:
-    return Cascade(local_tier("cheap", []), local_tier("expensive", []), threshold=0.5)
+def cascade() -> Graph:
+    return digits_graph(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,17 @@ import pytest
 
 from app.errors import NotFound, ServiceUnavailable
 from app.keys import KeyRing, dev_key
-from serve_graphs.api import build_api
-from serve_graphs.cascade import Cascade, TierAnswer, Variant
-from serve_graphs.routing import (
+from serve_graphs.api.app import build_api
+from serve_graphs.decide.cascade import RoutedCascade
+from serve_graphs.decide.routing import (
     MemoryRouteStore,
     RouteSpec,
     RouteTable,
     Routing,
     user_bucket,
 )
+from serve_graphs.decide.tier import TierRunner
+from tests.unit.graph import Graph, graph
 from tests.unit.test_api import AUTH, DIGITS, KEY, digit_images
 
 with warnings.catch_warnings():
@@ -38,48 +40,55 @@ READER = "reader-key-for-unit-tests"
 DEPLOYED = "3"
 
 
-def sure_of(label: int, version: str, calls: list[str] | None = None, delay_s: float = 0):  # noqa: ANN201
-    """A tier that answers ``label`` with confidence 0.9 for every instance."""
+class Sure:
+    """A model that answers ``label`` with confidence 0.9 for every row, and records the
+    version that answered each row."""
 
-    async def tier(instances: np.ndarray) -> TierAnswer:
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        if calls is not None:
-            calls.append(version)
-        probs = np.full((len(instances), 10), 0.1 / 9)
-        probs[:, label] = 0.9
-        return TierAnswer(probs, version)
+    def __init__(self, label: int, version: str, calls: list[str], broken: set[str]) -> None:
+        self.label, self.version, self.calls, self.broken = label, version, calls, broken
 
-    return tier
-
-
-def failing(version: str):  # noqa: ANN201
-    async def tier(instances: np.ndarray) -> TierAnswer:
-        raise ServiceUnavailable(f"{version} cannot answer")
-
-    return tier
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        if self.version in self.broken:
+            raise ServiceUnavailable(f"{self.version} cannot answer")
+        self.calls.extend([self.version] * len(rows))
+        probs = np.full((len(rows), 10), 0.1 / 9)
+        probs[:, self.label] = 0.9
+        return probs
 
 
 class Registry:
     """Cascade versions 3 (deployed, label 3), 4 (label 4) and 7 (label 7); aliases
-    champion -> 3 and challenger -> 4."""
+    champion -> 3 and challenger -> 4. Each version's cheap model answers its label; the
+    expensive tier is never needed (0.9 clears every threshold here)."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self.shadow_delay_s = 0.0
-        self.broken: set[str] = set()
+        self.broken: set[str] = set()  # cheap versions whose model fails
 
-    def resolve(self, ref: str) -> tuple[str, Variant]:
-        version = {"champion": "3", "challenger": "4"}.get(ref, ref)  # as the registry: no v7
-        if version not in ("3", "4", "7"):
-            raise NotFound(f"no calibrated cascade {ref!r} for digits")
-        delay = self.shadow_delay_s if version == "7" else 0
-        cheap = (
-            failing(f"digits-cheap/{version}")
-            if version in self.broken
-            else sure_of(int(version), f"digits-cheap/{version}", self.calls, delay)
+    def runner(self, version: str) -> TierRunner:
+        name = f"digits-cheap/{version}"
+        return TierRunner(Sure(int(version), name, self.calls, self.broken), name)
+
+    def graph(self) -> Graph:
+        return graph(
+            self.runner(DEPLOYED),
+            TierRunner(Sure(0, "digits-expensive/1", [], set()), "digits-expensive/1"),
+            version=DEPLOYED,
+            cheap_routed={f"digits-cheap/{v}": self.runner(v) for v in ("4", "7")},
         )
-        return version, Variant(version, cheap, failing("expensive"), threshold=0.5)
+
+    def resolver(self, g: Graph):  # noqa: ANN201 - Routing's resolve, bound to graph g
+        def resolve(ref: str) -> tuple[str, RoutedCascade]:
+            version = {"champion": "3", "challenger": "4"}.get(ref, ref)  # no v7 here
+            if version not in ("3", "4", "7"):
+                raise NotFound(f"no calibrated cascade {ref!r} for digits")
+            cheap = f"digits-cheap/{version}"
+            return version, g.route_to(version, cheap, "digits-expensive/1", 0.5)
+
+        return resolve
+
+    def broken_version(self, version: str) -> None:
+        self.broken.add(f"digits-cheap/{version}")
 
 
 @pytest.fixture
@@ -87,15 +96,35 @@ def registry() -> Registry:
     return Registry()
 
 
-def service(registry: Registry, store: MemoryRouteStore | None = None, **kwargs):  # noqa: ANN003, ANN201
-    cascade = Cascade(sure_of(3, "digits-cheap/3", registry.calls), failing("expensive"), 0.5)
+def routing_for(registry: Registry, store: MemoryRouteStore | None = None, **kwargs) -> Routing:  # noqa: ANN003
+    g = registry.graph()
     routing = Routing(
-        cascade, lambda: DEPLOYED, registry.resolve, store or MemoryRouteStore(), **kwargs
+        g.caller, lambda: DEPLOYED, registry.resolver(g), store or MemoryRouteStore(), **kwargs
     )
+    routing.graph = g  # for tests that slow its tiers down
+    return routing
+
+
+def service(registry: Registry, store: MemoryRouteStore | None = None, **kwargs):  # noqa: ANN003, ANN201
+    routing = routing_for(registry, store, **kwargs)
     keys = KeyRing(
         [dev_key(KEY), dev_key(READER, "reader").model_copy(update={"scope": "predict"})]
     )
-    return TestClient(build_api(DIGITS, routing, keys=keys, max_instances=8)), routing
+    http = TestClient(build_api(DIGITS, routing, keys=keys, max_instances=8))
+    # One event loop for all its requests (as a replica has), so shadow copies, which
+    # run after their primary's answer, are not cut off when a request's loop ends.
+    http.__enter__()
+    return http, routing
+
+
+def eventually(read, timeout_s: float = 5.0):  # noqa: ANN001, ANN201
+    """``read()`` once it is truthy: a shadow copy finishes after its primary's answer."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := read()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
 
 
 def predict(http: TestClient, user: str | None = None, path: str = PREDICT) -> tuple[str, int]:
@@ -177,7 +206,12 @@ def test_a_shadow_sees_a_copy_is_never_returned_and_its_agreement_is_recorded(
     assert http.put(ROUTES, json=spec, headers=AUTH).status_code == 200
     for u in range(5):
         assert predict(http, f"user-{u}") == ("3", 3)  # the shadow's label 7 never returns
-    report = http.get(ROUTES, headers=AUTH).json()
+
+    def compared() -> dict | None:
+        report = http.get(ROUTES, headers=AUTH).json()
+        return report if report["shadow"][0]["instances_compared"] == 5 else None
+
+    report = eventually(compared)
     assert report["shadow"] == [
         {
             "primary": "3",
@@ -185,6 +219,7 @@ def test_a_shadow_sees_a_copy_is_never_returned_and_its_agreement_is_recorded(
             "instances_compared": 5,
             "agreement": 0.0,  # version 7 always says 7, the champion 3
             "failed_copies": 0,
+            "dropped_copies": 0,
         }
     ]
     assert report["versions"]["3"]["requests"] == 5 and "7" not in report["versions"]
@@ -192,8 +227,8 @@ def test_a_shadow_sees_a_copy_is_never_returned_and_its_agreement_is_recorded(
 
 
 def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(registry: Registry) -> None:
-    registry.shadow_delay_s = 0.3
     http, routing = service(registry, shadow_limit=2)
+    routing.graph.cheap_handle.delay_s["digits-cheap/7"] = 0.3
     assert http.put(ROUTES, json={"routes": {"3": 100}, "shadow": "7"}, headers=AUTH).is_success
 
     async def burst() -> list[tuple[str, float]]:
@@ -212,16 +247,20 @@ def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(registry: Reg
     assert answers == [("3", 3)] * 5
     assert elapsed < 0.3  # five answers before the first 0.3 s shadow copy finished
     assert routing.shadow_dropped == 3  # two copies in flight at most; the rest dropped
+    # ... and counted per pair, as Prometheus gets them (outcome "dropped")
+    assert http.get(ROUTES, headers=AUTH).json()["shadow"][0]["dropped_copies"] == 3
 
-    registry.broken.add("7")
+    registry.broken_version("7")
     http, routing = service(registry)
     assert http.put(ROUTES, json={"routes": {"3": 100}, "shadow": "7"}, headers=AUTH).is_success
     assert predict(http, "ann") == ("3", 3)
-    assert http.get(ROUTES, headers=AUTH).json()["shadow"][0]["failed_copies"] == 1
+    assert (
+        eventually(lambda: http.get(ROUTES, headers=AUTH).json()["shadow"])[0]["failed_copies"] == 1
+    )
 
 
 def test_a_failing_challenger_degrades_only_its_own_answers(registry: Registry) -> None:
-    registry.broken.add("4")
+    registry.broken_version("4")
     http, _ = service(registry)
     assert http.put(ROUTES, json={"routes": {"3": 50, "4": 50}}, headers=AUTH).is_success
     statuses = Counter()
@@ -290,7 +329,7 @@ def test_a_table_set_through_one_replica_reaches_the_others_through_the_store(
 
 
 def test_the_cli_spec_parses_into_the_same_table() -> None:
-    from app.routes_cli import parse_routes
+    from app.cli.routes import parse_routes
 
     assert parse_routes(["champion=90", "challenger=10"], "v7") == RouteSpec(
         routes={"champion": 90, "challenger": 10}, shadow="v7"
@@ -303,8 +342,8 @@ def test_the_cli_spec_parses_into_the_same_table() -> None:
 
 def test_a_request_keeps_its_version_through_a_swap_or_a_new_table(registry: Registry) -> None:
     deployed = ["3"]
-    cascade = Cascade(sure_of(3, "digits-cheap/3"), failing("expensive"), 0.5)
-    routing = Routing(cascade, lambda: deployed[0], registry.resolve, MemoryRouteStore())
+    g = registry.graph()
+    routing = Routing(g.caller, lambda: deployed[0], registry.resolver(g), MemoryRouteStore())
 
     async def scenario() -> list[tuple[str, int]]:
         await routing.set(RouteSpec(routes={"3": 50, "4": 50}), by="test")
@@ -333,8 +372,7 @@ def test_a_poll_that_read_the_store_before_a_set_does_not_undo_it(registry: Regi
             return text
 
     store = SlowStore()
-    cascade = Cascade(sure_of(3, "digits-cheap/3"), failing("expensive"), 0.5)
-    routing = Routing(cascade, lambda: DEPLOYED, registry.resolve, store)
+    routing = routing_for(registry, store)
 
     async def scenario() -> None:
         poll = asyncio.create_task(routing.refresh())
@@ -359,11 +397,37 @@ def test_a_bug_counts_against_its_version_and_a_registry_outage_is_a_503(
     assert resp.status_code == 503 and "registry could not be reached" in resp.json()["error"]
     assert routing.table is None
 
-    async def bug(instances: np.ndarray) -> TierAnswer:
-        raise ValueError("a bug")
-
-    routing.cascade.cheap = bug
+    routing.graph.cheap.runner.model.broken.add("digits-cheap/3")  # fails as a bug would
+    routing.graph.cheap.runner.model.predict_proba = _bug
     http = TestClient(http.app, raise_server_exceptions=False)
     resp = http.post(PREDICT, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 500 and resp.headers["x-scaledl-version"] == "3"
     assert http.get(ROUTES, headers=AUTH).json()["versions"]["3"]["server_errors"] == 1
+
+
+def _bug(rows: np.ndarray) -> np.ndarray:
+    raise ValueError("a bug")
+
+
+def test_routed_versions_bound_before_an_int8_change_are_bound_again(registry: Registry) -> None:
+    """serve.int8_tiers changes what a routed version's tiers run: the versions already
+    in the table are resolved again, as a new table's would be."""
+    resolved: list[str] = []
+    routing = routing_for(registry)
+    resolve = routing.resolve
+
+    def counting(ref: str):  # noqa: ANN202
+        resolved.append(ref)
+        return resolve(ref)
+
+    routing.resolve = counting
+
+    async def scenario() -> tuple[object, object]:
+        await routing.set(RouteSpec(routes={"3": 50, "4": 50}, shadow="7"), by="test")
+        before = routing.variants["4"]
+        await routing.rebind()
+        return before, routing.variants["4"]
+
+    before, after = asyncio.run(scenario())
+    assert before is not after and sorted(resolved) == ["3", "3", "4", "4", "7", "7"]
+    assert routing.table is not None and routing.table.versions() == ["3", "4", "7"]

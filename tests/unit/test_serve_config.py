@@ -8,10 +8,11 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from app.cascade_spec import CascadeSpec, SplitResult
-from app.keys import create_key, read_keys_file
+from app.keys import create_key, key_sha256
 from app.registry import Registry
 from app.runtime import FAST_TRANSPORT
 from app.serve_config import BUILDER, serve_config, to_yaml
+from app.serving import resolve_access
 from app.settings import Settings, load_settings
 from serve_graphs.args import GraphArgs
 
@@ -34,27 +35,38 @@ def calibrated(settings: Settings, cheap: str, expensive: str, threshold: float)
     registry.promote(ref.name, ref.version)
 
 
-def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) -> None:
-    keys_file = tmp_path / "keys.txt"
-    _, secret = create_key(keys_file, "predict", "web")
+def config_of(settings: Settings) -> dict:
+    """The config `scaledl serve config` prints for these settings."""
+    access = resolve_access(settings, dev=False)
+    return serve_config(settings, "digits", access.static_keys, keys_file=access.keys_file)
+
+
+def test_the_generated_config_is_valid_and_carries_the_settings(
+    tmp_path: Path, clean_env: None
+) -> None:
     settings = load_settings(
         storage_root=tmp_path,
+        api_key="an-env-key-of-16+chars",
         serve={
             "port": 8123,
             "batch": {"max_batch_size": 32},
             "expensive_replicas": {"min_replicas": 0},
         },
     )
+    _, secret = create_key(settings.keys_file, "predict", "web")
     calibrated(settings, cheap="3", expensive="2", threshold=0.8)
-    text = to_yaml(serve_config(settings, "digits", read_keys_file(keys_file)), FAST_TRANSPORT)
-    assert secret not in text
+    text = to_yaml(config_of(settings), FAST_TRANSPORT)
+    assert secret not in text and "an-env-key-of-16+chars" not in text
+    assert key_sha256(secret) not in text  # the file is named, not copied: it is re-read
+    assert "re-read by the service when it changes" in text
     assert "#   RAY_SERVE_ENABLE_HA_PROXY=1\n" in text  # the transport, recorded for ray start
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = config.applications
     assert (app.import_path, app.route_prefix) == (BUILDER, "/")
     assert config.http_options.port == 8123
     args = GraphArgs.model_validate(app.args)
-    assert [k.id for k in args.api_keys] == ["web"]
+    assert args.keys_file == str(settings.keys_file)
+    assert [k.id for k in args.api_keys] == ["env"]
     assert args.tracking_uri == settings.tracking_uri
     configs = {d.name: d.user_config for d in app.deployments}
     assert configs["cheap-tier"] == {
@@ -67,25 +79,26 @@ def test_the_generated_config_is_valid_and_carries_the_settings(tmp_path: Path) 
         "cascade_version": "1",
         "cheap_version": "digits-cheap/3",
         "int8_tiers": [],
+        "max_batch_size": 32,
+        "cold_start_tiers": ["expensive"],  # min_replicas 0
     }
     scaling = {d.name: d.autoscaling_config for d in app.deployments}
     assert scaling["expensive-tier"]["min_replicas"] == 0  # set below: scales to zero
     assert scaling["cheap-tier"]["max_replicas"] == 2
 
 
-def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(
-    tmp_path: Path,
+def test_a_new_cascade_or_key_changes_only_user_configs_so_serve_swaps_in_place(
+    tmp_path: Path, clean_env: None
 ) -> None:
     """Serve restarts replicas when an app's args change and reconfigures them when only
-    user_configs do: a promoted cascade must leave the args alone."""
-    keys_file = tmp_path / "keys.txt"
-    create_key(keys_file, "predict", "web")
+    user_configs do: a promoted cascade, or a new key, must leave the args alone."""
     settings = load_settings(storage_root=tmp_path)
-    keys = read_keys_file(keys_file)
+    create_key(settings.keys_file, "predict", "web")
     calibrated(settings, cheap="1", expensive="1", threshold=0.8)
-    before = serve_config(settings, "digits", keys)["applications"][0]
+    before = config_of(settings)["applications"][0]
     calibrated(settings, cheap="2", expensive="1", threshold=0.7)
-    after = serve_config(settings, "digits", keys)["applications"][0]
+    create_key(settings.keys_file, "admin", "ops")
+    after = config_of(settings)["applications"][0]
     assert after["args"] == before["args"]
     assert after["deployments"] != before["deployments"]
     assert {d["name"]: d["user_config"] for d in after["deployments"]}["Ingress"] == {
@@ -93,4 +106,6 @@ def test_a_new_cascade_changes_only_user_configs_so_serve_swaps_in_place(
         "cascade_version": "2",
         "cheap_version": "digits-cheap/2",
         "int8_tiers": [],
+        "max_batch_size": 64,
+        "cold_start_tiers": [],
     }

@@ -1,6 +1,8 @@
 """How the ingress calls a tier: one retry for a failed call, none for one refused for
-load, and a 503 either way when it cannot answer. The handle is a stand-in for a Ray Serve
-DeploymentHandle (no cluster here); the errors are Ray's own."""
+load, and a 503 either way when it cannot answer; an error the tier raised on purpose
+reaches the caller as it is, and a bug in the tier's code is a 500, never retried. The
+handle is a stand-in for a Ray Serve DeploymentHandle (no cluster here); the errors are
+Ray's own."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import gc
 
 import numpy as np
 import pytest
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from app.errors import ServiceUnavailable
-from serve_graphs.tier_calls import tier_fn
+from app.errors import NotFound, Overloaded, ServiceUnavailable, TierError
+from serve_graphs.decide.tier_calls import tier_fn
 
 
 class Handle:
@@ -57,21 +59,30 @@ def test_predictions_leave_no_garbage_for_the_cyclic_collector() -> None:
     cycles from each (tenacity's retry state was ~30 objects) made the collector pause
     the ingress, and every request in it, for 25-80 ms every ~12 s. Here: 200
     predictions, 10 at a time, each escalated (both tiers answer 0.5), through
-    coalesced tier calls as the cheap tier makes them (the ingress's: test_escalate)."""
-    from serve_graphs.cascade import Cascade
-    from serve_graphs.coalesce import Coalescer
+    coalesced tier calls as the cheap tier makes them (the whole graph's: test_graph)."""
+    from serve_graphs.decide.cascade import Cascade, CascadeRoute
+    from serve_graphs.decide.coalesce import Coalescer
 
     def tier(name: str) -> Coalescer:
         fn = tier_fn(Handle(), name, retry_wait_s=0)
-        return Coalescer(fn, max_in_flight=2, max_rows=64, call_timeout_s=5)
+        return Coalescer(fn, max_in_flight=2, max_rows=64, max_waiting_rows=1024, timeout_s=5)
 
     async def predictions() -> int:
-        cascade = Cascade(tier("cheap"), tier("expensive"), threshold=0.6)
+        cheap, expensive = tier("cheap"), tier("expensive")
+
+        async def cheap_answer(rows: np.ndarray, model_id: str | None):  # noqa: ANN202
+            return await cheap(rows)
+
+        cascade = Cascade(
+            cheap_answer, lambda model_id: expensive, breaker_failures=5, breaker_reset_s=10
+        )
+        route = CascadeRoute("3", None, None, threshold=0.6)
+        await cascade(np.zeros((1, 4)), route)  # warm: the breaker and caller are made once
         gc.collect()
         gc.disable()  # count what they leave, not what a collection mid-way freed
         try:
             for _ in range(20):
-                await asyncio.gather(*(cascade.predict(np.zeros((1, 4))) for _ in range(10)))
+                await asyncio.gather(*(cascade(np.zeros((1, 4)), route) for _ in range(10)))
             return gc.collect()
         finally:
             gc.enable()
@@ -81,8 +92,31 @@ def test_predictions_leave_no_garbage_for_the_cyclic_collector() -> None:
 
 def test_a_call_refused_for_load_is_not_retried() -> None:
     handle = Handle(BackPressureError(num_queued_requests=9, max_queued_requests=8))
-    with pytest.raises(ServiceUnavailable, match="at capacity"):
+    with pytest.raises(Overloaded, match="at capacity"):
         call(handle)
+    assert handle.calls == 1
+
+
+def test_a_bug_in_the_tier_is_a_tier_error_and_is_not_retried() -> None:
+    """An exception of the tier's own code (not one of ours) arrives wrapped in a
+    RayTaskError: a 500 naming its type only (its message may quote the request's
+    values), never retried as if the replica had died."""
+    bug = RayTaskError("predict", "tb", ValueError("row 3 is secret")).as_instanceof_cause()
+    handle = Handle(bug)
+    with pytest.raises(TierError, match="ValueError") as raised:
+        call(handle)
+    assert "secret" not in str(raised.value)
+    assert raised.value.status_code == 500
+    assert handle.calls == 1
+
+
+def test_an_error_the_tier_raised_on_purpose_reaches_the_caller_as_it_is() -> None:
+    missing = NotFound("model 'digits-cheap' has no version or alias '9'")
+    handle = Handle(RayTaskError("predict", "tb", missing).as_instanceof_cause())
+    with pytest.raises(NotFound, match="no version or alias '9'") as raised:
+        call(handle)
+    assert not isinstance(raised.value, RayTaskError)  # ours, not Ray's wrapper
+    assert raised.value.status_code == 404
     assert handle.calls == 1
 
 
@@ -91,7 +125,7 @@ def test_a_combined_call_tells_the_tier_whose_rows_it_carries() -> None:
     context of its own, so no single request's cancellation can reach it."""
     import contextvars
 
-    from serve_graphs.coalesce import Coalescer
+    from serve_graphs.decide.coalesce import Coalescer
 
     request = contextvars.ContextVar("request", default="?")
     handle = Handle()
@@ -99,7 +133,8 @@ def test_a_combined_call_tells_the_tier_whose_rows_it_carries() -> None:
         tier_fn(handle, "cheap", retry_wait_s=0),
         max_in_flight=1,
         max_rows=64,
-        call_timeout_s=5,
+        max_waiting_rows=64,
+        timeout_s=5,
         tag=request.get,
     )
 
@@ -117,8 +152,9 @@ def test_a_combined_call_tells_the_tier_whose_rows_it_carries() -> None:
 def test_the_cheap_tier_escalates_through_its_handle_and_names_the_requests(tmp_path) -> None:  # noqa: ANN001
     """TierModel wired as the builder wires the cheap tier: its own model answers, the
     unsure rows go to the expensive tier's handle with the ids of the HTTP requests."""
-    from serve_graphs.escalate import CascadeRoute
-    from serve_graphs.tier_model import TierModel, TierRunner
+    from serve_graphs.decide.cascade import CascadeRoute
+    from serve_graphs.decide.tier import TierModelRef, TierRunner, Work
+    from serve_graphs.tier_model import TierModel
 
     class SureOfOnes:
         def predict_proba(self, rows: np.ndarray) -> np.ndarray:
@@ -128,12 +164,14 @@ def test_the_cheap_tier_escalates_through_its_handle_and_names_the_requests(tmp_
     expensive = Handle()
     settings = {"expensive_timeout_s": 5, "tier_calls_in_flight": 1}
     tier = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}", expensive, settings)
-    tier.runner = TierRunner(SureOfOnes(), "digits-cheap/1")  # type: ignore[arg-type]
+    serving = TierRunner(SureOfOnes(), "digits-cheap/1")  # type: ignore[arg-type]
+    tier.tier.swap(serving, TierModelRef(registered_name="digits-cheap", model_ref="1"))
 
-    async def unbatched(rows: np.ndarray, model_id: str | None) -> tuple[np.ndarray, str]:
-        return tier.runner.model.predict_proba(rows), tier.runner.version
+    async def unbatched(work: Work) -> tuple[np.ndarray, str]:
+        runner = work.runner or tier.tier.runner
+        return runner.model.predict_proba(work.rows), runner.version
 
-    tier._probs = unbatched  # @serve.batch runs only inside a Serve replica
+    tier.tier.submit = unbatched  # @serve.batch runs only inside a Serve replica
     route = CascadeRoute("", None, None, 0.7, {})
     answer = asyncio.run(tier.cascade(np.array([[1.0, 0.0], [0.0, 0.0]]), route, ("r1", "r2")))
     assert [p.tier for p in answer.predictions] == ["cheap", "expensive"]
@@ -145,14 +183,15 @@ def test_the_cheap_tier_escalates_through_its_handle_and_names_the_requests(tmp_
 
 def test_a_swap_that_cannot_load_keeps_the_version_that_serves(tmp_path) -> None:  # noqa: ANN001
     """Serve stops a replica whose reconfigure raises; a failed swap must not do that."""
-    from serve_graphs.tier_model import TierModel, TierRunner
+    from serve_graphs.decide.tier import TierModelRef, TierRunner
+    from serve_graphs.tier_model import TierModel
 
     tier = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
     serving = TierRunner(model=None, version="digits-cheap/1")  # type: ignore[arg-type]
-    tier.runner = serving
+    tier.tier.swap(serving, TierModelRef(registered_name="digits-cheap", model_ref="1"))
     missing = {"model": {"registered_name": "digits-cheap", "model_ref": "9"}}
     asyncio.run(tier.reconfigure(missing))
-    assert tier.runner is serving
+    assert tier.tier.runner is serving
 
     fresh = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(Exception, match="no version or alias '9'"):

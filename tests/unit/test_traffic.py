@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 
-from app.traffic import send_instances
+from app.cli.traffic import send_instances
 from tests.conftest import free_port
 
 

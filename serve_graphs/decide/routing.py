@@ -34,8 +34,7 @@ from typing import Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from app.errors import InvalidRequest, NotFound, ScaledlError, ServiceUnavailable
-from serve_graphs.cascade import Cascade, Instances, Prediction, Variant
-from serve_graphs.escalate import RemoteCascade, RoutedCascade
+from serve_graphs.decide.cascade import CascadeCaller, Instances, Prediction, RoutedCascade
 
 log = logging.getLogger("ray.serve")
 _T = TypeVar("_T")
@@ -158,15 +157,12 @@ class Route:
     deployed cascade, on the tiers' pinned versions), and where its shadow copy goes."""
 
     version: str
-    variant: Routed | None
+    variant: RoutedCascade | None
     shadow: Route | None = None
 
 
-# A cascade version beside the deployed one: in-process tiers (Variant) for a Cascade,
-# a route through the cheap tier (RoutedCascade) for the graph's RemoteCascade.
-Routed = Variant | RoutedCascade
-# (ref) -> (version, Routed): resolves an alias or version; raises NotFound with a fix.
-Resolve = Callable[[str], tuple[str, Routed]]
+# (ref) -> (version, RoutedCascade): resolves an alias or version; NotFound with a fix.
+Resolve = Callable[[str], tuple[str, RoutedCascade]]
 # (primary version, shadow version, primary, shadow or None on failure, shadow seconds)
 OnShadow = Callable[[str, str, list[Prediction], list[Prediction] | None, float], None]
 
@@ -174,7 +170,7 @@ OnShadow = Callable[[str, str, list[Prediction], list[Prediction] | None, float]
 class Routing:
     def __init__(
         self,
-        cascade: Cascade | RemoteCascade,
+        cascade: CascadeCaller,
         deployed: Callable[[], str],
         resolve: Resolve,
         store: RouteStore,
@@ -189,21 +185,22 @@ class Routing:
         self.resolve = resolve
         self.store = store
         self.on_shadow = on_shadow
+        self.on_shadow_dropped: Callable[[str, str, int], None] = lambda *args: None
         self.shadow_limit = shadow_limit
         self.shadow_timeout_s = shadow_timeout_s
         self.rng = rng or random.Random()
         self.table: RouteTable | None = None
-        self.variants: dict[str, Routed] = {}
+        self.variants: dict[str, RoutedCascade] = {}
         self.stored: str | None = None  # the store's text the table came from
         self.generation = 0  # counts tables applied: a stale read must not undo a newer one
         self.shadows: set[asyncio.Task] = set()
         self.shadow_dropped = 0
 
     @classmethod
-    def fixed(cls, cascade: Cascade | RemoteCascade, version: str) -> Routing:
+    def fixed(cls, cascade: CascadeCaller, version: str) -> Routing:
         """One cascade version and no registry behind it (tests, benchmarks)."""
 
-        def resolve(ref: str) -> tuple[str, Routed]:
+        def resolve(ref: str) -> tuple[str, RoutedCascade]:
             raise NotFound(f"only cascade version {version} is served here")
 
         return cls(cascade, lambda: version, resolve, MemoryRouteStore())
@@ -239,7 +236,7 @@ class Routing:
             shadow = Route(table.shadow.version, self._variant(table.shadow.version))
         return Route(version, self._variant(version), shadow)
 
-    def _variant(self, version: str) -> Routed | None:
+    def _variant(self, version: str) -> RoutedCascade | None:
         return None if version == self.deployed() else self.variants[version]
 
     async def predict(self, route: Route, instances: Instances) -> list[Prediction]:
@@ -255,6 +252,7 @@ class Routing:
         shadow = target.version
         if len(self.shadows) >= self.shadow_limit:
             self.shadow_dropped += 1
+            self.on_shadow_dropped(primary, shadow, len(instances))
             return
 
         async def run() -> None:
@@ -334,6 +332,17 @@ class Routing:
             self._apply(table, variants, text)
             log.info("routing table applied from the store: %s", text)
 
+    async def rebind(self) -> None:
+        """Resolve the table's versions again: what their tiers run changed (INT8 twins
+        switched on or off), so versions already bound must run as they would now."""
+        table, text, generation = self.table, self.stored, self.generation
+        if table is None:
+            return
+        variants = {v: (await asyncio.to_thread(self.resolve, v))[1] for v in table.versions()}
+        if self.generation == generation:
+            self._apply(table, variants, text)
+            log.info("routing table rebound: %s", ", ".join(variants))
+
     async def watch(self, poll_s: float) -> None:
         """Refresh from the store every ``poll_s`` seconds, for as long as the replica lives."""
         while True:
@@ -344,7 +353,7 @@ class Routing:
                 log.exception("reading the routing table failed; retrying in %g s", poll_s)
 
     def _apply(
-        self, table: RouteTable | None, variants: dict[str, Routed], text: str | None
+        self, table: RouteTable | None, variants: dict[str, RoutedCascade], text: str | None
     ) -> None:
         """The new table and its variants, swapped in together (one event-loop step)."""
         versions = table.versions() if table else []
@@ -352,7 +361,7 @@ class Routing:
         self.table, self.stored = table, text
         self.generation += 1
 
-    def _resolve_ref(self, ref: str) -> tuple[str, Routed]:
+    def _resolve_ref(self, ref: str) -> tuple[str, RoutedCascade]:
         try:
             return self.resolve(version_of(ref) or ref)  # v7 and 7 name version 7
         except NotFound as exc:

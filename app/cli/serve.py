@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app import reports
-from app.cli_base import CliState, WorkloadOpt, console, drop_none
+from app.cli import reports
+from app.cli.base import CliState, WorkloadOpt, console, drop_none
 from app.errors import ConfigError
 
 keys_cli = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
@@ -37,6 +37,22 @@ def keys_create(
     console().print(f"key {key.id} ({key.scope}) added to {settings.keys_file}")
     console().print(secret, highlight=False, soft_wrap=True)
     console().print("store it now: only its SHA-256 is kept", style="dim")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The key's id, as `scaledl keys list` shows.")],
+) -> None:
+    """Revoke an API key: its line leaves the keys file.
+
+    A running service re-reads the file when it changes: it refuses the key within
+    seconds, without a restart."""
+    from app.keys import revoke_key
+
+    settings = ctx.obj.settings()
+    key = revoke_key(settings.keys_file, key_id)
+    console().print(f"key {key.id} ({key.scope}) revoked: removed from {settings.keys_file}")
 
 
 @keys_cli.command("list")
@@ -91,7 +107,7 @@ def serve_cmd(
     check_models(settings, workload)
     with ray_session(settings, verbose=state.verbose) as ray_info:
         with console().status("deploying…"):
-            endpoint = deploy(settings, workload, access.keys)
+            endpoint = deploy(settings, workload, access.static_keys, keys_file=access.keys_file)
         shown_key = access.client_key if access.generated else None
         for line in reports.url_lines(endpoint, ray_info.dashboard_url, shown_key):
             console().print(line, soft_wrap=True)
@@ -124,4 +140,5 @@ def serve_config_cmd(
         )
     check_models(settings, workload)
     transport = FAST_TRANSPORT if settings.serve.fast_transport else None
-    typer.echo(to_yaml(serve_config(settings, workload, access.keys), transport), nl=False)
+    config = serve_config(settings, workload, access.static_keys, keys_file=access.keys_file)
+    typer.echo(to_yaml(config, transport), nl=False)

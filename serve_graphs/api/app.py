@@ -1,5 +1,5 @@
 """The HTTP surface, free of Ray: routes, auth and error mapping. What a /v1 body
-becomes (parsed, shaped, checked against the contract) is :mod:`serve_graphs.inputs`.
+becomes (parsed, shaped, checked against the contract) is :mod:`serve_graphs.api.inputs`.
 
 ``build_api`` returns a FastAPI app around a :class:`Routing` (the routing table over
 cascade versions); the Serve ingress hands it to Serve, tests drive it with a TestClient.
@@ -21,9 +21,8 @@ from starlette.exceptions import HTTPException
 from app.errors import GatewayTimeout, ScaledlError
 from app.keys import ApiKey, KeyRing, Scope
 from app.workloads import Workload
-from serve_graphs.admin import admin_router, check_name
-from serve_graphs.cascade import Instances, Prediction
-from serve_graphs.inputs import (
+from serve_graphs.api.admin import admin_router, check_name
+from serve_graphs.api.inputs import (
     InputCheck,
     PredictRequest,
     body_schema,
@@ -31,8 +30,9 @@ from serve_graphs.inputs import (
     to_frame,
     to_matrix,
 )
-from serve_graphs.middleware import BodyLimit, OipJsonBodies
-from serve_graphs.observe import (
+from serve_graphs.api.limits import RateLimiter
+from serve_graphs.api.middleware import BodyLimit, OipJsonBodies
+from serve_graphs.api.observe import (
     VERSION_HEADER,
     ABMeter,
     CostMeter,
@@ -41,22 +41,27 @@ from serve_graphs.observe import (
     Observer,
     RequestMetrics,
 )
-from serve_graphs.oip import oip_router
-from serve_graphs.routing import Routing
+from serve_graphs.api.oip import oip_router
+from serve_graphs.decide.cascade import Instances, Prediction
+from serve_graphs.decide.readiness import Readiness
+from serve_graphs.decide.routing import Routing
 
 
 class KeyScope(HTTPBearer):
     """The dependency of a route that needs a key of ``scope``: OpenAPI documents it as
-    the bearer scheme, and it checks the key itself, one dependency rather than a
-    second one around ``HTTPBearer`` (each costs FastAPI a resolution per request)."""
+    the bearer scheme, and it checks the key and its rate limit itself, one dependency
+    rather than a second one around ``HTTPBearer`` (each costs FastAPI a resolution per
+    request)."""
 
-    def __init__(self, keys: KeyRing, scope: Scope) -> None:
+    def __init__(self, keys: KeyRing, scope: Scope, limits: RateLimiter) -> None:
         super().__init__(auto_error=False, scheme_name="HTTPBearer")
-        self.keys, self.needed = keys, scope
+        self.keys, self.needed, self.limits = keys, scope, limits
 
     async def __call__(self, request: Request) -> ApiKey:
         credentials = await super().__call__(request)
-        return self.keys.authorize(credentials.credentials if credentials else None, self.needed)
+        key = self.keys.authorize(credentials.credentials if credentials else None, self.needed)
+        self.limits.check(key, self.needed)
+        return key
 
 
 class PredictionOut(BaseModel):
@@ -88,28 +93,40 @@ def build_api(
     *,
     keys: KeyRing,
     max_instances: int,
+    limits: RateLimiter | None = None,
+    readiness: Readiness | None = None,
     max_body_bytes: int = 4 * 2**20,
     request_timeout_s: float = 10.0,
     route_header: str = "x-scaledl-user",
     observer: Observer | None = None,
-    costs: CostMeter | None = None,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol, and the admin
     routes; ``routing`` picks the cascade version of each request (A/B, canary, shadow),
-    sticky per value of the ``route_header`` request header."""
+    sticky per value of the ``route_header`` request header. The routing's cascade
+    caller feeds the cost report and the observer (degraded answers, shadow copies).
+    ``limits``: per-key rate limits (none by default); ``readiness``: what the ready
+    routes say (always ready without one)."""
     api = FastAPI(
         title="scaledl",
         description=f"Predictions for the {workload.name} workload: {workload.description}.",
         version="1",
     )
     check = InputCheck(workload)
-    costs = costs or CostMeter()
+    costs = CostMeter()
     ab = ABMeter()
     observer = Fanout(observer or NullObserver(), ab)
+    limits = limits or RateLimiter({})
     routing.on_shadow = observer.shadow
+    routing.on_shadow_dropped = observer.shadow_dropped
+    routing.cascade.on_degraded = observer.degraded
+    routing.cascade.on_tier_call = costs.tier_call
 
     def key_for(scope: Scope) -> KeyScope:
-        return KeyScope(keys, scope)
+        return KeyScope(keys, scope, limits)
+
+    def not_ready(versions: list[str]) -> str | None:
+        """Why these versions cannot be answered now, or None."""
+        return readiness.reason(versions, routing.deployed()) if readiness else None
 
     async def predict_checked(
         instances: Instances, request: Request, named: str | None
@@ -139,10 +156,11 @@ def build_api(
 
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(request: Request, exc: ScaledlError) -> JSONResponse:
+        retry_after = str(getattr(exc, "retry_after_s", RETRY_AFTER_S))
         headers = {
             401: {"WWW-Authenticate": "Bearer"},
-            429: {"Retry-After": str(RETRY_AFTER_S)},
-            503: {"Retry-After": str(RETRY_AFTER_S)},
+            429: {"Retry-After": retry_after},
+            503: {"Retry-After": retry_after},
         }.get(exc.status_code, {})
         return JSONResponse(
             {"error": exc.message},
@@ -225,6 +243,7 @@ def build_api(
             predict_checked,
             key_for=key_for,
             max_instances=max_instances,
+            not_ready=not_ready,
         )
     )
     return api

@@ -1,6 +1,16 @@
 """Calls to a tier deployment, as the ingress (to the cheap tier) and the cheap tier (to
-the expensive tier) make them: a tier that cannot answer is a 503, never a 500; a failed
-call is retried once; and how many replicas a tier runs, for how many calls to keep out.
+the expensive tier) make them, and what their failures become:
+
+- refused for load (Serve's backpressure): :class:`~app.errors.Overloaded`, a 503 with
+  Retry-After, not retried (that would only add load);
+- a replica that died under the call: :class:`TierFailed`, retried once after a moment,
+  since a prediction is idempotent; a 503 if it fails again;
+- an error the tier raised on purpose (one of ours: a version it cannot load, say): that
+  error, with its own status;
+- any other exception in the tier's code (a bug): :class:`~app.errors.TierError`, a 500,
+  logged here with the request ids and never retried.
+
+Also how many replicas a tier runs, for how many calls to keep out.
 """
 
 from __future__ import annotations
@@ -11,20 +21,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from app.errors import ServiceUnavailable
-from serve_graphs.cascade import CascadeAnswer, Instances, TierAnswer, TierFn
-from serve_graphs.coalesce import callers
+from app.errors import Overloaded, ScaledlError, ServiceUnavailable, TierError
+from app.sections import ServeConfig
+from serve_graphs.decide.cascade import CascadeAnswer, Instances, TierAnswer, TierFn
+from serve_graphs.decide.coalesce import Coalescer, callers
 
 if TYPE_CHECKING:
-    from serve_graphs.escalate import CascadeFn, CascadeRoute
+    from serve_graphs.decide.cascade import CascadeFn, CascadeRoute
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
-REPLICAS_POLL_S = 5.0  # how often a caller reads how many replicas its tier runs
+REPLICAS_POLL_S = 2.0  # how often a caller reads how many replicas its tier runs
 
 
 class TierFailed(ServiceUnavailable):
@@ -55,6 +66,42 @@ def tier_fn(
     return retried(probs, tier, retry_wait_s)
 
 
+def tier_caller(
+    handle: DeploymentHandle,
+    tier: str,
+    cfg: ServeConfig,
+    model_id: str | None = None,
+    *,
+    replicas: Callable[[], int],
+    max_rows: Callable[[], int],
+    timeout_s: float,
+    tag: Callable[[], str],
+    route: Callable[[], CascadeRoute] | None = None,
+) -> Coalescer:
+    """How a caller calls a tier: concurrent calls sent as one (``serve.
+    tier_calls_in_flight`` per running replica, one replica's worth while it has none),
+    each of at most ``max_rows()`` rows, with at most ``serve.tier_max_waiting_rows``
+    rows waiting and each caller's wait bounded by ``timeout_s``.
+
+    ``route`` given: the cascade of ``route()``, run by the cheap tier (the ingress's
+    call, :func:`cascade_fn`); otherwise the tier's probabilities (:func:`tier_fn`,
+    the cheap tier's call to the expensive one). ``model_id`` as for those."""
+    fn = (
+        tier_fn(handle, tier, model_id=model_id)
+        if route is None
+        else cascade_fn(handle, route, model_id=model_id)
+    )
+    return Coalescer(
+        fn,
+        max_in_flight=lambda: cfg.tier_calls_in_flight * max(1, replicas()),
+        max_rows=max_rows,
+        max_waiting_rows=cfg.tier_max_waiting_rows,
+        timeout_s=timeout_s,
+        name=tier,
+        tag=tag,
+    )
+
+
 def cascade_fn(
     handle: DeploymentHandle,
     route: Callable[[], CascadeRoute],
@@ -78,9 +125,8 @@ def cascade_fn(
 def retried(
     call: Callable[[Instances], Awaitable[T]], tier: str, retry_wait_s: float
 ) -> Callable[[Instances], Awaitable[T]]:
-    """``call`` with Serve's errors as 503s, and a failed call retried once after
-    ``retry_wait_s``: predictions are idempotent. A call refused for load is not retried:
-    that would add to the load.
+    """``call`` with a tier's failures mapped as the module says, and a failed call
+    retried once after ``retry_wait_s``: predictions are idempotent.
 
     The retry is not tenacity's, unlike the registry reads' (``tier_model.py``): its
     state for each call (an ``AsyncRetrying``, futures, a lock, closures: ~30 objects in
@@ -93,8 +139,20 @@ def retried(
         try:
             return await call(instances)
         except BackPressureError as exc:
-            raise ServiceUnavailable(f"the {tier} tier is at capacity: retry shortly") from exc
-        except (RayServeException, RayError) as exc:  # a dead replica, a failed model call
+            raise Overloaded(f"the {tier} tier is at capacity: retry shortly") from exc
+        except RayTaskError as exc:  # the tier's own code raised
+            ours = exc.cause if isinstance(exc.cause, ScaledlError) else None
+            if ours is not None:
+                raise ours from None
+            # The type only: the message and traceback are in the tier's own log, and
+            # a message may quote a value of the request.
+            name = type(exc.cause).__name__
+            log.error("the %s tier raised %s for requests %s", tier, name, " ".join(callers()))
+            raise TierError(
+                f"the {tier} tier failed on this request ({name}); it is logged with the "
+                "request's id"
+            ) from None
+        except (RayServeException, RayError) as exc:  # a dead replica, a lost connection
             log.warning("the %s tier failed for requests %s: %s", tier, callers(), exc)
             raise TierFailed(
                 f"the {tier} tier could not answer ({type(exc).__name__}): retry shortly"
@@ -111,11 +169,16 @@ def retried(
 
 
 async def watch_replicas(
-    handles: dict[str, DeploymentHandle], running: dict[str, int], every_s: float = REPLICAS_POLL_S
+    handles: dict[str, DeploymentHandle],
+    running: dict[str, int],
+    every_s: float = REPLICAS_POLL_S,
+    *,
+    once: bool = False,
 ) -> None:
     """Keep ``running`` (tier -> running replicas) current, from ``serve.status()``, so
-    a caller keeps ``serve.tier_calls_in_flight`` calls out per running replica and
-    replicas an autoscaler adds get work at once. A failed read keeps the last."""
+    a caller keeps ``serve.tier_calls_in_flight`` calls out per running replica,
+    replicas an autoscaler adds get work at once, and readiness knows whether a tier
+    runs. A failed read keeps the last. ``once``: read once and return."""
     while True:
         try:
             status = await asyncio.to_thread(serve.status)
@@ -126,4 +189,6 @@ async def watch_replicas(
         except Exception:  # noqa: BLE001 - the controller is away for a moment
             log.warning("could not read the tiers' replicas; calls stay at %s", running,
                         exc_info=True)  # fmt: skip
+        if once:
+            return
         await asyncio.sleep(every_s)

@@ -20,7 +20,12 @@ client that leaves cancels its own wait but never the call that carries other
 requests' rows (Serve cancels a request's child calls with it). The requests' tags
 (their request ids, for the tier's log) are readable inside the call with
 :func:`callers`. One failure is every caller's, as a copy that names the call
-(``cascade.call_of``), so a circuit breaker counts it once.
+(``cascade.call_of``), so a circuit breaker counts it once; so is a deadline that
+passes while the call is out.
+
+Waiting is bounded: a request that finds every call slot taken and ``max_waiting_rows``
+rows already waiting is refused at once (:class:`~app.errors.Overloaded`, a 503 with
+Retry-After), rather than queued until its deadline.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, Self, TypeVar
 
-from serve_graphs.cascade import SHARED_CALL, Instances, concat
+from app.errors import Overloaded
+from serve_graphs.decide.cascade import SHARED_CALL, Instances, concat
 
 
 class Answer(Protocol):
@@ -70,19 +76,22 @@ class _Waiting(Generic[A]):
     rows: Instances
     future: asyncio.Future[A]
     tag: str
+    call: object | None = None  # the combined call that carries these rows, once sent
+    counted: bool = True  # its rows count against max_waiting_rows while it waits
 
 
 class Coalescer(Generic[A]):
-    """A call of rows (a :data:`~serve_graphs.cascade.TierFn`, say) that sends
+    """A call of rows (a :data:`~serve_graphs.decide.cascade.TierFn`, say) that sends
     concurrent calls to ``fn`` as one.
 
     ``max_in_flight`` may be a function, read whenever a call could go out: a caller
     allows a few calls per running tier replica, so a tier that scales out gets more.
-    ``max_rows`` may be one too (a batch size that a new configuration changes).
-    ``call_timeout_s`` bounds each combined call, so a tier call that never returns
-    cannot hold a slot (and everyone waiting behind it) for ever; callers keep their own
-    deadlines on top. A call whose callers have all given up is cancelled, freeing its
-    slot at once. ``tag`` names the calling request (read in the caller's context).
+    ``max_rows`` may be one too (a batch size that a new configuration changes), and so
+    may ``max_waiting_rows``. ``timeout_s`` is each caller's deadline, waiting included:
+    past it the caller gets a TimeoutError that names the call it waited on
+    (``cascade.call_of``), so a breaker counts one slow call once. A call whose callers
+    have all given up is cancelled, freeing its slot at once. ``tag`` names the calling
+    request (read in the caller's context); ``name`` the tier, for errors.
     """
 
     def __init__(
@@ -91,27 +100,57 @@ class Coalescer(Generic[A]):
         *,
         max_in_flight: int | Callable[[], int],
         max_rows: int | Callable[[], int],
-        call_timeout_s: float,
+        max_waiting_rows: int | Callable[[], int],
+        timeout_s: float,
+        name: str = "called",
         tag: Callable[[], str] = lambda: "",
     ) -> None:
-        fixed = None if callable(max_in_flight) else max_in_flight
-        rows = None if callable(max_rows) else max_rows
-        if (fixed is not None and fixed < 1) or (rows is not None and rows < 1):
-            raise ValueError("max_in_flight and max_rows must be at least 1")
+        self.max_in_flight = _at_least_one(max_in_flight, "max_in_flight")
+        self.max_rows = _at_least_one(max_rows, "max_rows")
+        self.max_waiting_rows = _at_least_one(max_waiting_rows, "max_waiting_rows")
         self.fn = fn
-        self.max_in_flight = max_in_flight if fixed is None else lambda: fixed
-        self.max_rows = max_rows if rows is None else lambda: rows
-        self.call_timeout_s = call_timeout_s
+        self.timeout_s = timeout_s
+        self.name = name
         self.tag = tag
         self.waiting: deque[_Waiting[A]] = deque()
+        self.waiting_rows = 0  # rows of the callers in ``waiting`` that still wait
         self.in_flight = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._calls: dict[asyncio.Task, object] = {}  # in flight, oldest first
 
     async def __call__(self, instances: Instances) -> A:
+        if (  # a request alone in the wait gets in, however large
+            self.waiting_rows
+            and self.in_flight >= max(1, self.max_in_flight())
+            and self.waiting_rows + len(instances) > self.max_waiting_rows()
+        ):
+            raise Overloaded(
+                f"the {self.name} tier is at capacity ({self.waiting_rows} rows wait for "
+                "it): retry shortly"
+            )
         future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(instances, future, self.tag()))
+        waiting = _Waiting(instances, future, self.tag())
+        self.waiting.append(waiting)
+        self.waiting_rows += len(instances)
         self._send_waiting()
-        return await future
+        deadline = asyncio.timeout(self.timeout_s)
+        try:
+            async with deadline:
+                return await future
+        except TimeoutError:
+            if not deadline.expired():  # the call itself failed with a timeout
+                raise
+            raise self._timed_out(waiting) from None
+        finally:
+            if waiting.call is None and waiting.counted:  # gave up before it was sent
+                waiting.counted = False
+                self.waiting_rows -= len(instances)
+
+    def _timed_out(self, waiting: _Waiting) -> TimeoutError:
+        """A caller's deadline passed: blame the call it was on, or, while it still
+        waited, the oldest call out (the one holding the slot it waited for)."""
+        exc = TimeoutError(f"no answer from the {self.name} tier within {self.timeout_s:g} s")
+        setattr(exc, SHARED_CALL, waiting.call or next(iter(self._calls.values()), None))
+        return exc
 
     def _send_waiting(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,12 +159,14 @@ class Coalescer(Generic[A]):
             if not batch:  # only callers that had given up were waiting
                 break
             self.in_flight += 1
+            call = object()  # names the call in its callers' failures
             context = contextvars.Context()  # the call's own: no request's, see above
             context.run(_callers.set, tuple(w.tag for w in batch))
-            task = loop.create_task(self._call(batch), context=context)
-            self._tasks.add(task)  # a reference, so the task is not collected mid-call
+            task = loop.create_task(self._call(batch, call), context=context)
+            self._calls[task] = call  # a reference, so the task is not collected mid-call
             task.add_done_callback(functools.partial(self._done, batch))
             for w in batch:
+                w.call = call
                 w.future.add_done_callback(functools.partial(_gave_up, batch, task))
 
     def _done(self, batch: list[_Waiting], task: asyncio.Task) -> None:
@@ -134,7 +175,7 @@ class Coalescer(Generic[A]):
         for w in batch:
             if not w.future.done():
                 w.future.cancel()
-        self._tasks.discard(task)
+        del self._calls[task]
         self.in_flight -= 1
         if self.waiting:
             self._send_waiting()
@@ -147,24 +188,26 @@ class Coalescer(Generic[A]):
         while self.waiting:
             first = self.waiting[0]
             if first.future.done():  # cancelled: its client or its deadline is gone
-                self.waiting.popleft()
+                self.waiting.popleft()  # its rows stopped counting when it gave up
                 continue
             if batch and rows + len(first.rows) > limit:
                 break
             batch.append(self.waiting.popleft())
+            first.counted = False
             rows += len(first.rows)
+        self.waiting_rows -= rows
         return batch
 
-    async def _call(self, batch: list[_Waiting]) -> None:
+    async def _call(self, batch: list[_Waiting], call: object) -> None:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.call_timeout_s):  # see Cascade._expensive
-                answer = await self.fn(concat([w.rows for w in batch]))
+            # No deadline of its own: its callers have theirs, and once they all gave
+            # up the call is cancelled (_gave_up).
+            answer = await self.fn(concat([w.rows for w in batch]))
             rows = [len(w.rows) for w in batch]
             if len(answer) != sum(rows):
                 raise RuntimeError(f"the tier answered {len(answer)} rows of {sum(rows)}")
         except Exception as exc:  # noqa: BLE001 - every caller's failure, one call's
-            call = object()
             for w in batch:
                 if not w.future.done():
                     w.future.set_exception(_copy_for_caller(exc, call))
@@ -175,6 +218,15 @@ class Coalescer(Generic[A]):
         for w, part in zip(batch, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(part)
+
+
+def _at_least_one(value: int | Callable[[], int], name: str) -> Callable[[], int]:
+    """A limit as a function; a fixed one below 1 is refused now."""
+    if callable(value):
+        return value
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1")
+    return lambda: value
 
 
 def _gave_up(batch: list[_Waiting], task: asyncio.Task, _: asyncio.Future) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from app.cli_base import console
+from app.cli.base import console
 from app.errors import ConfigError, ScaledlError, ServiceUnavailable
 
 route_cli = typer.Typer(
@@ -48,7 +48,7 @@ def parse_routes(routes: list[str], shadow: str | None):  # noqa: ANN201 - a Rou
 
     Only the shape is checked here (the weights' sum too); the service checks the rest.
     """
-    from serve_graphs.routing import RouteSpec
+    from serve_graphs.decide.routing import RouteSpec
 
     weights: dict[str, int] = {}
     for item in routes:
@@ -133,7 +133,7 @@ def route_set(
     key: KeyOpt = None,
 ) -> None:
     """Set the routing table: e.g. `champion=90 challenger=10 --shadow v7`."""
-    from serve_graphs.routing import error_text
+    from serve_graphs.decide.routing import error_text
 
     try:
         spec = parse_routes(routes, shadow)

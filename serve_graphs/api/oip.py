@@ -22,14 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.workloads import Workload
 from data.validate import mismatch
-from serve_graphs.admin import check_name
-from serve_graphs.cascade import Instances, Prediction
-from serve_graphs.observe import VERSION_HEADER
+from serve_graphs.api.admin import check_name
+from serve_graphs.api.observe import VERSION_HEADER
+from serve_graphs.decide.cascade import Instances, Prediction
+from serve_graphs.decide.routing import version_of
 
 NUMERIC = {
     "BOOL": None,  # named so its refusal can say why
@@ -106,9 +108,11 @@ def oip_router(
     *,
     key_for: Callable[[str], Any],
     max_instances: int,
+    not_ready: Callable[[list[str]], str | None] = lambda versions: None,
 ) -> APIRouter:
     """The /v2 routes; ``predict`` takes a checked (n, F) matrix; ``key_for(scope)`` is
-    the auth dependency."""
+    the auth dependency; ``not_ready(versions)`` says why those versions cannot be
+    answered now (None: they can)."""
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
     n_features = len(workload.feature_columns)
     input_name = workload.input_name
@@ -120,20 +124,35 @@ def oip_router(
         else [{"name": input_name, "datatype": "FP32", "shape": [-1, n_features]}]
     )
 
-    def check_model(model: str, version: str | None) -> None:
+    def check_model(model: str, version: str | None) -> str | None:
+        """The version named (``7`` or ``v7``: ``"7"``), or None; a 404 if not served."""
         check_name(workload, model)
-        if version is not None and version not in versions():
+        if version is None:
+            return None
+        bare = version_of(version) or version
+        if bare not in versions():
             raise NotFound(
                 f"model {name!r} has no version {version!r} here; it serves {', '.join(versions())}"
             )
+        return bare
+
+    def answer_ready(why: str | None, body: dict[str, Any]) -> JSONResponse:
+        if why is None:
+            return JSONResponse({**body, "ready": True})
+        headers = {"Retry-After": "1"}
+        return JSONResponse({**body, "ready": False, "error": why}, 503, headers=headers)
 
     @router.get("/health/live", summary="Liveness (no key needed)")
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/health/ready", summary="Readiness (no key needed)")
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
+    @router.get(
+        "/health/ready",
+        summary="Readiness (no key needed): 503 with the reason while a served version "
+        "cannot be answered",
+    )
+    async def ready() -> JSONResponse:
+        return answer_ready(not_ready(versions()), {})
 
     @router.get("", dependencies=[Depends(key_for("predict"))], summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -149,9 +168,10 @@ def oip_router(
             "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
         }
 
-    def readiness(model: str, version: str | None = None) -> dict[str, Any]:
-        check_model(model, version)
-        return {"name": name, "ready": True}
+    async def readiness(model: str, version: str | None = None) -> JSONResponse:
+        bare = check_model(model, version)
+        wanted = [bare] if bare else versions()
+        return answer_ready(not_ready(wanted), {"name": name})
 
     async def infer(
         body: InferRequest,
@@ -160,7 +180,7 @@ def oip_router(
         response: Response,
         version: str | None = None,
     ) -> InferResponse:
-        check_model(model, version)
+        version = check_model(model, version)
         instances = (
             _input_frame(body.inputs, columns, max_instances)
             if columns
@@ -204,6 +224,9 @@ def oip_router(
     return router
 
 
+_FLOAT64_MAX = np.finfo(np.float64).max
+
+
 def record_inputs(workload: Workload) -> dict[str, str]:
     """Feature column -> the OIP datatype a client sends it as."""
     contract = workload.instance_contract()
@@ -234,6 +257,8 @@ def _input_frame(inputs: list[Tensor], columns: dict[str, str], max_instances: i
         values = [v for item in tensor.data for v in (item if isinstance(item, list) else [item])]
         if any(isinstance(v, list | dict | bool) for v in values):
             raise InvalidRequest(f"{where}: data must hold one number or string per instance")
+        if any(isinstance(v, int) and abs(v) > _FLOAT64_MAX for v in values):
+            raise InvalidRequest(f"{where}: data holds a number too large for a float64")
         if len(values) != tensor.shape[0]:
             raise InvalidRequest(
                 f"{where}: shape {tensor.shape} needs {tensor.shape[0]} values, data holds "
@@ -303,7 +328,12 @@ def _numbers(data: list[Any], where: str) -> list[float]:
         if isinstance(item, list):
             todo.extend(reversed(item))
         elif isinstance(item, Real) and not isinstance(item, bool):
-            out.append(float(item))
+            try:
+                out.append(float(item))
+            except OverflowError:  # a JSON integer past float64's range
+                raise InvalidRequest(
+                    f"{where}: data holds a number too large for a float64"
+                ) from None
         else:
             raise InvalidRequest(f"{where}: data holds {item!r}, which is not a number")
     return out

@@ -16,9 +16,9 @@ SAMPLE_DIGIT = [
 
 if TYPE_CHECKING:
     from app.cascade_spec import CascadeSpec
+    from app.cli.traffic import TrafficReport
     from app.registry import ModelRef
     from app.serving import Endpoint
-    from app.traffic import TrafficReport
     from data.generate import GenerateReport
     from data.pipeline import IngestResult
     from data.versions import DatasetManifest

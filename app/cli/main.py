@@ -13,11 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app import reports
-from app.cli_base import CliState, WorkloadOpt, console, drop_none
+from app.cli import reports
+from app.cli.base import CliState, WorkloadOpt, console, drop_none
+from app.cli.routes import route_cli
+from app.cli.serve import keys_cli, serve_cli
 from app.errors import ConfigError, find_scaledl_error
-from app.routes_cli import route_cli
-from app.serve_cli import keys_cli, serve_cli
 
 cli = typer.Typer(
     name="scaledl",
@@ -311,7 +311,7 @@ def demo(
     concurrency: Annotated[int, typer.Option(help="Concurrent HTTP clients.")] = 16,
 ) -> None:
     """Ingest digits, train both tiers, serve the cascade, send the test split over HTTP."""
-    from app.demo import run_demo
+    from app.cli.demo import run_demo
 
     state: CliState = ctx.obj
     settings = state.settings(train=drop_none(epochs=epochs), dev=True)

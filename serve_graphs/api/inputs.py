@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from app.errors import DataContractError, InvalidRequest, PayloadTooLarge
 from app.workloads import Workload
 from data.validate import CompiledContract, RecordFastPath, check_rows, mismatch
-from serve_graphs.cascade import Instances
+from serve_graphs.decide.cascade import Instances
 
 # Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose
 # errors list every branch that failed; the schema still tells clients what to send.
@@ -141,6 +141,10 @@ def to_frame(instances: list[Instance], workload: Workload, max_instances: int) 
                     f"instance {i}: field {field!r} holds a {type(value).__name__}; send one "
                     "number or string"
                 )
+            if isinstance(value, int) and not _fits_float64(value):
+                raise InvalidRequest(
+                    f"instance {i}: field {field!r} holds a number too large for a float64"
+                )
     return pd.DataFrame.from_records(instances, columns=columns)
 
 
@@ -155,7 +159,12 @@ def to_matrix(instances: list[Instance], n_features: int, max_instances: int) ->
                 "instance (a flat list, or a 2-D array of them)"
             )
         values = _flatten(instance, i)
-        row = np.asarray(values, dtype=np.float64)
+        try:
+            row = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # a JSON integer past float64's range
+            raise InvalidRequest(
+                f"instance {i} holds a number too large for a float64: send values in range"
+            ) from None
         if not np.isfinite(row).all():
             raise InvalidRequest(f"instance {i} holds NaN or infinity: send finite numbers")
         if row.size != n_features:
@@ -184,4 +193,15 @@ def _flatten(instance: list[Any], i: int) -> list[float]:
 def _number(value: Any, i: int) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidRequest(f"instance {i} holds {value!r}, which is not a number")
+    if not _fits_float64(value):
+        raise InvalidRequest(f"instance {i} holds a number too large for a float64")
     return float(value)
+
+
+def _fits_float64(value: Real) -> bool:
+    """Whether ``value`` converts to a float64 (a JSON integer may be any size)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True

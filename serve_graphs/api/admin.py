@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends
 from app.errors import NotFound
 from app.keys import ApiKey
 from app.workloads import Workload
-from serve_graphs.observe import ABMeter, CostMeter
-from serve_graphs.routing import RouteSpec, Routing
+from serve_graphs.api.observe import ABMeter, CostMeter
+from serve_graphs.decide.routing import RouteSpec, Routing
 
 
 def check_name(workload: Workload, name: str) -> None:

@@ -19,10 +19,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from app import reports
+from app.cli import reports
+from app.cli.traffic import TrafficReport, send_instances
 from app.registry import Registry
 from app.settings import Settings
-from app.traffic import TrafficReport, send_instances
 from app.workloads import get_workload
 
 WORKLOAD = "digits"
@@ -70,7 +70,9 @@ def run_demo(
             promote_cascade(registry, spec, cascade)
             progress.update(step, total=1, completed=1)
             step = progress.add_task("deploy the Serve application", total=None)
-            endpoint = deploy(settings, workload.name, access.keys)
+            endpoint = deploy(
+                settings, workload.name, access.static_keys, keys_file=access.keys_file
+            )
             progress.update(step, total=1, completed=1)
             instances, labels = _test_split(settings, dataset.manifest)
             step = progress.add_task("send the test split over HTTP", total=len(instances))

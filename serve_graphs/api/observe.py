@@ -8,16 +8,18 @@ plug in a recording one. Model versions are tags, so two versions serving side b
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from serve_graphs.cascade import Prediction
+from serve_graphs.decide.cascade import Prediction
 
 VERSION_HEADER = "x-scaledl-version"  # the cascade version that answered a request
 UNROUTED = "none"  # the version tag of a request no version answered (a 4xx, say)
 PREDICT_ROUTES = ("/v1/predict", "/v2/infer")
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned before its answer
 
 
 class Observer(Protocol):
@@ -35,6 +37,12 @@ class Observer(Protocol):
     ) -> None:
         """A shadow copy's outcome: ``mirrored`` is None when the shadow failed."""
 
+    def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
+        """A copy of ``n`` instances not mirrored: the shadows in flight were at their limit."""
+
+    def degraded(self, n: int, reason: str) -> None:
+        """``n`` instances answered degraded, and why."""
+
 
 class NullObserver:
     def request(self, route: str, status: int, seconds: float, version: str) -> None:
@@ -44,6 +52,12 @@ class NullObserver:
         pass
 
     def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
+        pass
+
+    def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
+        pass
+
+    def degraded(self, n: int, reason: str) -> None:
         pass
 
 
@@ -64,6 +78,14 @@ class Fanout:
     def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
         for o in self.observers:
             o.shadow(primary, shadow, answer, mirrored, seconds)
+
+    def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
+        for o in self.observers:
+            o.shadow_dropped(primary, shadow, n)
+
+    def degraded(self, n: int, reason: str) -> None:
+        for o in self.observers:
+            o.degraded(n, reason)
 
 
 def route_of(path: str) -> str:
@@ -86,7 +108,10 @@ def route_of(path: str) -> str:
 
 
 class RequestMetrics:
-    """Pure ASGI: hands every HTTP request's route, status and duration to an observer."""
+    """Pure ASGI: hands every HTTP request's route, status and duration to an observer.
+
+    A request whose client left before its answer started (Serve cancels it) counts as
+    :data:`CLIENT_CLOSED`, never as a server error: no client saw a 500."""
 
     def __init__(self, app: Any, observer: Observer) -> None:
         self.app = app
@@ -99,11 +124,12 @@ class RequestMetrics:
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
         version = UNROUTED
+        answered = False
 
         async def send_and_note(message: dict) -> None:
-            nonlocal status, version
+            nonlocal status, version, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 for key, value in message.get("headers", ()):
                     if key == VERSION_HEADER.encode():
                         version = value.decode()
@@ -111,6 +137,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            if status == 500 and not answered:
+                status = CLIENT_CLOSED
+            raise
         finally:
             if version == UNROUTED:  # an error answered outside: the version the app chose
                 version = scope.get("state", {}).get("version", UNROUTED)
@@ -149,8 +179,11 @@ class CostMeter:
             else 0.0
             for tier in ("cheap", "expensive")
         }
-        escalated = share(self.call_rows["expensive"])
-        per_instance = per_row["cheap"] + escalated * per_row["expensive"]
+        # Escalated: the expensive tier answered, or should have (a degraded answer).
+        escalated = share(self.answered[("expensive", False)] + self.answered[("cheap", True)])
+        # Compute: only the rows the expensive tier did answer cost its time.
+        answered_share = share(self.call_rows["expensive"])
+        per_instance = per_row["cheap"] + answered_share * per_row["expensive"]
         return {
             "since_s": round(self.clock() - self.since, 1),
             "requests": self.requests,
@@ -181,6 +214,7 @@ class ABMeter:
         self.mirrored: Counter = Counter()  # (primary, shadow) -> instances compared
         self.agreed: Counter = Counter()
         self.shadow_failed: Counter = Counter()
+        self.shadow_dropped_n: Counter = Counter()  # (primary, shadow) -> copies dropped
         self.shadow_ms: Counter = Counter()
 
     def request(self, route: str, status: int, seconds: float, version: str) -> None:
@@ -202,6 +236,12 @@ class ABMeter:
         self.mirrored[pair] += len(answer)
         self.agreed[pair] += sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
 
+    def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
+        self.shadow_dropped_n[(primary, shadow)] += 1
+
+    def degraded(self, n: int, reason: str) -> None:
+        pass
+
     def report(self) -> dict[str, Any]:
         def percentile(values: deque[float], q: float) -> float:
             ordered = sorted(values)
@@ -216,7 +256,7 @@ class ABMeter:
             }
             for v, n in self.requests.items()
         }
-        pairs = set(self.mirrored) | set(self.shadow_failed)
+        pairs = set(self.mirrored) | set(self.shadow_failed) | set(self.shadow_dropped_n)
         shadows = [
             {
                 "primary": primary,
@@ -226,6 +266,7 @@ class ABMeter:
                 if self.mirrored[(primary, shadow)]
                 else None,
                 "failed_copies": self.shadow_failed[(primary, shadow)],
+                "dropped_copies": self.shadow_dropped_n[(primary, shadow)],
             }
             for primary, shadow in sorted(pairs)
         ]
