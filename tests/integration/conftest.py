@@ -28,9 +28,6 @@ KEY = "integration-test-key"  # the serving tests' key, with both scopes
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-METRICS_PORT = free_port()  # the node's metrics export, as Prometheus scrapes it
-
-
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     import os
@@ -51,12 +48,7 @@ def ray_cluster() -> Iterator[None]:
     # The transport users get: a local cluster of `scaledl serve` starts with it
     # (serve.fast_transport, on by default), so the serving tests run on it too.
     os.environ.update(FAST_TRANSPORT)
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=METRICS_PORT,
-    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -107,6 +99,24 @@ def endpoint(platform: Platform) -> Iterator[Endpoint]:
     )
     yield deploy(settings, "digits", [dev_key(KEY)])
     serve.shutdown()
+    wait_for_serve_gone()
+
+
+def wait_for_serve_gone(timeout_s: float = 60) -> None:
+    """Until Serve's controller is gone: with HAProxy its shutdown ends after
+    serve.shutdown() returns, and a serve.start() meanwhile gets the dying controller."""
+    import time
+
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +126,13 @@ def test_rows(platform: Platform) -> tuple[np.ndarray, np.ndarray]:
     )
     frame = pq.read_table(path).to_pandas()
     return frame[list(get_workload("digits").feature_columns)].to_numpy(), frame["label"].to_numpy()
+
+
+def metrics_port() -> int:
+    """The node's metrics export, the port Prometheus scrapes (ray.nodes() names it)."""
+    import ray
+
+    return int(ray.nodes()[0]["MetricsExportPort"])
 
 
 def redeploy(

@@ -18,7 +18,7 @@ import pytest
 from app.registry import Registry
 from app.serving import Endpoint
 from serve_graphs.api.observe import VERSION_HEADER
-from tests.integration.conftest import AUTH, KEY, METRICS_PORT, Platform, redeploy
+from tests.integration.conftest import AUTH, KEY, Platform, metrics_port, redeploy
 
 
 def test_the_cascade_answers_the_test_split_accurately(
@@ -91,7 +91,7 @@ def requests_counted() -> Counter:
     replicas, as Prometheus would scrape it from the node's metrics export."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
     counts: Counter = Counter()
     for family in text_string_to_metric_families(text):
         if family.name != "ray_scaledl_requests":
@@ -104,6 +104,19 @@ def requests_counted() -> Counter:
     return counts
 
 
+def settled_counts() -> Counter:
+    """The counts once two reads a few report intervals apart agree: the export lags
+    the requests by up to its report interval (1 s here)."""
+    last, deadline = requests_counted(), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        now = requests_counted()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_the_metrics_export_counts_each_request_by_status_and_version_as_sent(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
@@ -112,7 +125,7 @@ def test_the_metrics_export_counts_each_request_by_status_and_version_as_sent(
     x, _ = test_rows
     deployed = Registry(platform.settings.tracking_uri).resolve("digits-cascade", "champion")
     version = deployed.version
-    before = requests_counted()
+    before = settled_counts()  # the earlier tests' requests, once all exported
     sent: Counter = Counter()
     with httpx.Client(timeout=30) as http:
         for i, row in enumerate(x[:12]):

@@ -21,7 +21,7 @@ from ray.exceptions import RayTaskError
 from app.sections import ServeConfig
 from serve_graphs.decide.cascade import CascadeCaller, CascadeRoute, RoutedCascade
 from serve_graphs.decide.coalesce import callers
-from serve_graphs.decide.tier import Probs, Tier, TierRunner, Work
+from serve_graphs.decide.tier import Probs, Tier, TierModelRef, TierRunner, Work
 from serve_graphs.decide.tier_calls import tier_caller
 
 
@@ -131,7 +131,7 @@ def tier(
         breaker_reset_s=cfg.breaker_reset_s,
     )
     batcher.tier = replica
-    replica.swap(runner, None)  # type: ignore[arg-type]
+    replica.swap(runner, TierModelRef.from_id(runner.version))
     return replica
 
 
