@@ -4,11 +4,13 @@ which forward pass, and, in the cheap tier, the cascade.
 :class:`Tier` holds the pinned version (the deployment's ``user_config``) and swaps it
 in one assignment; splits a request larger than a batch into batch-sized chunks; runs a
 request again when its chunks straddled a swap, so one version answers it all; and
-groups a batch's rows by version, one forward pass each. The forward passes run off the
-event loop, on one thread of the replica's own, so the calls that wait meanwhile (the
-cheap tier's escalations, health checks, a routed version's load) are not held behind a
-batch. Its :meth:`Tier.predict` and :meth:`Tier.cascade` are the deployment's Serve
-methods, as callers call them.
+groups a batch's rows by version, one forward pass each. The forward passes run on the
+replica's event loop: on a thread of their own they measured slower (bench/results/
+2026-12-02-serve.md: 624 against 802 req/s at 64 clients, p99 189 against 147 ms, the
+same store and hour), since a batch of these models takes about a millisecond and the
+hand-off to a thread and back costs the loop more than it frees. Its
+:meth:`Tier.predict` and :meth:`Tier.cascade` are the deployment's Serve methods, as
+callers call them.
 
 The Serve deployment (``serve_graphs/tier_model.py``) wires it: its ``@serve.batch``
 method is the batcher (``submit``), Serve's model multiplexing loads routed versions
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,9 +133,6 @@ class Tier:
         self.busy = busy  # a context manager around each batch (the autoscaling meter)
         self.runner: TierRunner | None = None
         self.loaded: TierModelRef | None = None
-        # One thread: forward passes run one at a time, as the batcher sends them, and
-        # torch keeps one intra-op thread per replica (tier_model.py).
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     def swap(self, runner: TierRunner, ref: TierModelRef) -> str | None:
         """Serve ``runner`` from the next batch on; the version it replaced, if any."""
@@ -192,13 +190,12 @@ class Tier:
         return np.concatenate([probs for probs, _ in answers]), answers[-1][1]
 
     async def run_batch(self, batch: list[Work]) -> list[Probs]:
-        """One forward pass per version in the batch (most batches hold one), off the
-        event loop."""
+        """One forward pass per version in the batch (most batches hold one), on the
+        event loop (see the module's docstring for why)."""
         pinned = self.runner  # one version for the whole batch, even if a swap lands now
         if pinned is None and any(w.runner is None for w in batch):
             raise RuntimeError("no model loaded yet: reconfigure has not run")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._forward, batch, pinned)
+        return self._forward(batch, pinned)
 
     def _forward(self, batch: list[Work], pinned: TierRunner | None) -> list[Probs]:
         by_runner: dict[int, list[int]] = {}

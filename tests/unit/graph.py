@@ -93,6 +93,7 @@ class Batcher:
             batches[-1].append(item)
         for batch in batches:
             await self._run_one(batch)
+            await asyncio.sleep(0)  # as Serve's batcher, the loop runs between batches
 
     async def _run_one(self, batch: list[tuple[Work, asyncio.Future]]) -> None:
         self.batches.append(sum(len(w) for w, _ in batch))

@@ -1,6 +1,6 @@
 """A tier replica's logic without Ray (serve_graphs/decide/tier.py): the swap, the
 chunking of large requests, the retry of a request whose chunks straddled a swap, the
-grouping of a batch's rows by version, and forward passes off the event loop."""
+grouping of a batch's rows by version."""
 
 from __future__ import annotations
 
@@ -84,22 +84,3 @@ def test_a_swap_lands_between_batches_and_a_straddling_request_runs_again() -> N
     probs, version = asyncio.run(t.predict(np.zeros((5, 1))))
     assert swapped == ["digits-cheap/1"]
     assert version == "digits-cheap/2" and np.all(probs[:, 0] == 0.6)  # all rows, one version
-
-
-def test_forward_passes_run_off_the_event_loop() -> None:
-    """A slow batch must not hold the replica's loop, where escalations, health checks
-    and loads of routed versions wait."""
-    t = tier(runner("digits-cheap/1", delay_s=0.3))
-
-    async def meanwhile() -> float:
-        loop = asyncio.get_running_loop()
-        batch = loop.create_task(t.predict(np.zeros((1, 1))))
-        await asyncio.sleep(0.02)  # the batch is running now
-        started = loop.time()
-        await asyncio.sleep(0.01)  # another task on the loop gets its turn at once
-        waited = loop.time() - started
-        await batch
-        return waited
-
-    assert asyncio.run(meanwhile()) < 0.1
-    assert t.runner.model.threads == {"forward_0"}
