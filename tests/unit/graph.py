@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ray.exceptions import RayTaskError
 
@@ -146,7 +146,6 @@ class Graph:
     expensive_handle: Handle
     caller: CascadeCaller
     cfg: ServeConfig
-    routed: dict[str, RoutedCascade] = field(default_factory=dict)
 
     def route_to(self, version: str, cheap_id: str, expensive_id: str, threshold: float):  # noqa: ANN201
         """A routed cascade version, as the ingress binds one (Ingress._bind)."""

@@ -87,7 +87,6 @@ def test_a_routed_version_runs_its_own_models_on_both_tiers() -> None:
 def test_degraded_answers_are_counted_at_the_ingress_but_a_shadow_copy_is_not() -> None:
     g, costs, degraded = two_tiers()
     g.expensive.runner.model.fail = ServiceUnavailable("the expensive tier is away")
-    g.expensive_routed = None
     asyncio.run(g.caller.predict(rows(0, 0, 1)))
     assert degraded == [(2, "unavailable")]
     shadow = g.route_to("7", "digits-cheap/4", "digits-exp/1", threshold=0.7)
