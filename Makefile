@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
 SOURCES := app data train serve_graphs actors bench tests
 
-.PHONY: install demo test lint test-unit test-integration test-system clean
+.PHONY: install demo test lint test-unit test-integration test-system test-rules clean
 
 # torch goes first and pinned: 2.13.0 is the CPU wheel; anything looser pulls a CUDA
 # build of several GB. DeepSpeed's setup imports torch, so it builds without isolation,
@@ -35,6 +35,11 @@ lint: install
 
 test-unit: install
 	$(PYTEST) tests/unit -q
+
+# The Prometheus config and rules alone (also part of test-unit): promtool from the
+# distribution's prometheus package.
+test-rules:
+	cd cluster/prometheus && promtool check config prometheus.yml && promtool test rules tests/*.yml
 
 test-integration: install
 	$(PYTEST) tests/integration -q
