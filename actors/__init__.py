@@ -1,6 +1,10 @@
-"""Long-lived named actors (drift monitor, rollout controller).
+"""Long-lived named actors: serving statistics and the rollout controller (drift next).
 
-Nothing lives here yet: the spine serves a fixed champion. The drift monitor and the
-canary rollout controller arrive with their own issues, as Ray-free logic classes plus
-thin ``@ray.remote`` wrappers.
+Ray-free logic first; the ``@ray.remote`` wrappers come with their wiring:
+
+- ``stats``: the per-replica ``Recorder`` (exact, mergeable summaries per cascade version
+  and 10 s bucket) and the ``StatsStore`` that merges them into windows;
+- ``gates``: the judging gates (errors, latency, shadow), a list that later gates join;
+- ``rollout_spec`` and ``rollout``: a rollout's spec, state and events, and the
+  ``Controller`` that steps the routing table and promotes or rolls back through ports.
 """
