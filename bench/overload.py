@@ -37,7 +37,7 @@ from pathlib import Path
 
 from app.runtime import FAST_TRANSPORT
 from bench import wrk
-from bench.serve import check_no_ray, deploy_setup
+from bench.serve import check_no_ray, deploy_setup, store_with_cascade
 from bench.serve_models import DIGITS, request_bodies
 
 # Overload must be shed within about a batch time; a 503 slower than this is a finding.
@@ -196,14 +196,7 @@ def main() -> None:
     started = time.monotonic()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     with tempfile.TemporaryDirectory(prefix="scaledl-bench-overload-") as tmp:
-        store = args.store or Path(tmp) / "store"
-        if args.store is None:
-            print(f"training both tiers ({args.epochs} epochs) into {store}", file=sys.stderr)
-            check_no_ray("before training")
-            cmd = [sys.executable, "-m", "bench.serve", "--child", "prepare", str(store)]
-            cmd.append(str(args.epochs))
-            with (Path(tmp) / "prepare.log").open("w") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=log, env=env)
+        store = store_with_cascade(args.store, args.epochs, Path(tmp))
         bodies, model_dir, _ = request_bodies(store, "digits")
         plan = {
             "store": str(store),

@@ -307,6 +307,22 @@ def run_cluster(plan: dict, setups: list[str], env: dict[str, str], log: Path) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def store_with_cascade(store: Path | None, epochs: int, tmp: Path) -> Path:
+    """``store`` as given, or the pipeline run into ``tmp/store`` first (ingest, both
+    tiers for ``epochs``, a promoted cascade), on a cluster of its own."""
+    if store is not None:
+        return store
+    store = tmp / "store"
+    print(f"training both tiers ({epochs} epochs) into {store}", file=sys.stderr)
+    check_no_ray("before training")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    cmd = [sys.executable, "-m", "bench.serve", "--child", "prepare", str(store), str(epochs)]
+    with (tmp / "prepare.log").open("w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=log, env=env)
+    check_no_ray("after training")
+    return store
+
+
 def check_no_ray(when: str) -> None:
     import psutil
 
@@ -354,16 +370,7 @@ def main() -> None:
     setups = [s for s in "abcde" if s in args.setups.split(",")]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scaledl-bench-serve-") as tmp:
-        store = args.store or Path(tmp) / "store"
-        if args.store is None:
-            print(f"training both tiers ({args.epochs} epochs) into {store}", file=sys.stderr)
-            check_no_ray("before training")
-            env = {**os.environ, "RAY_AUTH_MODE": "token"}
-            cmd = [sys.executable, "-m", "bench.serve", "--child", "prepare", str(store)]
-            cmd.append(str(args.epochs))
-            with (Path(tmp) / "prepare.log").open("w") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=log, env=env)
-            check_no_ray("after training")
+        store = store_with_cascade(args.store, args.epochs, Path(tmp))
         bodies, model_dir, note = request_bodies(store, args.mix)
         plan = {
             "store": str(store),
