@@ -15,6 +15,7 @@ from rich.table import Table
 
 from app.cli import reports
 from app.cli.base import CliState, WorkloadOpt, console, drop_none
+from app.cli.monitor import monitor_cmd
 from app.cli.routes import route_cli
 from app.cli.serve import keys_cli, serve_cli
 from app.errors import ConfigError, find_scaledl_error
@@ -33,6 +34,7 @@ cli.add_typer(models_cli, name="models")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(serve_cli, name="serve")
 cli.add_typer(route_cli, name="route")
+cli.command("monitor")(monitor_cmd)
 
 
 @cli.callback()

@@ -159,6 +159,12 @@ def url_lines(endpoint: Endpoint, dashboard: str | None, dev_key: str | None) ->
     lines = [f"API        {endpoint.predict_url}", f"OpenAPI    {endpoint.base_url}/docs"]
     if dashboard:
         lines.append(f"dashboard  {dashboard}")
+        # Ray 2.60 starts local clusters with token auth: the dashboard opens on a token
+        # prompt. Say where the token is, never the token itself (it admits to the cluster).
+        lines.append(
+            "           asks for Ray's token: `ray get-auth-token` prints it "
+            "(a local cluster keeps it in ~/.ray/auth_token)"
+        )
     if dev_key:
         lines.append(f"API key    {dev_key}   (development key, valid while this runs)")
         body = json.dumps({"instances": [SAMPLE_DIGIT]}, separators=(",", ":"))
