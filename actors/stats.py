@@ -53,13 +53,15 @@ TIMED_OUTCOMES = frozenset({OK, ERROR, TIMEOUT})
 LATENCY = "latency"  # the histogram of request latencies, by latency_bucket()
 
 
-def outcome_of(status: int) -> str:
+def outcome_of(status: int, shed: bool = True) -> str:
     """The outcome an HTTP status counts as: 429 and 503 are load shed (the client is
     asked to retry), 504 a timeout, 499 a client that left, any other 4xx the client's
-    error, any other 5xx a server error."""
+    error, any other 5xx a server error. ``shed=False``: this 503 was not load shed but
+    a dependency that could not answer (a tier down, a model that does not load), which
+    is the version's failure and counts as an error."""
     if status < 400:
         return OK
-    if status in (429, 503):
+    if status == 429 or (status == 503 and shed):
         return SHED
     if status == 504:
         return TIMEOUT
@@ -113,7 +115,7 @@ class Summary(BaseModel):
         default_factory=dict,
         description="Named counts: the outcomes (ok, client_error, shed, error, timeout, "
         "cancelled), instances, escalated, degraded, shadow_agree, shadow_disagree, "
-        "shadow_failed; later kinds add names.",
+        "shadow_failed, shadow_dropped; later kinds add names.",
     )
     histograms: dict[str, dict[int, int]] = Field(
         default_factory=dict,
@@ -188,10 +190,13 @@ class Recorder:
             summary = self._open[key] = Summary.empty(model, version, start, start + self.bucket_s)
         return summary
 
-    def request(self, model: str, version: str, status: int, seconds: float) -> None:
-        """One answered request: its HTTP status and how long it took."""
+    def request(
+        self, model: str, version: str, status: int, seconds: float, shed: bool = True
+    ) -> None:
+        """One answered request: its HTTP status and how long it took; ``shed``: see
+        :func:`outcome_of`."""
         summary = self._summary(model, version)
-        outcome = outcome_of(status)
+        outcome = outcome_of(status, shed)
         counters = summary.counters
         counters[outcome] = counters.get(outcome, 0) + 1
         if outcome in TIMED_OUTCOMES:
@@ -338,5 +343,6 @@ def figures(s: Summary) -> dict[str, Any]:
             "compared": compared,
             "agreement": share(s.count("shadow_agree"), compared),
             "failed": s.count("shadow_failed"),
+            "dropped": s.count("shadow_dropped"),
         },
     }

@@ -1,5 +1,5 @@
 """The sections of the settings, one per stage (``ingest:``, ``train:``, ``calibrate:``,
-``serve:``): what each can be configured with, its defaults and its rules. How they are
+``serve:``, ``ops:``): what each can be configured with, its defaults and its rules. How they are
 loaded, and the top-level keys, are :mod:`app.settings`.
 """
 
@@ -222,6 +222,18 @@ class RateLimit(_Section):
     burst: int = Field(ge=1, description="Requests one key may send at once after a pause.")
 
 
+class Fault(_Section):
+    """A fault injected into one cascade version (``serve.faults``): for tests and
+    development only, so rollouts and chaos tests can make a version bad on purpose."""
+
+    fail_share: float = Field(
+        0.0, ge=0, le=1, description="Share of the version's requests answered 500."
+    )
+    delay_ms: float = Field(
+        0.0, ge=0, le=60_000, description="Milliseconds added to each of its requests."
+    )
+
+
 class ServeConfig(_Section):
     """The HTTP service."""
 
@@ -345,6 +357,12 @@ class ServeConfig(_Section):
         "(at most serve.batch.max_batch_size rows). Fewer, fuller calls: the per-call cost "
         "of a Serve hop is paid per batch, not per request (bench/serve.py).",
     )
+    faults: dict[str, Fault] = Field(
+        {},
+        description="Tests and development only (refused without dev): cascade version -> "
+        "a fault injected into its requests, e.g. {'4': {fail_share: 0.2}} or "
+        "{'4': {delay_ms: 50}}. Applied in place, without a restart.",
+    )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
 
@@ -353,3 +371,29 @@ class ServeConfig(_Section):
         """Where a client on this host reaches the service."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
+
+
+class OpsConfig(_Section):
+    """What keeps a served model healthy by itself: the live statistics every ingress
+    replica reports to one named actor (actors/serving_stats.py), which the routes view
+    and the rollout controller read as time windows."""
+
+    live_stats: bool = Field(
+        True,
+        description="Ingress replicas count requests, outcomes, latency and shadow agreement "
+        "per cascade version and report them to the serving-stats actor. Off: the routes "
+        "view has no figures and gated rollouts cannot judge.",
+    )
+    report_every_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="How often each ingress replica sends what it counted, off the request "
+        "path; a replica that dies loses at most this much.",
+    )
+    stats_bucket_s: float = Field(
+        10.0, gt=0, le=300, description="Width of one time bucket of the live statistics."
+    )
+    stats_retention_s: float = Field(
+        3600.0, ge=60, description="How long the serving-stats actor keeps buckets."
+    )

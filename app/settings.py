@@ -30,7 +30,7 @@ from pydantic_settings import (
 )
 
 from app.errors import ConfigError
-from app.sections import CalibrateConfig, IngestConfig, ServeConfig, TrainConfig
+from app.sections import CalibrateConfig, IngestConfig, OpsConfig, ServeConfig, TrainConfig
 
 ENV_PREFIX = "SCALEDL_"
 CONFIG_FILE_ENV = "SCALEDL_CONFIG"
@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     serve: ServeConfig = ServeConfig()
+    ops: OpsConfig = OpsConfig()
 
     @field_validator("api_key")
     @classmethod
@@ -113,6 +114,15 @@ class Settings(BaseSettings):
                 "temporary folder. Set SCALEDL_STORAGE_ROOT to an absolute path every node "
                 "shares, e.g. --runtime-env-json "
                 """'{"env_vars": {"SCALEDL_STORAGE_ROOT": "/mnt/shared/scaledl"}}'"""
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _faults_only_in_dev(self) -> Settings:
+        if self.serve.faults and not self.dev:
+            raise ValueError(
+                "serve.faults injects failures into served versions, for tests and "
+                "development only: remove it, or set dev (SCALEDL_DEV=1 or --dev)"
             )
         return self
 

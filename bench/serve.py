@@ -35,6 +35,7 @@ Without ``--store`` the pipeline runs first (ingest digits, train both tiers for
 
     .venv/bin/python -m bench.serve                       # about 10 minutes on 2 cores
     .venv/bin/python -m bench.serve --store DIR --seconds 3 --concurrency 16 --setups a,d
+    .venv/bin/python -m bench.serve --quick               # what make test runs: 2 s at 16
 """
 
 from __future__ import annotations
@@ -214,12 +215,15 @@ async def _no_routed(model_id: str) -> TierRunner:
 # --- the children: one cluster, LitServe ----------------------------------------------
 
 
-def deploy_setup(setup: str, plan: dict) -> str:
-    """Deploy one setup on the running Serve instance; its URL."""
+def deploy_setup(setup: str, plan: dict, **overrides: dict) -> str:
+    """Deploy one setup on the running Serve instance; its URL. ``overrides``: settings
+    sections to change (``ops={"live_stats": False}``)."""
     from app.serving import deploy
 
     settings = load_settings(
-        storage_root=Path(plan["store"]), serve={"host": "127.0.0.1", "port": plan["port"]}
+        storage_root=Path(plan["store"]),
+        serve={"host": "127.0.0.1", "port": plan["port"]},
+        **overrides,
     )
     keys = [dev_key(plan["key"], "bench")]
     if setup == "d":
@@ -361,10 +365,15 @@ def main() -> None:
         "request runs both tiers: the cascade's worst case); sure: 256 digits the cheap tier "
         "is sure of (no request escalates: what escalation costs, by difference)",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="every setup at 16 only, 2 s runs, 1 epoch"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    if args.quick:
+        args.concurrency, args.seconds, args.warmup, args.epochs = "16", 2, 1, 1
 
     wrk.require_wrk()
     setups = [s for s in "abcde" if s in args.setups.split(",")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.keys import ApiKey
-from app.sections import BatchConfig, ServeConfig
+from app.sections import BatchConfig, Fault, OpsConfig, ServeConfig
 from app.settings import Settings
 from serve_graphs.decide.tier import TierModelRef
 
@@ -41,6 +41,9 @@ class IngressConfig(BaseModel):
     cold_start_tiers: list[str] = Field(
         [], description="Tiers with min_replicas 0: ready while they have no replica."
     )
+    faults: dict[str, Fault] = Field(
+        {}, description="serve.faults: faults injected per cascade version (dev and tests)."
+    )
 
 
 class GraphArgs(BaseModel):
@@ -68,6 +71,7 @@ class GraphArgs(BaseModel):
         "On a cluster it must be on storage every node shares.",
     )
     serve: ServeConfig = ServeConfig()
+    ops: OpsConfig = OpsConfig()
 
     @model_validator(mode="after")
     def _some_key(self) -> GraphArgs:
@@ -87,4 +91,5 @@ class GraphArgs(BaseModel):
             api_keys=keys,
             keys_file=keys_file,
             serve=settings.serve,
+            ops=settings.ops,
         )

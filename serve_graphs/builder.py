@@ -16,7 +16,7 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.schema import LoggingConfig
 
 from app.registry import Registry
-from app.workloads import TIERS, get_workload
+from app.workloads import TIERS, Workload, get_workload
 from serve_graphs.api.app import RETRY_AFTER_S
 from serve_graphs.args import GraphArgs, IngressConfig, TierConfig
 from serve_graphs.catalog import cascade_models
@@ -37,6 +37,7 @@ SWAPPABLE = {
     "cheap_replicas",
     "expensive_replicas",
     "ingress_replicas",
+    "faults",
 }
 # (The routing table is not deployed at all: it lives in the registry, see catalog.py.)
 # The settings the cheap tier's escalation reads; only these reach it, so a change to
@@ -136,5 +137,31 @@ def user_configs(args: GraphArgs) -> dict[str, dict[str, Any]]:
         cold_start_tiers=[
             t for t in TIERS if getattr(serve_cfg, f"{t}_replicas").min_replicas == 0
         ],
+        faults=serve_cfg.faults,
+    ).model_dump(mode="json")
+    return configs
+
+
+def promoted_user_configs(
+    registry: Registry, workload: Workload, version: str, deployed: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The user_configs that serve cascade ``version`` in place of the deployed ones
+    (deployment name -> user_config): the same batching, INT8 tiers, faults and cold
+    starts, only the versions and the threshold change. A rollout's promotion deploys
+    them; Serve applies them with ``reconfigure``, as a redeploy after calibration."""
+    ingress = IngressConfig.model_validate(deployed[INGRESS])
+    models = cascade_models(registry, workload, version, ingress.int8_tiers)
+    configs = {
+        tier_deployment(tier): TierConfig.model_validate(deployed[tier_deployment(tier)])
+        .model_copy(update={"model": models.tiers[tier]})
+        .model_dump(mode="json")
+        for tier in TIERS
+    }
+    configs[INGRESS] = ingress.model_copy(
+        update={
+            "threshold": models.spec.threshold,
+            "cascade_version": models.ref.version,
+            "cheap_version": models.tiers["cheap"].model_id,
+        }
     ).model_dump(mode="json")
     return configs

@@ -16,11 +16,13 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.serving_stats import StatsClient
 from app.keys import KeyRing
 from app.registry import Registry
 from app.workloads import get_workload
 from serve_graphs.api.app import build_api
 from serve_graphs.api.limits import RateLimiter
+from serve_graphs.api.observe import LiveStats
 from serve_graphs.args import GraphArgs, IngressConfig
 from serve_graphs.catalog import CascadeModels, RegistryRouteStore, cascade_models
 from serve_graphs.decide.cascade import CascadeCaller, CascadeFn, CascadeRoute, RoutedCascade
@@ -28,6 +30,7 @@ from serve_graphs.decide.readiness import Readiness
 from serve_graphs.decide.routing import Routing
 from serve_graphs.decide.tier_calls import tier_caller, watch_replicas
 from serve_graphs.metrics import ServeMetrics
+from serve_graphs.rollouts import ActorRollouts
 
 log = logging.getLogger("ray.serve")
 
@@ -89,6 +92,17 @@ class Ingress:
             self.tier_replicas,
             lambda: set(self.config.cold_start_tiers) if self.config else set(),
         )
+        ops = self.args.ops
+        self.live = (
+            LiveStats(
+                self.args.workload,
+                StatsClient(ops.stats_retention_s),
+                every_s=ops.report_every_s,
+                bucket_s=ops.stats_bucket_s,
+            )
+            if ops.live_stats
+            else None
+        )
         self.tasks: list[asyncio.Task] = []  # the watches, and routed versions' loads
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -108,6 +122,8 @@ class Ingress:
                 self.loop.create_task(self.routing.watch(self.args.serve.routes_poll_s)),
                 self.loop.create_task(watch_replicas(self.handles, self.tier_replicas)),
             ]
+            if self.live:  # on this loop: the recorder is counted into from it
+                self.tasks.append(self.loop.create_task(self.live.run()))
         elif previous.int8_tiers != config.int8_tiers:  # routed versions run so too
             await self.routing.rebind()
 
@@ -183,4 +199,7 @@ class Ingress:
             request_timeout_s=cfg.request_timeout_s,
             route_header=cfg.route_header,
             observer=ServeMetrics(),
+            live=self.live,
+            faults=lambda: self.config.faults if self.config else {},
+            rollouts=ActorRollouts(self.args.tracking_uri, self.args.workload),
         )

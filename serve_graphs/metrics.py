@@ -58,12 +58,12 @@ class ServeMetrics:
             tag_keys=("cascade_version", "shadow_version", "outcome"),
         )
 
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str, shed: bool) -> None:
         tags = {"route": route, "cascade_version": version}
         self.requests.inc(tags={**tags, "status": str(status)})
         self.latency.observe(seconds * 1000, tags=tags)
 
-    def predictions(self, predictions: list[Prediction]) -> None:
+    def predictions(self, version: str, predictions: list[Prediction]) -> None:
         counts = Counter((p.tier, p.model_version, p.degraded) for p in predictions)
         for (tier, version, degraded), n in counts.items():
             tags = {"tier": tier, "model_version": version, "degraded": str(degraded).lower()}

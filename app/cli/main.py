@@ -16,6 +16,7 @@ from rich.table import Table
 from app.cli import reports
 from app.cli.base import CliState, WorkloadOpt, console, drop_none
 from app.cli.monitor import monitor_cmd
+from app.cli.rollouts import rollout_cli
 from app.cli.routes import route_cli
 from app.cli.serve import keys_cli, serve_cli
 from app.errors import ConfigError, find_scaledl_error
@@ -34,6 +35,7 @@ cli.add_typer(models_cli, name="models")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(serve_cli, name="serve")
 cli.add_typer(route_cli, name="route")
+cli.add_typer(rollout_cli, name="rollout")
 cli.command("monitor")(monitor_cmd)
 
 

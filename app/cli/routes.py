@@ -68,15 +68,18 @@ def _call(
     url: str | None,
     key: str | None,
     body: dict | None = None,
+    path: str = "routes",
 ) -> dict[str, Any]:
+    """``method`` on the admin route ``/v1/models/<workload>/<path>``: its JSON answer,
+    or the service's error as a RemoteError carrying its status and message."""
     import httpx
 
     settings = ctx.obj.settings()
     secret = key or (settings.api_key.get_secret_value() if settings.api_key else None)
     if not secret:
-        raise ConfigError("the routing table needs an admin key: pass --key or set SCALEDL_API_KEY")
+        raise ConfigError("this command needs an admin key: pass --key or set SCALEDL_API_KEY")
     base = (url or settings.serve.base_url).rstrip("/")
-    target = f"{base}/v1/models/{workload}/routes"
+    target = f"{base}/v1/models/{workload}/{path}"
     try:
         resp = httpx.request(
             method, target, json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30
@@ -97,24 +100,20 @@ def _call(
 def _show(view: dict[str, Any]) -> None:
     table = view["table"]
     title = "routing table" if table else f"no table: every request to version {view['deployed']}"
-    columns = ("requests", "server_errors", "p50_ms", "p99_ms")
+    live = view["stats"]
+    columns = ("requests", "error_rate", "p50_ms", "p99_ms", "escalated_share", "agreement")
     out = Table("version", "ref", "weight", *(c.replace("_", " ") for c in columns), title=title)
-    stats = view["versions"]
     deployed = {"ref": "deployed", "version": view["deployed"], "weight": 100}
     entries = table["routes"] if table else [deployed]
     shadow = table["shadow"] if table else None
     for entry in [*entries, *([{**shadow, "weight": "shadow"}] if shadow else [])]:
-        seen = stats.get(entry["version"], {})
-        numbers = (str(seen.get(c, "-")) for c in columns)
+        seen = live["versions"].get(entry["version"], {})
+        seen = {**seen, "agreement": seen.get("shadow", {}).get("agreement")}
+        numbers = ("-" if seen.get(c) is None else str(seen[c]) for c in columns)
         out.add_row(entry["version"], entry["ref"], str(entry["weight"]), *numbers)
     console().print(out)
-    for pair in view["shadow"]:
-        agreement = pair["agreement"]
-        shown = f"{agreement:.1%}" if agreement is not None else "-"
-        console().print(
-            f"shadow {pair['shadow']} vs {pair['primary']}: {pair['instances_compared']} "
-            f"instances compared, {shown} agree, {pair['failed_copies']} copies failed"
-        )
+    scope = live.get("off") or f"the last {live['window_s']:g} s, every ingress replica"
+    console().print(f"figures: {scope}", style="dim")
     if table:
         console().print(f"set {table['updated_at']} by {table['updated_by']}", style="dim")
 

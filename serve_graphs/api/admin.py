@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from app.errors import NotFound
 from app.keys import ApiKey
 from app.workloads import Workload
-from serve_graphs.api.observe import ABMeter, CostMeter
+from serve_graphs.api.observe import CostMeter, LiveStats
 from serve_graphs.decide.routing import RouteSpec, Routing
+
+WINDOW_S = 300.0  # the live statistics the routes view reports by default: 5 minutes
 
 
 def check_name(workload: Workload, name: str) -> None:
@@ -23,7 +25,7 @@ def admin_router(
     workload: Workload,
     routing: Routing,
     costs: CostMeter,
-    ab: ABMeter,
+    live: LiveStats | None,
     *,
     key_for: Callable[[str], Any],
 ) -> APIRouter:
@@ -43,28 +45,41 @@ def admin_router(
         check_name(workload, name)
         return costs.report()
 
-    def routes_view() -> dict[str, Any]:
+    async def routes_view(window_s: float) -> dict[str, Any]:
         table = routing.table
+        stats = (
+            await live.view(window_s)
+            if live
+            else {"window_s": window_s, "versions": {}, "off": "ops.live_stats is false"}
+        )
         return {
             "deployed": routing.deployed(),
             "table": table.model_dump() if table else None,
             "served_versions": routing.versions(),
-            **ab.report(),
-            "shadow_dropped": routing.shadow_dropped,
+            "stats": stats,
         }
+
+    window = Query(
+        WINDOW_S,
+        gt=0,
+        le=3600,
+        alias="window_s",
+        description="Seconds of live statistics to report, up to ops.stats_retention_s.",
+    )
 
     @router.get(
         "/routes",
         dependencies=[admin],
-        summary="The routing table, and A/B and shadow results per version",
+        summary="The routing table, and live figures per version",
         description="The table (null: every request goes to the deployed cascade), the "
-        "versions a request may name, and what this ingress replica has seen since it "
-        "started: requests, server errors and latency per version, and each shadow's "
-        "agreement with the answers returned.",
+        "versions a request may name, and, cluster-wide over the last window_s seconds "
+        "(every ingress replica reports every ops.report_every_s): per cascade version, "
+        "requests by outcome, error rate, p50/p99 latency, escalated and degraded shares, "
+        "and, for a shadow version, its agreement with the answers returned.",
     )
-    async def routes(name: str) -> dict[str, Any]:
+    async def routes(name: str, window_s: float = window) -> dict[str, Any]:
         check_name(workload, name)
-        return routes_view()
+        return await routes_view(window_s)
 
     @router.put(
         "/routes",
@@ -77,12 +92,12 @@ def admin_router(
     async def set_routes(name: str, spec: RouteSpec, key: ApiKey = admin) -> dict[str, Any]:
         check_name(workload, name)
         await routing.set(spec, by=key.id)
-        return routes_view()
+        return await routes_view(WINDOW_S)
 
     @router.delete("/routes", summary="Drop the table: every request to the deployed cascade")
     async def clear_routes(name: str, key: ApiKey = admin) -> dict[str, Any]:
         check_name(workload, name)
         await routing.set(None, by=key.id)
-        return routes_view()
+        return await routes_view(WINDOW_S)
 
     return router

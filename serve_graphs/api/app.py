@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import pandas as pd
 from fastapi import Depends, FastAPI, Request
@@ -18,8 +19,9 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from app.errors import GatewayTimeout, ScaledlError
+from app.errors import GatewayTimeout, Overloaded, ScaledlError
 from app.keys import ApiKey, KeyRing, Scope
+from app.sections import Fault
 from app.workloads import Workload
 from serve_graphs.api.admin import admin_router, check_name
 from serve_graphs.api.inputs import (
@@ -34,15 +36,17 @@ from serve_graphs.api.limits import RateLimiter
 from serve_graphs.api.middleware import BodyLimit, OipJsonBodies
 from serve_graphs.api.observe import (
     VERSION_HEADER,
-    ABMeter,
     CostMeter,
     Fanout,
+    LiveStats,
     NullObserver,
     Observer,
     RequestMetrics,
 )
 from serve_graphs.api.oip import oip_router
+from serve_graphs.api.rollouts import RolloutsPort, rollout_router
 from serve_graphs.decide.cascade import Instances, Prediction
+from serve_graphs.decide.faults import inject
 from serve_graphs.decide.readiness import Readiness
 from serve_graphs.decide.routing import Routing
 
@@ -99,13 +103,18 @@ def build_api(
     request_timeout_s: float = 10.0,
     route_header: str = "x-scaledl-user",
     observer: Observer | None = None,
+    live: LiveStats | None = None,
+    faults: Callable[[], dict[str, Fault]] = dict,
+    rollouts: RolloutsPort | None = None,
 ) -> FastAPI:
     """The app: ``/v1`` simple JSON, ``/v2`` the Open Inference Protocol, and the admin
     routes; ``routing`` picks the cascade version of each request (A/B, canary, shadow),
     sticky per value of the ``route_header`` request header. The routing's cascade
     caller feeds the cost report and the observer (degraded answers, shadow copies).
     ``limits``: per-key rate limits (none by default); ``readiness``: what the ready
-    routes say (always ready without one)."""
+    routes say (always ready without one); ``live``: the live statistics the routes view
+    reports (none: ops.live_stats is off); ``faults``: serve.faults now (dev and tests);
+    ``rollouts``: the rollout controller the rollout routes drive (none: no such routes)."""
     api = FastAPI(
         title="scaledl",
         description=f"Predictions for the {workload.name} workload: {workload.description}.",
@@ -113,8 +122,7 @@ def build_api(
     )
     check = InputCheck(workload)
     costs = CostMeter()
-    ab = ABMeter()
-    observer = Fanout(observer or NullObserver(), ab)
+    observer = Fanout(observer or NullObserver(), *([live] if live else []))
     limits = limits or RateLimiter({})
     routing.on_shadow = observer.shadow
     routing.on_shadow_dropped = observer.shadow_dropped
@@ -140,13 +148,14 @@ def build_api(
         request.state.version = version = route.version  # a 4xx above is no version's
         try:
             async with asyncio.timeout(request_timeout_s):  # no task of its own, unlike wait_for
+                await inject(faults().get(version), version)
                 predictions = await routing.predict(route, checked)
         except TimeoutError:
             raise GatewayTimeout(
                 f"no answer within {request_timeout_s:g} s (serve.request_timeout_s): retry, "
                 "or send fewer instances per request"
             ) from None
-        observer.predictions(predictions)
+        observer.predictions(version, predictions)
         costs.predictions(predictions)
         return version, predictions
 
@@ -157,6 +166,7 @@ def build_api(
     @api.exception_handler(ScaledlError)
     async def _scaledl_error(request: Request, exc: ScaledlError) -> JSONResponse:
         retry_after = str(getattr(exc, "retry_after_s", RETRY_AFTER_S))
+        request.state.shed = isinstance(exc, Overloaded)  # a 503 not shed: a tier failed
         headers = {
             401: {"WWW-Authenticate": "Bearer"},
             429: {"Retry-After": retry_after},
@@ -235,7 +245,9 @@ def build_api(
             openapi_extra=body_schema(PredictRequest),
         )
 
-    api.include_router(admin_router(workload, routing, costs, ab, key_for=key_for))
+    api.include_router(admin_router(workload, routing, costs, live, key_for=key_for))
+    if rollouts is not None:
+        api.include_router(rollout_router(workload, rollouts, routing.deployed, key_for=key_for))
     api.include_router(
         oip_router(
             workload,

@@ -1,20 +1,27 @@
 """What the service reports about itself, free of Ray: per request (route, status,
 latency) and per prediction (which tier and model version answered, degraded or not).
 
-The ingress plugs in an :class:`Observer` backed by Ray Serve metrics (Prometheus); tests
-plug in a recording one. Model versions are tags, so two versions serving side by side
-(a swap in progress, later an A/B split) can be compared on requests, errors and latency.
+The ingress plugs in two :class:`Observer` s: one backed by Ray Serve metrics
+(Prometheus), and :class:`LiveStats`, which counts per cascade version and time bucket and
+reports to the cluster's serving-stats actor (the routes view and gated rollouts read it);
+tests plug in a recording one. Model versions are tags, so two versions serving side by
+side (a swap in progress, an A/B split, a canary) can be compared on requests, errors and
+latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from actors.stats import Recorder
 from serve_graphs.decide.cascade import Prediction
+
+log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "x-scaledl-version"  # the cascade version that answered a request
 UNROUTED = "none"  # the version tag of a request no version answered (a 4xx, say)
@@ -23,9 +30,11 @@ CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned before 
 
 
 class Observer(Protocol):
-    def request(self, route: str, status: int, seconds: float, version: str) -> None: ...
+    def request(self, route: str, status: int, seconds: float, version: str, shed: bool) -> None:
+        """One HTTP answer. ``shed``: a 429/503 that shed load (over a rate limit, a
+        bound on waiting); a 503 with ``shed`` false is a dependency that failed."""
 
-    def predictions(self, predictions: list[Prediction]) -> None: ...
+    def predictions(self, version: str, predictions: list[Prediction]) -> None: ...
 
     def shadow(
         self,
@@ -45,10 +54,10 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str, shed: bool) -> None:
         pass
 
-    def predictions(self, predictions: list[Prediction]) -> None:
+    def predictions(self, version: str, predictions: list[Prediction]) -> None:
         pass
 
     def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
@@ -67,13 +76,13 @@ class Fanout:
     def __init__(self, *observers: Observer) -> None:
         self.observers = observers
 
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str, shed: bool) -> None:
         for o in self.observers:
-            o.request(route, status, seconds, version)
+            o.request(route, status, seconds, version, shed)
 
-    def predictions(self, predictions: list[Prediction]) -> None:
+    def predictions(self, version: str, predictions: list[Prediction]) -> None:
         for o in self.observers:
-            o.predictions(predictions)
+            o.predictions(version, predictions)
 
     def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
         for o in self.observers:
@@ -142,10 +151,12 @@ class RequestMetrics:
                 status = CLIENT_CLOSED
             raise
         finally:
+            state = scope.get("state", {})
             if version == UNROUTED:  # an error answered outside: the version the app chose
-                version = scope.get("state", {}).get("version", UNROUTED)
+                version = state.get("version", UNROUTED)
             seconds = time.perf_counter() - started
-            self.observer.request(route_of(scope["path"]), status, seconds, version)
+            shed = status == 429 or state.get("shed", False)
+            self.observer.request(route_of(scope["path"]), status, seconds, version, shed)
 
 
 class CostMeter:
@@ -200,74 +211,95 @@ class CostMeter:
         }
 
 
-class ABMeter:
-    """A/B results as one ingress replica sees them since it started: per cascade
-    version, predict requests, server errors and latency percentiles; per shadow pair,
-    how often the shadow agreed with the answer returned. Feeds
-    ``GET /v1/models/{name}/routes``; Prometheus gets the same from ServeMetrics."""
+class StatsSink(Protocol):
+    """Where the live statistics go and are read back: the serving-stats actor
+    (actors/serving_stats.py) in the ingress, an in-process StatsStore in tests."""
 
-    def __init__(self, window: int = 4096) -> None:
-        self.window = window  # latencies kept per version, for the percentiles
-        self.requests: Counter = Counter()
-        self.errors: Counter = Counter()
-        self.latency_ms: dict[str, deque[float]] = {}
-        self.mirrored: Counter = Counter()  # (primary, shadow) -> instances compared
-        self.agreed: Counter = Counter()
-        self.shadow_failed: Counter = Counter()
-        self.shadow_dropped_n: Counter = Counter()  # (primary, shadow) -> copies dropped
-        self.shadow_ms: Counter = Counter()
+    async def add(self, summaries: list[dict[str, Any]]) -> None: ...
 
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
-        if route not in PREDICT_ROUTES or version == UNROUTED:
-            return
-        self.requests[version] += 1
-        self.errors[version] += status >= 500
-        self.latency_ms.setdefault(version, deque(maxlen=self.window)).append(seconds * 1000)
+    async def report(self, model: str, start: float, end: float) -> dict[str, Any]: ...
 
-    def predictions(self, predictions: list[Prediction]) -> None:
-        pass
+
+class LiveStats:
+    """The Observer that feeds the cluster-wide live statistics: a :class:`Recorder`
+    counts each predict request of a cascade version (outcome, latency), its instances
+    (escalated, degraded) and each shadow copy's agreement, under the shadow's version.
+    :meth:`run` sends what it counted to the sink every ``every_s``, off the request
+    path; a failed send is put back and goes with the next. Feeds ``GET /routes`` and,
+    through the actor, the rollout controller.
+
+    Everything here runs on the replica's event loop: the Recorder is not locked."""
+
+    def __init__(
+        self,
+        model: str,
+        sink: StatsSink,
+        *,
+        every_s: float = 5.0,
+        bucket_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model, self.sink, self.every_s, self.clock = model, sink, every_s, clock
+        self.recorder = Recorder(bucket_s, clock)
+        self.failing = False  # the last send failed: said once, not every interval
+
+    def request(
+        self, route: str, status: int, seconds: float, version: str, shed: bool = True
+    ) -> None:
+        if route in PREDICT_ROUTES and version != UNROUTED:
+            self.recorder.request(self.model, version, status, seconds, shed)
+
+    def predictions(self, version: str, predictions: list[Prediction]) -> None:
+        degraded = sum(p.degraded for p in predictions)
+        # Escalated: the expensive tier answered, or should have (a degraded answer).
+        escalated = sum(p.tier == "expensive" for p in predictions) + degraded
+        self.recorder.predictions(
+            self.model, version, len(predictions), escalated=escalated, degraded=degraded
+        )
 
     def shadow(self, primary, shadow, answer, mirrored, seconds) -> None:  # noqa: ANN001
-        pair = (primary, shadow)
-        self.shadow_ms[pair] += seconds * 1000
         if mirrored is None:
-            self.shadow_failed[pair] += 1
+            self.recorder.shadow(self.model, shadow, 0, 0, failed=len(answer))
             return
-        self.mirrored[pair] += len(answer)
-        self.agreed[pair] += sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
+        agree = sum(a.label == m.label for a, m in zip(answer, mirrored, strict=True))
+        self.recorder.shadow(self.model, shadow, agree, len(answer) - agree)
 
     def shadow_dropped(self, primary: str, shadow: str, n: int) -> None:
-        self.shadow_dropped_n[(primary, shadow)] += 1
+        self.recorder.count(self.model, shadow, "shadow_dropped", n)
 
     def degraded(self, n: int, reason: str) -> None:
-        pass
+        pass  # counted with the answer's predictions
 
-    def report(self) -> dict[str, Any]:
-        def percentile(values: deque[float], q: float) -> float:
-            ordered = sorted(values)
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+    async def flush(self) -> None:
+        """Send everything counted so far; on failure it is kept for the next send."""
+        summaries = self.recorder.drain()
+        if not summaries:
+            return
+        try:
+            await self.sink.add([s.model_dump() for s in summaries])
+        except BaseException:
+            self.recorder.requeue(summaries)
+            raise
 
-        versions = {
-            v: {
-                "requests": n,
-                "server_errors": self.errors[v],
-                "p50_ms": percentile(self.latency_ms[v], 0.5),
-                "p99_ms": percentile(self.latency_ms[v], 0.99),
-            }
-            for v, n in self.requests.items()
-        }
-        pairs = set(self.mirrored) | set(self.shadow_failed) | set(self.shadow_dropped_n)
-        shadows = [
-            {
-                "primary": primary,
-                "shadow": shadow,
-                "instances_compared": self.mirrored[(primary, shadow)],
-                "agreement": self.agreed[(primary, shadow)] / self.mirrored[(primary, shadow)]
-                if self.mirrored[(primary, shadow)]
-                else None,
-                "failed_copies": self.shadow_failed[(primary, shadow)],
-                "dropped_copies": self.shadow_dropped_n[(primary, shadow)],
-            }
-            for primary, shadow in sorted(pairs)
-        ]
-        return {"versions": versions, "shadow": shadows}
+    async def run(self) -> None:
+        """Flush every ``every_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - kept and retried; said once
+                if not self.failing:
+                    log.warning("sending live statistics failed (%s); kept, retrying", exc)
+                self.failing = True
+            else:
+                if self.failing:
+                    log.info("sending live statistics works again")
+                self.failing = False
+
+    async def view(self, window_s: float) -> dict[str, Any]:
+        """Per-version figures over the last ``window_s`` seconds, cluster-wide: this
+        replica's counts are sent first, so they include the requests just answered."""
+        await self.flush()
+        now = self.clock()
+        report = await self.sink.report(self.model, now - window_s, now)
+        return {"window_s": window_s, "versions": report["versions"]}

@@ -286,20 +286,7 @@ class Routing:
             return None
         refs = [*spec.routes, *([spec.shadow] if spec.shadow else [])]
         resolved = {ref: await self._registry(self._resolve_ref, ref) for ref in refs}
-        try:
-            table = RouteTable(
-                routes=[
-                    RouteEntry(ref=ref, version=resolved[ref][0], weight=weight)
-                    for ref, weight in spec.routes.items()
-                ],
-                shadow=RouteEntry(ref=spec.shadow, version=resolved[spec.shadow][0], weight=0)
-                if spec.shadow
-                else None,
-                updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                updated_by=by,
-            )
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid routing table: {error_text(exc)}") from None
+        table = build_table(spec, {ref: version for ref, (version, _) in resolved.items()}, by)
         variants = {version: variant for version, variant in resolved.values()}
         text = table.model_dump_json()
         await self._registry(self.store.save, text)
@@ -378,6 +365,26 @@ class Routing:
             raise ServiceUnavailable(
                 f"the registry could not be reached ({type(exc).__name__}): retry shortly"
             ) from exc
+
+
+def build_table(spec: RouteSpec, versions: dict[str, str], by: str) -> RouteTable:
+    """The table ``spec`` asks for, its refs resolved to ``versions`` (ref -> version):
+    what ``PUT /routes`` and the rollout controller store. An inconsistent one (a version
+    twice, a shadow that also takes traffic) is a 400 saying why."""
+    try:
+        return RouteTable(
+            routes=[
+                RouteEntry(ref=ref, version=versions[ref], weight=weight)
+                for ref, weight in spec.routes.items()
+            ],
+            shadow=RouteEntry(ref=spec.shadow, version=versions[spec.shadow], weight=0)
+            if spec.shadow
+            else None,
+            updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            updated_by=by,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid routing table: {error_text(exc)}") from None
 
 
 def error_text(exc: ValueError) -> str:

@@ -2,12 +2,14 @@
 CascadeCaller calls the cheap tier's :class:`Tier` (which runs the cascade) through the
 same coalesced tier caller, and the cheap tier calls the expensive tier's the same way.
 
-Two stand-ins, for what needs a running Serve replica:
+Three stand-ins, for what needs a running Serve replica or actor:
 - :class:`Handle` for a DeploymentHandle: ``handle.options(...).method.remote(...)``
   calls the replica's method in-process, and an exception raised there reaches the
   caller as Serve delivers it, wrapped in a RayTaskError;
 - :class:`Batcher` for ``@serve.batch`` (which needs a replica context): the chunks
-  submitted in one event-loop pass run as one batch.
+  submitted in one event-loop pass run as one batch;
+- :class:`LocalStats` for the serving-stats actor's client (actors/serving_stats.py
+  ``StatsClient``): the same :class:`StatsStore`, in this process.
 """
 
 from __future__ import annotations
@@ -18,11 +20,25 @@ from dataclasses import dataclass
 
 from ray.exceptions import RayTaskError
 
+from actors.stats import StatsStore
 from app.sections import ServeConfig
 from serve_graphs.decide.cascade import CascadeCaller, CascadeRoute, RoutedCascade
 from serve_graphs.decide.coalesce import callers
 from serve_graphs.decide.tier import Probs, Tier, TierModelRef, TierRunner, Work
 from serve_graphs.decide.tier_calls import tier_caller
+
+
+class LocalStats:
+    """The serving-stats actor's async surface over a StatsStore in this process."""
+
+    def __init__(self, store: StatsStore | None = None) -> None:
+        self.store = store or StatsStore()
+
+    async def add(self, summaries: list[dict]) -> None:
+        self.store.add(summaries)
+
+    async def report(self, model: str, start: float, end: float) -> dict:
+        return self.store.report(model, start, end)
 
 
 class Handle:

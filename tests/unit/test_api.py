@@ -249,11 +249,11 @@ class Recorder:
         self.degraded_rows: list[tuple[int, str]] = []
         self.dropped: list[tuple[str, str, int]] = []
 
-    def request(self, route: str, status: int, seconds: float, version: str) -> None:
+    def request(self, route: str, status: int, seconds: float, version: str, shed: bool) -> None:
         assert seconds >= 0
         self.requests.append((route, status, version))
 
-    def predictions(self, predictions) -> None:  # noqa: ANN001
+    def predictions(self, version: str, predictions) -> None:  # noqa: ANN001
         self.answered += [(p.tier, p.model_version, p.degraded) for p in predictions]
 
     def shadow(self, *args) -> None:  # noqa: ANN002

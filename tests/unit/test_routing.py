@@ -18,6 +18,7 @@ import pytest
 from app.errors import NotFound, ServiceUnavailable
 from app.keys import KeyRing, dev_key
 from serve_graphs.api.app import build_api
+from serve_graphs.api.observe import LiveStats
 from serve_graphs.decide.cascade import RoutedCascade
 from serve_graphs.decide.routing import (
     MemoryRouteStore,
@@ -27,7 +28,7 @@ from serve_graphs.decide.routing import (
     user_bucket,
 )
 from serve_graphs.decide.tier import TierRunner
-from tests.unit.graph import Graph, graph
+from tests.unit.graph import Graph, LocalStats, graph
 from tests.unit.test_api import AUTH, DIGITS, KEY, digit_images
 
 with warnings.catch_warnings():
@@ -110,7 +111,8 @@ def service(registry: Registry, store: MemoryRouteStore | None = None, **kwargs)
     keys = KeyRing(
         [dev_key(KEY), dev_key(READER, "reader").model_copy(update={"scope": "predict"})]
     )
-    http = TestClient(build_api(DIGITS, routing, keys=keys, max_instances=8))
+    live = LiveStats(DIGITS.name, LocalStats())
+    http = TestClient(build_api(DIGITS, routing, keys=keys, max_instances=8, live=live))
     # One event loop for all its requests (as a replica has), so shadow copies, which
     # run after their primary's answer, are not cut off when a request's loop ends.
     http.__enter__()
@@ -208,21 +210,18 @@ def test_a_shadow_sees_a_copy_is_never_returned_and_its_agreement_is_recorded(
         assert predict(http, f"user-{u}") == ("3", 3)  # the shadow's label 7 never returns
 
     def compared() -> dict | None:
-        report = http.get(ROUTES, headers=AUTH).json()
-        return report if report["shadow"][0]["instances_compared"] == 5 else None
+        versions = http.get(ROUTES, headers=AUTH).json()["stats"]["versions"]
+        return versions if "7" in versions and versions["7"]["shadow"]["compared"] == 5 else None
 
-    report = eventually(compared)
-    assert report["shadow"] == [
-        {
-            "primary": "3",
-            "shadow": "7",
-            "instances_compared": 5,
-            "agreement": 0.0,  # version 7 always says 7, the champion 3
-            "failed_copies": 0,
-            "dropped_copies": 0,
-        }
-    ]
-    assert report["versions"]["3"]["requests"] == 5 and "7" not in report["versions"]
+    versions = eventually(compared)
+    assert versions["7"]["shadow"] == {
+        "compared": 5,
+        "agreement": 0.0,  # version 7 always says 7, the champion 3
+        "failed": 0,
+        "dropped": 0,
+    }
+    assert versions["7"]["requests"] == 0  # no answer of the shadow was returned
+    assert versions["3"]["requests"] == 5 and versions["3"]["outcomes"]["ok"] == 5
     assert registry.calls.count("digits-cheap/7") == 5
 
 
@@ -247,16 +246,16 @@ def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(registry: Reg
     assert answers == [("3", 3)] * 5
     assert elapsed < 0.3  # five answers before the first 0.3 s shadow copy finished
     assert routing.shadow_dropped == 3  # two copies in flight at most; the rest dropped
-    # ... and counted per pair, as Prometheus gets them (outcome "dropped")
-    assert http.get(ROUTES, headers=AUTH).json()["shadow"][0]["dropped_copies"] == 3
+    # ... and counted under the shadow's version, in instances, as Prometheus gets them
+    shadow = http.get(ROUTES, headers=AUTH).json()["stats"]["versions"]["7"]["shadow"]
+    assert shadow["dropped"] == 3
 
     registry.broken_version("7")
     http, routing = service(registry)
     assert http.put(ROUTES, json={"routes": {"3": 100}, "shadow": "7"}, headers=AUTH).is_success
     assert predict(http, "ann") == ("3", 3)
-    assert (
-        eventually(lambda: http.get(ROUTES, headers=AUTH).json()["shadow"])[0]["failed_copies"] == 1
-    )
+    versions = eventually(lambda: http.get(ROUTES, headers=AUTH).json()["stats"]["versions"])
+    assert versions["7"]["shadow"]["failed"] == 1
 
 
 def test_a_failing_challenger_degrades_only_its_own_answers(registry: Registry) -> None:
@@ -269,9 +268,11 @@ def test_a_failing_challenger_degrades_only_its_own_answers(registry: Registry) 
         resp = http.post(PREDICT, json={"instances": digit_images(1)}, headers=headers)
         statuses[(resp.headers.get("x-scaledl-version"), resp.status_code)] += 1
     assert set(statuses) == {("3", 200), ("4", 503)}  # the champion answers throughout
-    versions = http.get(ROUTES, headers=AUTH).json()["versions"]
-    assert versions["3"]["server_errors"] == 0
-    assert versions["4"]["server_errors"] == statuses[("4", 503)]
+    versions = http.get(ROUTES, headers=AUTH).json()["stats"]["versions"]
+    assert versions["3"]["outcomes"]["error"] == 0
+    # Its 503s are a version that cannot answer, not load shed: errors, as a rollout sees
+    assert versions["4"]["outcomes"]["error"] == statuses[("4", 503)] > 0
+    assert versions["4"]["outcomes"]["shed"] == 0 and versions["4"]["error_rate"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -402,7 +403,8 @@ def test_a_bug_counts_against_its_version_and_a_registry_outage_is_a_503(
     http = TestClient(http.app, raise_server_exceptions=False)
     resp = http.post(PREDICT, json={"instances": digit_images(1)}, headers=AUTH)
     assert resp.status_code == 500 and resp.headers["x-scaledl-version"] == "3"
-    assert http.get(ROUTES, headers=AUTH).json()["versions"]["3"]["server_errors"] == 1
+    versions = http.get(ROUTES, headers=AUTH).json()["stats"]["versions"]
+    assert versions["3"]["outcomes"]["error"] == 1
 
 
 def _bug(rows: np.ndarray) -> np.ndarray:

@@ -81,6 +81,7 @@ def test_the_generated_config_is_valid_and_carries_the_settings(
         "int8_tiers": [],
         "max_batch_size": 32,
         "cold_start_tiers": ["expensive"],  # min_replicas 0
+        "faults": {},
     }
     scaling = {d.name: d.autoscaling_config for d in app.deployments}
     assert scaling["expensive-tier"]["min_replicas"] == 0  # set below: scales to zero
@@ -108,4 +109,5 @@ def test_a_new_cascade_or_key_changes_only_user_configs_so_serve_swaps_in_place(
         "int8_tiers": [],
         "max_batch_size": 64,
         "cold_start_tiers": [],
+        "faults": {},
     }

@@ -254,4 +254,9 @@ def test_report_gives_rates_percentiles_and_shares_per_version() -> None:
     assert v3["error_rate"] == pytest.approx(5 / 102, abs=1e-6)
     assert v3["p99_ms"] == pytest.approx(10, rel=0.02)
     assert (v3["escalated_share"], v3["degraded_share"]) == (0.3, 0.1)
-    assert v4["requests"] == 0 and v4["shadow"] == {"compared": 10, "agreement": 0.9, "failed": 0}
+    assert v4["requests"] == 0 and v4["shadow"] == {
+        "compared": 10,
+        "agreement": 0.9,
+        "failed": 0,
+        "dropped": 0,
+    }

@@ -1,0 +1,305 @@
+"""Gated rollouts on the running graph: the serving-stats and rollout-controller actors,
+the routing table in the registry, promotion by an in-place redeploy, over real HTTP.
+
+Steps and holds of seconds need faster reports than the defaults: every replica reports
+each 0.5 s (ops.report_every_s), in 1 s buckets, and reads the routing table each 0.5 s
+(serve.routes_poll_s). Bad challengers are made with serve.faults (dev only), which is
+why the module deploys with dev on. Load is a bounded client thread on loopback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.keys import dev_key
+from app.registry import Registry
+from app.serving import Endpoint, deploy
+from app.settings import load_settings
+from tests.conftest import free_port
+from tests.integration.conftest import AUTH, KEY, Platform, wait_for_serve_gone
+
+pytestmark = pytest.mark.slow
+
+FAST = {"routes_poll_s": 0.5}
+OPS = {"report_every_s": 0.5, "stats_bucket_s": 1.0}
+
+
+@pytest.fixture(scope="module")
+def service(platform: Platform) -> Iterator[Endpoint]:
+    from ray import serve
+
+    settings = load_settings(
+        storage_root=platform.settings.storage_root,
+        serve={"port": free_port(), **FAST},
+        ops=OPS,
+        dev=True,
+    )
+    yield deploy(settings, "digits", [dev_key(KEY)])
+    serve.shutdown()
+    wait_for_serve_gone()
+
+
+def with_faults(service: Endpoint, platform: Platform, faults: dict) -> None:
+    """The same application with serve.faults changed: a user_config, applied in place."""
+    port = int(service.base_url.rsplit(":", 1)[1])
+    settings = load_settings(
+        storage_root=platform.settings.storage_root,
+        serve={"port": port, **FAST, "faults": faults},
+        ops=OPS,
+        dev=True,
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
+
+
+def new_version(platform: Platform) -> str:
+    """A cascade version as good as the champion: the champion's cheap tier registered
+    again (a retraining that came out the same) with the same threshold, so its answers
+    are told apart by their model version."""
+    from app.cascade_spec import cascade_name
+
+    registry = Registry(platform.settings.tracking_uri)
+    cheap = registry.resolve("digits-cheap", platform.cascade.cheap_version)
+    run_id = registry.start_run("rollout-challenger", params={}, tags={"workload": "digits"})
+    copy = registry.register(
+        "digits-cheap", registry.download(cheap), run_id=run_id, tags={"copy_of": cheap.label}
+    )
+    spec = platform.cascade.model_copy(update={"cheap_version": copy.version})
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = registry.register(cascade_name("digits"), spec.save(Path(tmp)), run_id=run_id,
+                                tags={})  # fmt: skip
+    registry.finish_run(run_id)
+    return ref.version
+
+
+class Load:
+    """Requests in a loop from one thread until stopped: (version, status) of each."""
+
+    def __init__(self, service: Endpoint, body: dict) -> None:
+        self.url, self.body = service.predict_url, body
+        self.seen: Counter = Counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(headers=AUTH, timeout=30) as client:
+            while not self.stop.is_set():
+                resp = client.post(self.url, json=self.body)
+                self.seen[(resp.headers.get("x-scaledl-version"), resp.status_code)] += 1
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def cli(service: Endpoint, platform: Platform, *argv: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "SCALEDL_STORAGE_ROOT": str(platform.settings.storage_root),
+           "COLUMNS": "200"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "app", "rollout", *argv, "--url", service.base_url, "--key", KEY],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def rollout(service: Endpoint, method: str = "GET", path: str = "", **body: object) -> dict:
+    url = f"{service.base_url}/v1/models/digits/rollout{path}"
+    resp = httpx.request(method, url, json=body or None, headers=AUTH, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def until_ended(service: Endpoint, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = rollout(service)
+        if view["status"] not in ("stepping", "shadowing"):
+            return view
+        time.sleep(0.5)
+    raise AssertionError(f"the rollout did not end in {timeout_s} s: {view}")
+
+
+def champion(platform: Platform) -> str:
+    return Registry(platform.settings.tracking_uri).resolve("digits-cascade").version
+
+
+@pytest.fixture
+def body(test_rows) -> dict:  # noqa: ANN001
+    x, _ = test_rows
+    return {"instances": [x[0].tolist()]}
+
+
+STEPS = {"steps": "50,100", "hold_s": "4s", "min_requests": 40}
+# A few hundred requests per arm on a shared 2-core machine: the default gates (p99 within
+# 1.2x, a 5 % shift) are for minutes of production traffic, and a good challenger's p99
+# from 200 samples moves with a garbage collection. The good challenger's test widens them;
+# the bad ones are judged on the defaults and still fail by far (20 % errors, +50 ms).
+LENIENT = {"max_p99_ratio": 2.0, "latency_tolerance": 0.5}
+
+
+def test_a_challenger_failing_20_percent_is_rolled_back_and_the_champion_loses_nothing(
+    service: Endpoint, platform: Platform, body: dict
+) -> None:
+    challenger, serving = new_version(platform), champion(platform)
+    with_faults(service, platform, {challenger: {"fail_share": 0.2}})
+    try:
+        with Load(service, body) as load:
+            started = cli(service, platform, "start", "digits", "--challenger", challenger,
+                          "--steps", "50,100", "--hold", "4s", "--min-requests", "40")  # fmt: skip
+            assert started.returncode == 0, started.stderr
+            view = until_ended(service, 60)
+        assert view["status"] == "rolled_back" and view["steps"][0]["verdict"] == "fail"
+        errors = next(g for g in view["steps"][0]["gates"] if g["gate"] == "errors")
+        assert errors["verdict"] == "fail" and errors["figures"]["challenger_error_rate"] > 0.1
+        assert view["weights"] is None  # the table is cleared: the champion serves all
+        by_status = {(v, s): n for (v, s), n in load.seen.items()}
+        assert by_status.get((serving, 200), 0) > 0
+        assert {s for (v, s) in by_status if v == serving} == {200}  # champion's users: no fail
+        assert by_status.get((challenger, 500), 0) > 0
+        shown = cli(service, platform, "status", "digits")
+        assert (
+            shown.returncode == 0
+            and "rolled_back" in shown.stdout
+            and "errors: fail" in shown.stdout
+        )
+        print(shown.stdout)  # the closing note quotes it
+        assert champion(platform) == serving
+    finally:
+        with_faults(service, platform, {})
+
+
+def test_a_challenger_50_ms_slower_is_rolled_back_on_latency(
+    service: Endpoint, platform: Platform, body: dict
+) -> None:
+    challenger, serving = new_version(platform), champion(platform)
+    with_faults(service, platform, {challenger: {"delay_ms": 50}})
+    try:
+        with Load(service, body):
+            rollout(service, "POST", challenger=challenger, **STEPS)
+            view = until_ended(service, 60)
+        assert view["status"] == "rolled_back", view
+        latency = next(g for g in view["steps"][0]["gates"] if g["gate"] == "latency")
+        assert latency["verdict"] == "fail", latency
+        assert champion(platform) == serving
+    finally:
+        with_faults(service, platform, {})
+
+
+def test_without_traffic_the_rollout_is_inconclusive_pauses_and_never_promotes(
+    service: Endpoint, platform: Platform
+) -> None:
+    challenger, serving = new_version(platform), champion(platform)
+    view = rollout(service, "POST", challenger=challenger, steps="100", hold_s="1s",
+                   deadline_s="2s", min_requests=40)  # fmt: skip
+    assert view["status"] == "stepping"
+    view = until_ended(service, 30)
+    assert view["status"] == "paused" and "inconclusive" in view["reason"]
+    assert [e["kind"] for e in view["events"]][-2:] == ["extended", "paused"]
+    assert champion(platform) == serving
+    assert rollout(service, "POST", "/abort")["status"] == "aborted"
+
+
+def test_a_killed_controller_resumes_at_the_same_step_and_point_of_its_hold(
+    service: Endpoint, platform: Platform
+) -> None:
+    import ray
+
+    from actors.rollout_actor import NAME, NAMESPACE
+
+    challenger = new_version(platform)
+    view = rollout(service, "POST", challenger=challenger, steps="10,100", hold_s="60s")
+    assert view["status"] == "stepping" and view["weights"] == {champion(platform): 90,
+                                                                challenger: 10}  # fmt: skip
+    held = view["hold_left_s"]
+    ray.kill(ray.get_actor(NAME, namespace=NAMESPACE), no_restart=False)
+    time.sleep(3)
+    deadline = time.monotonic() + 60
+    while True:  # the restarted actor answers again
+        try:
+            after = rollout(service)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "the controller did not come back"
+            time.sleep(1)
+    assert after["status"] == "stepping" and after["step"] == view["step"]
+    assert after["weights"] == view["weights"]
+    assert 0 < after["hold_left_s"] <= held - 3  # its hold went on: absolute times
+    assert rollout(service, "POST", "/abort")["status"] == "aborted"
+
+
+def test_a_good_challenger_goes_through_every_step_and_is_promoted_without_a_failed_request(
+    service: Endpoint, platform: Platform, body: dict
+) -> None:
+    challenger, serving = new_version(platform), champion(platform)
+    with Load(service, body) as load:
+        view = rollout(service, "POST", challenger=challenger, gates=LENIENT, **STEPS)
+        assert view["champion"] == serving
+        view = until_ended(service, 90)
+        assert view["status"] == "promoted", view
+        deadline = time.monotonic() + 30  # the redeploy reaches the ingress in place
+        while time.monotonic() < deadline:
+            resp = httpx.post(service.predict_url, json=body, headers=AUTH, timeout=30)
+            if resp.json()["version"] == challenger:
+                break
+            time.sleep(0.5)
+        time.sleep(1)  # a little traffic on the promoted version too
+    assert resp.json()["version"] == challenger  # /v1 answers from it
+    assert champion(platform) == challenger
+    registry = Registry(platform.settings.tracking_uri)
+    assert registry.resolve("digits-cascade", "previous-champion").version == serving
+    assert {s for (_, s) in load.seen} == {200}, load.seen  # no request failed throughout
+    assert [s["verdict"] for s in view["steps"]] == ["pass", "pass"]
+    shown = cli(service, platform, "status", "digits")
+    assert shown.returncode == 0 and "promoted" in shown.stdout
+    print(shown.stdout)
+
+
+def test_statistics_merge_exactly_across_two_ingress_replicas(
+    service: Endpoint, platform: Platform, body: dict
+) -> None:
+    from ray import serve
+
+    port = int(service.base_url.rsplit(":", 1)[1])
+    two = {"min_replicas": 2, "max_replicas": 2}
+    settings = load_settings(
+        storage_root=platform.settings.storage_root,
+        serve={"port": port, **FAST, "ingress_replicas": two},
+        ops=OPS,
+        dev=True,
+    )
+    deploy(settings, "digits", [dev_key(KEY)])
+    status = serve.status().applications["digits"].deployments["Ingress"]
+    assert status.replica_states.get("RUNNING") == 2
+    version = champion(platform)
+    routes = f"{service.base_url}/v1/models/digits/routes"
+
+    def counted() -> int:
+        return (
+            httpx.get(routes, params={"window_s": 3600}, headers=AUTH)
+            .json()["stats"]["versions"]
+            .get(version, {})
+            .get("requests", 0)
+        )
+
+    time.sleep(1.5)  # what earlier tests sent has been reported
+    before = counted()
+    with httpx.Client(headers=AUTH, timeout=30) as a, httpx.Client(headers=AUTH, timeout=30) as b:
+        for _ in range(100):  # two connections: HAProxy spreads them over the replicas
+            assert a.post(service.predict_url, json=body).status_code == 200
+            assert b.post(service.predict_url, json=body).status_code == 200
+    time.sleep(1.5)
+    assert counted() - before == 200
