@@ -80,3 +80,20 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A storage root with digits ingested, both tiers trained for 1 epoch and the
+    cascade calibrated and promoted (bench/serve.py's prepare, the benchmarks' store):
+    shared by the system tests that serve, so it is trained once."""
+    root = tmp_path_factory.mktemp("trained") / "store"
+    subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--child", "prepare", str(root), "1"],
+        cwd=REPO,
+        env=clean_env(RAY_AUTH_MODE="token"),
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return root
