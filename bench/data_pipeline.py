@@ -11,6 +11,7 @@ RSS over the child and all its descendants (the Ray cluster included), sampled e
 
     .venv/bin/python -m bench.data_pipeline                  # 1 M and 4 M rows, Parquet
     .venv/bin/python -m bench.data_pipeline --sizes 200000   # a quick look
+    .venv/bin/python -m bench.data_pipeline --quick          # what make test runs: 10,000 rows
 """
 
 from __future__ import annotations
@@ -131,11 +132,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--format", default="parquet", choices=["parquet", "csv", "jsonl"])
     parser.add_argument("--fault-rate", type=float, default=0.01)
+    parser.add_argument("--quick", action="store_true", help="one size of 10,000 rows")
     parser.add_argument("--child", nargs=3, metavar=("ENGINE", "SOURCE", "STORE"))
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.quick:
+        args.sizes = [10_000]
 
     from data.generate import generate_transactions
 

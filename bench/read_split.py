@@ -8,6 +8,7 @@ cluster (4 logical CPUs), as a training run does.
 
     .venv/bin/python -m bench.read_split                    # digits, and 1 M transactions
     .venv/bin/python -m bench.read_split --rows 0           # digits only: a quick look
+    .venv/bin/python -m bench.read_split --quick            # what make test runs: 1 round
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="transactions; 0: none")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="digits only, one round")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.rounds = 0, 1
 
     import ray
 

@@ -35,7 +35,7 @@ Without ``--store`` the pipeline runs first (ingest digits, train both tiers for
 
     .venv/bin/python -m bench.serve                       # about 10 minutes on 2 cores
     .venv/bin/python -m bench.serve --store DIR --seconds 3 --concurrency 16 --setups a,d
-    .venv/bin/python -m bench.serve --quick               # what make test runs: 2 s at 16
+    .venv/bin/python -m bench.serve --quick               # what make test runs: a-e, 2 s at 16
 """
 
 from __future__ import annotations
@@ -366,7 +366,10 @@ def main() -> None:
         "is sure of (no request escalates: what escalation costs, by difference)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="every setup at 16 only, 2 s runs, 1 epoch"
+        "--quick",
+        action="store_true",
+        help="a-e on the stock cluster only (bench.overload runs the fast transport), at 16, "
+        "2 s runs, 1 epoch",
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,6 +377,7 @@ def main() -> None:
         return child(*args.child)
     if args.quick:
         args.concurrency, args.seconds, args.warmup, args.epochs = "16", 2, 1, 1
+        args.transport = "stock"  # one cluster: the second costs a minute on 2 cores
 
     wrk.require_wrk()
     setups = [s for s in "abcde" if s in args.setups.split(",")]

@@ -6,10 +6,12 @@ share the CPU with start-up work). Ratios are per core, against plain torch on o
 at the same micro batch.
 
     .venv/bin/python -m bench.train            # about 10 minutes on 2 cores
+    .venv/bin/python -m bench.train --quick    # what make test runs: 1 Ray Train run, 1 epoch
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import tempfile
@@ -30,15 +32,17 @@ TIER = "expensive"
 DIGITS = get_workload("digits")
 
 
-def make_source(directory: Path) -> Path:
+def make_source(directory: Path, replicas: int) -> Path:
     base = DIGITS.builtin_source()
-    copies = [base.assign(id=base["id"] + k * len(base)) for k in range(REPLICAS)]
+    copies = [base.assign(id=base["id"] + k * len(base)) for k in range(replicas)]
     path = directory / "digits-x8.parquet"
     pd.concat(copies, ignore_index=True).to_parquet(path, index=False)
     return path
 
 
-def plain_torch(settings: Settings, version: str, threads: int, micro_batch: int) -> float:
+def plain_torch(
+    settings: Settings, version: str, threads: int, micro_batch: int, epochs: int
+) -> float:
     """Samples/s of the same model and optimizer in one process, no Ray, no DeepSpeed."""
     import pyarrow.parquet as pq
     import torch
@@ -55,7 +59,7 @@ def plain_torch(settings: Settings, version: str, threads: int, micro_batch: int
     model = DIGITS.build_model(TIER)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rate = 0.0
-    for _ in range(PLAIN_EPOCHS):
+    for _ in range(epochs):
         order = torch.randperm(len(x))
         started, rows = time.perf_counter(), 0
         for i in range(0, len(x) - micro_batch + 1, micro_batch):
@@ -70,46 +74,61 @@ def plain_torch(settings: Settings, version: str, threads: int, micro_batch: int
     return rate
 
 
-def ray_train(root: Path, version: str, micro_batch: int, **train: object) -> float:
+def ray_train(root: Path, version: str, micro_batch: int, epochs: int, **train: object) -> float:
     from train.run import train_tier
 
     settings = load_settings(
-        storage_root=root, train={"epochs": RAY_EPOCHS, "micro_batch_size": micro_batch, **train}
+        storage_root=root, train={"epochs": epochs, "micro_batch_size": micro_batch, **train}
     )
     outcome = train_tier(settings, DIGITS, TIER, dataset_ref=version)
     return outcome.metrics["samples_per_s"]  # the last epoch's, global
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the split once, micro batch 64, 1 epoch, one Ray Train run (2 workers)",
+    )
+    args = parser.parse_args()
+    replicas, plain_epochs, ray_epochs = (
+        (1, 1, 1) if args.quick else (REPLICAS, PLAIN_EPOCHS, RAY_EPOCHS)
+    )
+    micro_batches = (64,) if args.quick else (64, 256)
+
     import ray
 
     from data.pipeline import ingest
+    from data.sources import local_source
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="scaledl-bench-") as tmp:
         root = Path(tmp)
         settings = load_settings(storage_root=root / "store")
-        manifest = ingest(settings, DIGITS, [make_source(root)]).manifest
+        manifest = ingest(settings, DIGITS, local_source(make_source(root, replicas))).manifest
         version, store = manifest.version, root / "store"
         table = []
-        for mb in (64, 256):
-            base = plain_torch(settings, version, 1, mb)
+        for mb in micro_batches:
+            base = plain_torch(settings, version, 1, mb, plain_epochs)
             runs = [
                 ("plain torch, 1 thread", 1, base),
-                ("plain torch, 2 threads", 2, plain_torch(settings, version, 2, mb)),
-                ("Ray Train + DeepSpeed ZeRO-1, 1 worker", 1,
-                 ray_train(store, version, mb, num_workers=1)),
-                ("Ray Train + DeepSpeed ZeRO-1, 2 workers", 2,
-                 ray_train(store, version, mb, num_workers=2)),
-            ]  # fmt: skip
-            if mb == 64:
+                ("plain torch, 2 threads", 2, plain_torch(settings, version, 2, mb, plain_epochs)),
+            ]
+            if not args.quick:  # quick: the one Ray Train run below
+                runs.append(("Ray Train + DeepSpeed ZeRO-1, 1 worker", 1,
+                             ray_train(store, version, mb, ray_epochs, num_workers=1)))  # fmt: skip
+            runs.append(("Ray Train + DeepSpeed ZeRO-1, 2 workers", 2,
+                         ray_train(store, version, mb, ray_epochs, num_workers=2)))  # fmt: skip
+            if mb == 64 and not args.quick:
                 runs += [
                     ("Ray Train + DeepSpeed ZeRO-1, 2w, no cache", 2,
-                     ray_train(store, version, mb, num_workers=2, cache_inputs_below_mb=0)),
+                     ray_train(store, version, mb, ray_epochs, num_workers=2,
+                               cache_inputs_below_mb=0)),
                     ("Ray Train + DeepSpeed ZeRO-2, 2 workers", 2,
-                     ray_train(store, version, mb, num_workers=2, zero_stage=2)),
+                     ray_train(store, version, mb, ray_epochs, num_workers=2, zero_stage=2)),
                     ("Ray Train + DeepSpeed pipeline, 2 stages", 2,
-                     ray_train(store, version, mb, num_workers=2, pipeline_stages=2)),
+                     ray_train(store, version, mb, ray_epochs, num_workers=2, pipeline_stages=2)),
                 ]  # fmt: skip
             table += [(mb, name, cores, rate, rate / cores / base) for name, cores, rate in runs]
     ray.shutdown()
@@ -126,9 +145,10 @@ def main() -> None:
             f"| {ratio:>25.2f}x |"
         )
     rates = {(mb, name): rate for mb, name, _, rate, _ in table}
-    pipe = rates[64, "Ray Train + DeepSpeed pipeline, 2 stages"]
+    pipe = rates.get((64, "Ray Train + DeepSpeed pipeline, 2 stages"))
     data = rates[64, "Ray Train + DeepSpeed ZeRO-1, 2 workers"]
-    print(f"pipeline vs data parallel (2 workers, mb 64): {pipe / data:.2f}x samples/s")
+    if pipe is not None:  # not in --quick
+        print(f"pipeline vs data parallel (2 workers, mb 64): {pipe / data:.2f}x samples/s")
 
 
 if __name__ == "__main__":

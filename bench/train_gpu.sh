@@ -3,4 +3,4 @@
 # machine's own python3 (which holds torch); nothing here needs Ray or DeepSpeed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHONPATH=. python3 -m bench.train_gpu
+PYTHONPATH=. python3 -m bench.train_gpu "$@"

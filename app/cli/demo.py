@@ -7,6 +7,8 @@ ingest digits -> train cheap + expensive (Ray Train + DeepSpeed) -> register and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 
 import numpy as np
 from rich.console import Console
@@ -29,8 +31,16 @@ WORKLOAD = "digits"
 
 
 def run_demo(
-    settings: Settings, console: Console, *, keep: bool, verbose: bool, concurrency: int
+    settings: Settings,
+    console: Console,
+    *,
+    keep: bool,
+    verbose: bool,
+    concurrency: int,
+    monitor_port: int | None = None,
 ) -> TrafficReport:
+    """The demo; ``monitor_port``: also run Prometheus with scaledl's rules there for its
+    duration (``scaledl monitor``), and point the local cluster's dashboard at it."""
     from app.cascade_spec import promote_cascade
     from app.runtime import ray_session
     from app.serving import deploy, resolve_access, serve_until_interrupted
@@ -49,7 +59,13 @@ def run_demo(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with ray_session(settings, verbose=verbose) as ray_info:
+    monitoring = _monitor(settings, monitor_port) if monitor_port else None
+    if monitoring is not None:  # read by the dashboard when the local head starts
+        os.environ.update(monitoring.env)
+    with (
+        ray_session(settings, verbose=verbose) as ray_info,
+        monitoring.running() if monitoring else contextlib.nullcontext(),
+    ):
         with Progress(*columns, console=console) as progress:
             step = progress.add_task("ingest digits", total=None)
             dataset = ingest(settings, workload)
@@ -89,10 +105,13 @@ def run_demo(
         console.print(reports.training_table(outcomes))
         console.print(reports.calibration_table(spec, cascade))
         console.print(reports.traffic_table(outcomes, report, concurrency))
+        if monitoring is not None:
+            console.print(f"Prometheus {monitoring.plan.url}   (/alerts, /rules)")
         if keep:
             generated = key if access.generated else None  # never echo a configured key
             for line in reports.url_lines(endpoint, ray_info.dashboard_url, generated):
                 console.print(line, soft_wrap=True)
+
             console.print("serving; press Ctrl-C to stop")
             serve_until_interrupted()
     return report
@@ -115,3 +134,32 @@ def _test_split(settings: Settings, manifest) -> tuple[np.ndarray, np.ndarray]: 
         frame[list(workload.feature_columns)].to_numpy(dtype=np.float64),
         frame[workload.label_column].to_numpy(),
     )
+
+
+class _Monitoring:
+    """`scaledl monitor`'s Prometheus, checked before the demo starts anything."""
+
+    def __init__(self, plan, env: dict[str, str]) -> None:  # noqa: ANN001 - a MonitorPlan
+        self.plan, self.env = plan, env
+
+    @contextlib.contextmanager
+    def running(self):  # noqa: ANN202
+        from app.cli import monitor
+
+        with monitor.exclusive(self.plan), monitor.running(self.plan):
+            yield
+
+
+def _monitor(settings: Settings, port: int) -> _Monitoring:
+    from app.cli import monitor
+
+    prometheus, promtool = monitor.find_binaries()
+    plan = monitor.plan(
+        prometheus,
+        promtool,
+        port=port,
+        prometheus_dir=monitor.PROMETHEUS_DIR,
+        ray_temp_dir=monitor.default_ray_temp_dir(),
+        storage_root=settings.storage_root,
+    )
+    return _Monitoring(plan, monitor.dashboard_env(plan.url, None))

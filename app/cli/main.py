@@ -313,13 +313,28 @@ def demo(
         int | None, typer.Option(help="Override train.epochs (reduced mode).")
     ] = None,
     concurrency: Annotated[int, typer.Option(help="Concurrent HTTP clients.")] = 16,
+    monitor: Annotated[
+        bool,
+        typer.Option(
+            help="Also run Prometheus with scaledl's rules (`scaledl monitor`) while the "
+            "demo runs, and show its charts in the Ray dashboard."
+        ),
+    ] = False,
+    monitor_port: Annotated[int, typer.Option(help="Prometheus's port with --monitor.")] = 9090,
 ) -> None:
     """Ingest digits, train both tiers, serve the cascade, send the test split over HTTP."""
     from app.cli.demo import run_demo
 
     state: CliState = ctx.obj
     settings = state.settings(train=drop_none(epochs=epochs), dev=True)
-    run_demo(settings, console(), keep=keep, verbose=state.verbose, concurrency=concurrency)
+    run_demo(
+        settings,
+        console(),
+        keep=keep,
+        verbose=state.verbose,
+        concurrency=concurrency,
+        monitor_port=monitor_port if monitor else None,
+    )
 
 
 # ---------------------------------------------------------------------------- entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,18 @@ def measure(output: str, name: str) -> str:
 
 
 def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
-    port = free_port()
+    port, prometheus = free_port(), free_port()
     result = subprocess.run(
-        [str(BIN / "scaledl"), "demo", "--no-keep", "--epochs", "5"],
+        [
+            str(BIN / "scaledl"),
+            "demo",
+            "--no-keep",
+            "--epochs",
+            "5",
+            "--monitor",
+            "--monitor-port",
+            str(prometheus),
+        ],  # fmt: skip
         cwd=tmp_path,
         env=clean_env(SCALEDL_SERVE__PORT=str(port), COLUMNS="160"),
         capture_output=True,
@@ -43,3 +53,11 @@ def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
     assert 0 < p50 <= p99 < 30_000  # under the client's timeout: nothing hung
     assert float(measure(out, "requests/s")) >= 1
     assert (tmp_path / ".scaledl" / "mlflow.db").is_file()
+    # --monitor ran Prometheus with the rules beside it, and stopped it at the end
+    assert f"Prometheus http://127.0.0.1:{prometheus}" in out
+    assert (
+        "Loading configuration file"
+        in (tmp_path / ".scaledl/prometheus/prometheus.log").read_text()
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", prometheus))  # free again
