@@ -133,6 +133,21 @@ def until_ended(service: Endpoint, timeout_s: float) -> dict:
     raise AssertionError(f"the rollout did not end in {timeout_s} s: {view}")
 
 
+def rollout_log_events() -> list[dict]:
+    """The rollout controller's JSON event lines, from the Ray session's worker logs."""
+    import json
+
+    from ray._private.worker import global_worker
+
+    events = []
+    for path in Path(global_worker.node.get_logs_dir_path()).glob("worker-*"):
+        for line in path.open(errors="replace"):
+            start = line.find('{"event": "rollout"')
+            if start >= 0:
+                events.append(json.loads(line[start:]))
+    return events
+
+
 def champion(platform: Platform) -> str:
     return Registry(platform.settings.tracking_uri).resolve("digits-cascade").version
 
@@ -177,6 +192,10 @@ def test_a_challenger_failing_20_percent_is_rolled_back_and_the_champion_loses_n
             and "errors: fail" in shown.stdout
         )
         print(shown.stdout)  # the closing note quotes it
+        # Each decision is a JSON line in the controller actor's log
+        events = rollout_log_events()
+        assert any(e["kind"] == "rolled_back" and e["challenger"] == challenger and
+                   e["judgement"]["verdict"] == "fail" for e in events), events[-3:]  # fmt: skip
         assert champion(platform) == serving
     finally:
         with_faults(service, platform, {})
@@ -296,10 +315,38 @@ def test_statistics_merge_exactly_across_two_ingress_replicas(
         )
 
     time.sleep(1.5)  # what earlier tests sent has been reported
-    before = counted()
+    before, replicas_before = counted(), predict_requests_by_replica()
     with httpx.Client(headers=AUTH, timeout=30) as a, httpx.Client(headers=AUTH, timeout=30) as b:
         for _ in range(100):  # two connections: HAProxy spreads them over the replicas
             assert a.post(service.predict_url, json=body).status_code == 200
             assert b.post(service.predict_url, json=body).status_code == 200
     time.sleep(1.5)
     assert counted() - before == 200
+    # ... and both replicas answered some of them: their counters in the metrics export
+    # (what Prometheus scrapes, per replica) grew by 200 together, from two replicas
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the export lags by its report interval (1 s)
+        grown = predict_requests_by_replica() - replicas_before
+        if sum(grown.values()) >= 200:
+            break
+        time.sleep(1)
+    assert sum(grown.values()) == 200 and len(grown) == 2, grown
+
+
+def predict_requests_by_replica() -> Counter:
+    """``ray_scaledl_requests_total`` of /v1/predict by Serve replica, as the node's
+    metrics export has it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.conftest import metrics_port
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "ray_scaledl_requests":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_total") and labels.get("route") == "/v1/predict":
+                counts[labels.get("replica", "")] += sample.value
+    return counts
