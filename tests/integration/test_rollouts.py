@@ -44,9 +44,17 @@ def service(platform: Platform) -> Iterator[Endpoint]:
         ops=OPS,
         dev=True,
     )
+    registry = Registry(platform.settings.tracking_uri)
+    names = ("digits-cascade", "digits-cheap", "digits-expensive")
+    aliases = {name: registry._aliases(name) for name in names}
     yield deploy(settings, "digits", [dev_key(KEY)])
     serve.shutdown()
     wait_for_serve_gone()
+    # The promotion moved the platform's champions: put them back for the other modules,
+    # which share the session's registry (and the INT8 twins of its first versions).
+    for name, before in aliases.items():
+        for alias, version in before.items():
+            registry.client.set_registered_model_alias(name, alias, version)
 
 
 def with_faults(service: Endpoint, platform: Platform, faults: dict) -> None:
