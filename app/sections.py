@@ -28,6 +28,18 @@ class IngestConfig(_Section):
         le=1.0,
         description="Fail the run when more than this share of rows is quarantined.",
     )
+    pushgateway_url: str | None = Field(
+        None,
+        description="Prometheus pushgateway (e.g. http://127.0.0.1:9091) that each ingest "
+        "run pushes its figures to (data/metrics.py); unset: the manifest only. A failed "
+        "push warns and the ingest goes on.",
+    )
+    max_dataset_age_s: float | None = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Pushed with the figures: the dataset freshness alert fires when the "
+        "workload's newest version is older than this (unset: no alert for it).",
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> IngestConfig:

@@ -10,6 +10,10 @@ record number (data/marking.py). Then, on the written files only:
 - the preprocessor is fitted on the training split, and the column statistics that the
   drift monitor uses as reference are taken from it;
 - the version is published, or rejected (and kept for inspection) by the quarantine gate.
+
+Published, reused or rejected, the run's figures (records in, valid, quarantined, the
+quarantine share) are in its manifest, and pushed to the Prometheus pushgateway when
+``ingest.pushgateway_url`` is set (data/metrics.py).
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ if TYPE_CHECKING:
 
 PIPELINE_VERSION = "2"
 STATS_BATCH_ROWS = 65_536
+# Settings that say where a run's figures go, not what its version holds: left out of
+# the version id (a new gateway is not a new dataset) and of the manifest (a URL may
+# carry credentials).
+NOT_CONTENT = frozenset({"pushgateway_url", "max_dataset_age_s"})
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ def ingest(
             "workload": workload.name,
             "sources": sorted(s.sha256 for s in sources),
             "contract": contract_fingerprint(workload.contract()),
-            "config": cfg.model_dump(),
+            "config": cfg.model_dump(exclude=NOT_CONTENT),
             "seed": settings.seed,
             "pii_key": key.fingerprint if key else None,
         }
@@ -118,6 +126,7 @@ def ingest(
     store = DatasetStore(settings.datasets_dir)
     if store.version_dir(workload.name, version).exists():
         manifest = store.get(workload.name, version)
+        push_figures(cfg, store, manifest)
         return IngestResult(manifest, store.version_dir(workload.name, version), True, 0.0)
     parent = next(iter(store.manifests(workload.name)), None)
 
@@ -149,10 +158,22 @@ def ingest(
         reconcile(manifest)
         _gate(manifest, cfg)
     except DataContractError as exc:
-        kept = store.reject(staging, workload.name, version)
+        kept = store.reject(staging, manifest)
+        push_figures(cfg, store, manifest)
         raise DataContractError(f"{exc} (the run's output is kept in {kept})") from None
     path = store.publish(staging, manifest)
+    push_figures(cfg, store, manifest)
     return IngestResult(manifest, path, False, time.perf_counter() - started)
+
+
+def push_figures(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest) -> None:
+    """The run's figures and the workload's freshness to the pushgateway, if one is set."""
+    if cfg.pushgateway_url is None:
+        return
+    from data.metrics import push_ingest_figures
+
+    latest = next(iter(store.manifests(run.workload)), None)
+    push_ingest_figures(cfg.pushgateway_url, run, latest, cfg)
 
 
 def _describe(source: RawSource, path: str, workload: Workload) -> SourceFile:
@@ -336,7 +357,11 @@ def _manifest(
         columns=[Column(name=f.name, type=str(f.type)) for f in schema],
         stats=stats,
         content_hash=content,
-        config={"ingest": cfg.model_dump(), "seed": seed, "pipeline": PIPELINE_VERSION},
+        config={
+            "ingest": cfg.model_dump(exclude=NOT_CONTENT),
+            "seed": seed,
+            "pipeline": PIPELINE_VERSION,
+        },
         libraries={
             "ray": ray.__version__,
             "pyarrow": pyarrow.__version__,
@@ -371,7 +396,7 @@ def reconcile(m: DatasetManifest) -> None:
 
 
 def _gate(m: DatasetManifest, cfg: IngestConfig) -> None:
-    share = m.rows_quarantined / m.rows_in if m.rows_in else 0.0
+    share = m.quarantine_share
     if m.rows_in == 0:
         raise DataContractError(f"the sources of {m.workload} hold no rows: check --source")
     if share > cfg.max_quarantine_share:

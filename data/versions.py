@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from app.errors import DatasetVersionNotFound
 from data.features import ColumnStats
@@ -53,8 +53,24 @@ class Column(BaseModel):
     type: str
 
 
+def quarantine_share_of(rows_quarantined: int, rows_in: int) -> float:
+    """The share of a run's records that went to the quarantine (0 for no records)."""
+    return rows_quarantined / rows_in if rows_in else 0.0
+
+
+def run_id_of(version: str, when: datetime) -> str:
+    """An ingest run's id: the version it produced (or would have) and its UTC time, as
+    ``_rejected/`` names a rejected run's folder."""
+    return f"{version}-{when.astimezone(UTC):%Y%m%dT%H%M%S}"
+
+
 class DatasetManifest(BaseModel):
-    """Everything known about one dataset version; written as ``manifest.json``."""
+    """Everything known about one dataset version; written as ``manifest.json``.
+
+    ``rows_in``, ``rows_valid``, ``rows_quarantined``, ``quarantine_share`` and
+    ``run_id`` are the figures of the ingest run that made it, the same that run pushes
+    to the pushgateway (data/metrics.py); ``created_at`` is the version's freshness.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +82,10 @@ class DatasetManifest(BaseModel):
     rows_in: int
     rows_valid: int
     rows_quarantined: int
+    # Derived (the share from the counts, the run id from version and created_at), so
+    # older manifests have them too and they never disagree with what they come from.
+    quarantine_share: float = 0.0
+    run_id: str = ""
     splits: dict[str, int]
     quarantine_reasons: dict[str, int]
     columns: list[Column]
@@ -74,6 +94,12 @@ class DatasetManifest(BaseModel):
     content_hash: str
     config: dict[str, Any]
     libraries: dict[str, str]
+
+    @model_validator(mode="after")
+    def _derived_figures(self) -> DatasetManifest:
+        self.quarantine_share = quarantine_share_of(self.rows_quarantined, self.rows_in)
+        self.run_id = self.run_id or run_id_of(self.version, self.created_at)
+        return self
 
 
 def contract_fingerprint(schema: pa.DataFrameSchema) -> dict[str, Any]:
@@ -158,10 +184,11 @@ class DatasetStore:
             shutil.rmtree(staging, ignore_errors=True)
         return final
 
-    def reject(self, staging: Path, workload: str, version: str) -> Path:
-        """Keep a failed run's output (the quarantine especially) for inspection."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        target = self.root / workload / "_rejected" / f"{version}-{stamp}"
+    def reject(self, staging: Path, manifest: DatasetManifest) -> Path:
+        """Keep a failed run's output (the quarantine especially) for inspection, with
+        its manifest, in ``_rejected/<run id>/`` (never read as a version)."""
+        target = self.root / manifest.workload / "_rejected" / manifest.run_id
         target.parent.mkdir(parents=True, exist_ok=True)
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         staging.replace(target)
         return target

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,61 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def pushgateway(tmp_path: Path) -> Iterator[str]:
+    """The distribution's Prometheus pushgateway on a free loopback port; its URL."""
+    exe = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if exe is None:
+        pytest.fail(
+            "prometheus-pushgateway is not on PATH: install the distribution's "
+            "(`apt-get install prometheus-pushgateway`; .ci/run does it on a clean machine)"
+        )
+    log_path = tmp_path / "pushgateway.log"
+    for _ in range(5):  # a port taken between free_port() and the bind: another one
+        port = free_port()
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                # No persistence file: Debian's binary defaults to one under /var/lib.
+                [exe, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
+                stdout=log,
+                stderr=log,
+            )
+        if _listens(proc, port):
+            break
+        _stop(proc)
+    else:
+        pytest.fail(f"the pushgateway did not start: {log_path.read_text()}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def _listens(proc: subprocess.Popen, port: int, timeout_s: float = 20) -> bool:
+    """Whether ``proc`` itself (not whoever else took the port) comes to listen on it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            sockets = psutil.Process(proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SCALEDL_* or RAY_ADDRESS from the caller's shell leaks into a test."""
     import os
@@ -47,6 +106,21 @@ def settings(tmp_path: Path, clean_env: None) -> Settings:
 @pytest.fixture(scope="session")
 def digits_frame() -> pd.DataFrame:
     return get_workload("digits").builtin_source()
+
+
+def gateway_samples(url: str, prefix: str = "scaledl_") -> dict[tuple, float]:
+    """What a pushgateway exposes for Prometheus: (name, sorted labels) -> value, for
+    the series whose names start with ``prefix``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith(prefix)
+    }
 
 
 def corrupt(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, str]]:
@@ -68,4 +142,4 @@ def corrupt(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, str]]:
     return bad, broken
 
 
-__all__ = ["corrupt", "free_port", "np"]
+__all__ = ["corrupt", "free_port", "gateway_samples", "np"]

@@ -8,6 +8,8 @@
   of its data-parallel group.
 
 Both expose ``train_epoch``, ``evaluate`` and ``full_state_dict`` to the loop.
+``train_epoch`` logs to MLflow every ``train.log_every_steps`` and counts every
+micro-batch into the run's live figures (train/metrics.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.workloads import get_workload
 from train.deepspeed_config import steps_per_epoch
+from train.metrics import LiveFigures
 
 if TYPE_CHECKING:
     import torch
@@ -39,19 +42,21 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 class _StepMeter:
-    """Loss, rows and time between two MLflow step logs, and over the epoch.
+    """Loss, rows and time between two MLflow step logs, and over the epoch; each
+    micro-batch also goes into the run's live figures.
 
     Throughput is global: this worker's rows times the data-parallel width (every
     data-parallel rank processes an equal share).
     """
 
-    def __init__(self, log: StepLog, every: int, data_parallel: int) -> None:
-        self.log, self.every, self.width = log, every, data_parallel
+    def __init__(self, log: StepLog, every: int, data_parallel: int, live: LiveFigures) -> None:
+        self.log, self.every, self.width, self.live = log, every, data_parallel, live
         self.rows = self.window_rows = 0
         self.loss_sum = self.window_loss = 0.0
         self.started = self.window_started = time.perf_counter()
 
     def add(self, rows: int, loss: float, step: int, lr: float, *, stepped: bool) -> None:
+        self.live.add(rows, loss, stepped=stepped)
         self.rows += rows
         self.window_rows += rows
         self.loss_sum += loss * rows
@@ -106,12 +111,14 @@ class DataParallel:
         )
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def train_epoch(self, shard: Any, epoch: int, log: StepLog) -> dict[str, float]:
+    def train_epoch(
+        self, shard: Any, epoch: int, log: StepLog, live: LiveFigures
+    ) -> dict[str, float]:
         import torch.nn.functional as F
 
         cfg, engine = self.job.train, self.engine
         engine.train()
-        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel)
+        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel, live)
         # Whole accumulation windows only, the same count on every rank: an epoch (and
         # the checkpoint after it) never ends with half-accumulated gradients.
         micro_batches = steps_per_epoch(self.job.train_rows, cfg) * cfg.grad_accumulation
@@ -221,10 +228,12 @@ class Pipeline:
         for batch in itertools.islice(mine, per_group):
             yield batch["x"].to(self.dtype), batch["y"]
 
-    def train_epoch(self, shard: Any, epoch: int, log: StepLog) -> dict[str, float]:
+    def train_epoch(
+        self, shard: Any, epoch: int, log: StepLog, live: LiveFigures
+    ) -> dict[str, float]:
         cfg, engine = self.job.train, self.engine
         engine.train()
-        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel)
+        meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel, live)
         pairs = self._pairs(shard, self.job.train_rows, seed=self.job.seed + epoch)
         steps = ((self.job.train_rows // cfg.micro_batch_size) // cfg.data_parallel) // (
             cfg.grad_accumulation

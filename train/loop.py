@@ -3,6 +3,7 @@
 Short and made of named helpers, like Ray's own DeepSpeed example: set up the engine,
 resume from the checkpoint Ray hands over, train, evaluate on the validation split,
 report (with a checkpoint every N epochs), stop early when validation stops improving.
+Rank 0 publishes the run's live series meanwhile (train/metrics.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from app.registry import Registry
 from app.sections import TrainConfig
 from app.workloads import Workload, get_workload
 from train.engines import DataParallel, Pipeline, build_engine
+from train.metrics import LiveFigures, published
 
 log = logging.getLogger("scaledl.train")
 
@@ -91,17 +93,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     step_log = mlflow_step_logger(job)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    live = LiveFigures(job.train.data_parallel)
     metrics: dict[str, float] = {}
-    for epoch in range(progress.next_epoch, job.train.epochs):
-        metrics = {"epoch": epoch, **trainer.train_epoch(train_shard, epoch, step_log)}
-        metrics.update(trainer.evaluate(val_shard))
-        metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics))
-        stop = should_stop(progress, job.train.early_stopping_patience)
-        last = stop or epoch + 1 == job.train.epochs
-        step_log(trainer.engine.global_steps, metrics)
-        report_and_checkpoint(trainer, job, metrics, progress, checkpoint=last or _due(epoch, job))
-        if stop:
-            break
+    with published(live, job.workload, job.tier):
+        for epoch in range(progress.next_epoch, job.train.epochs):
+            live.epoch = epoch
+            metrics = {"epoch": epoch, **trainer.train_epoch(train_shard, epoch, step_log, live)}
+            metrics.update(trainer.evaluate(val_shard))
+            metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics))
+            stop = should_stop(progress, job.train.early_stopping_patience)
+            checkpoint = stop or epoch + 1 == job.train.epochs or _due(epoch, job)
+            step_log(trainer.engine.global_steps, metrics)
+            report_and_checkpoint(trainer, job, metrics, progress, checkpoint=checkpoint)
+            if checkpoint:
+                live.checkpointed()
+            if stop:
+                break
     return metrics
 
 

@@ -1,15 +1,18 @@
 """One local Ray cluster for the whole integration tier, and one trained platform.
 
 The session fixture ingests digits and trains both tiers with Ray Train + DeepSpeed
-(a few epochs), so the training, registry and serving tests share the real artifacts.
+(a few epochs), so the training, registry and serving tests share the real artifacts,
+and keeps what the node's metrics export showed while the cheap tier trained.
 Each serving module deploys the calibrated cascade once (``endpoint``), and may
 redeploy it with other settings (:func:`redeploy`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +62,65 @@ def store_settings(tmp_path: Path, clean_env: None) -> Settings:
 
 
 @dataclass(frozen=True)
+class Scraped:
+    at: float  # unix time of the scrape
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def export_samples(prefix: str) -> list[Scraped]:
+    """The samples of the node's metrics export whose name starts with ``prefix``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
+    now = time.time()
+    mine = "".join(f"{line}\n" for line in text.splitlines() if prefix in line)  # parse less
+    return [
+        Scraped(now, s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(mine)
+        for s in family.samples
+        if s.name.startswith(prefix)
+    ]
+
+
+@dataclass
+class ExportWatch:
+    """Scrapes the node's export every ``every_s`` on a thread while its block runs, as
+    a Prometheus would: gauges that live only while their process does are seen."""
+
+    prefix: str
+    every_s: float = 0.5
+    seen: list[Scraped] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> ExportWatch:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import httpx
+
+        while not self._stop.wait(self.every_s):
+            try:
+                self.seen.extend(export_samples(self.prefix))
+            except httpx.HTTPError:  # a scrape that failed is a gap, as for Prometheus
+                continue
+
+
+@dataclass(frozen=True)
 class Platform:
     settings: Settings
     dataset_version: str
     outcomes: dict  # tier -> TrainOutcome
     cascade: CascadeSpec
+    cheap_training_export: ExportWatch  # ray_scaledl_train_* while the cheap tier trained
 
 
 @pytest.fixture(scope="session")
@@ -81,13 +138,12 @@ def platform(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Pla
     version = ingest(settings, workload).manifest.version
     # ZeRO-1 for the cheap tier, ZeRO-2 for the expensive one: both stages in one go.
     zero2 = load_settings(storage_root=settings.storage_root, train={"epochs": 6, "zero_stage": 2})
-    outcomes = {
-        "cheap": train_tier(settings, workload, "cheap"),
-        "expensive": train_tier(zero2, workload, "expensive"),
-    }
+    with ExportWatch("ray_scaledl_train_") as watch:
+        cheap = train_tier(settings, workload, "cheap")
+    outcomes = {"cheap": cheap, "expensive": train_tier(zero2, workload, "expensive")}
     spec, ref = calibrate(settings, workload, cheap="challenger", expensive="challenger")
     promote_cascade(Registry(settings.tracking_uri), spec, ref)
-    return Platform(settings, version, outcomes, spec)
+    return Platform(settings, version, outcomes, spec, watch)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.errors import DataContractError
-from app.settings import Settings
+from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from data.marking import RAW_COLUMN, REASON_COLUMN
+from data.metrics import JOB
 from data.pipeline import ingest
 from data.sources import open_source
 from data.splits import read_split
-from data.versions import QUARANTINE, SPLITS, DatasetStore
-from tests.conftest import corrupt
+from data.versions import MANIFEST, QUARANTINE, SPLITS, DatasetManifest, DatasetStore
+from tests.conftest import corrupt, gateway_samples
 
 DIGITS = get_workload("digits")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -29,8 +30,17 @@ def write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def with_gateway(settings: Settings, url: str) -> Settings:
+    return load_settings(storage_root=settings.storage_root, ingest={"pushgateway_url": url})
+
+
+def pushed(url: str, name: str, **labels: str) -> float | None:
+    key = (name, tuple(sorted({"job": JOB, "instance": "", **labels}.items())))
+    return gateway_samples(url).get(key)
+
+
 def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(
-    store_settings: Settings,
+    store_settings: Settings, pushgateway: str
 ) -> None:
     first = ingest(store_settings, DIGITS)
     m = first.manifest
@@ -54,6 +64,16 @@ def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(
     assert [x.version for x in DatasetStore(store_settings.datasets_dir).manifests("digits")] == [
         m.version
     ]
+    # Where the figures go is not what the version holds: the same version, reused, and
+    # its figures and freshness pushed by the rerun.
+    rerun = ingest(with_gateway(store_settings, pushgateway), DIGITS)
+    assert rerun.reused and (rerun.manifest.version, rerun.manifest.run_id) == (m.version, m.run_id)
+    tags = {"workload": "digits", "run_id": m.run_id}
+    assert pushed(pushgateway, "scaledl_ingest_records_in", **tags) == 1797
+    assert pushed(pushgateway, "scaledl_ingest_quarantine_share", **tags) == 0.0
+    fresh = {"workload": "digits", "version": m.version}
+    latest = pushed(pushgateway, "scaledl_dataset_latest_timestamp_seconds", **fresh)
+    assert latest == m.created_at.timestamp()
 
 
 def test_each_split_reads_back_whole_and_the_callers_data_context_is_left_alone(
@@ -96,21 +116,37 @@ def test_bad_rows_are_quarantined_with_their_rule_and_counted(
     # Each quarantined row says where it came from: file and record number (1-based).
     assert sorted(quarantine["_row"]) == [2, 3, 4, 5, 6]
     assert [(s.rows, s.rows_valid, s.rows_quarantined) for s in m.sources] == [(200, 195, 5)]
+    # The run's figures, in the manifest as written.
+    written = json.loads((result.path / MANIFEST).read_text())
+    assert (written["rows_in"], written["rows_valid"], written["rows_quarantined"]) == (200, 195, 5)
+    assert written["quarantine_share"] == 0.025
+    assert written["run_id"].startswith(f"{m.version}-")
+    assert "pushgateway_url" not in written["config"]["ingest"]
     # A changed input is a new version.
     assert m.version != ingest(store_settings, DIGITS).manifest.version
 
 
 def test_too_much_quarantine_fails_the_run_and_keeps_its_output(
-    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
+    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path, pushgateway: str
 ) -> None:
     bad, _ = corrupt(digits_frame.head(40))  # 5 of 40 = 12.5 % > 5 %
     source = write(bad, tmp_path / "raw" / "noisy.parquet")
     with pytest.raises(
         DataContractError, match=r"12\.5% of rows from noisy\.parquet .* top rules: "
     ) as err:
-        ingest(store_settings, DIGITS, open_source(source))
+        ingest(with_gateway(store_settings, pushgateway), DIGITS, open_source(source))
     assert "_rejected" in str(err.value)
     assert DatasetStore(store_settings.datasets_dir).manifests("digits") == []
+    # The rejected run's figures: in its manifest, kept with its output, and pushed,
+    # which is what the quarantine-share alert reads (its share over the gate).
+    (kept,) = (store_settings.datasets_dir / "digits" / "_rejected").glob(f"*/{MANIFEST}")
+    m = DatasetManifest.model_validate_json(kept.read_text())
+    assert (m.rows_in, m.rows_quarantined, m.quarantine_share) == (40, 5, 0.125)
+    assert kept.parent.name == m.run_id and str(kept.parent) in str(err.value)
+    tags = {"workload": "digits", "run_id": m.run_id}
+    assert pushed(pushgateway, "scaledl_ingest_quarantine_share", **tags) == 0.125
+    assert pushed(pushgateway, "scaledl_ingest_max_quarantine_share", workload="digits") == 0.05
+    assert pushed(pushgateway, "scaledl_ingest_records", **tags, outcome="valid") == 35
 
 
 def test_a_file_with_a_missing_column_fails_naming_the_file(

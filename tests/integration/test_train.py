@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import psutil
@@ -15,12 +16,43 @@ import pytest
 from app.errors import CheckpointError, ConfigError
 from app.model_artifact import INT8, load_model
 from app.registry import Registry
+from app.sections import TrainConfig
 from app.settings import Settings, load_settings
 from app.workloads import get_workload
-from tests.integration.conftest import Platform
+from data.versions import DatasetStore
+from tests.integration.conftest import Platform, Scraped, export_samples
+from train.deepspeed_config import steps_per_epoch
+from train.metrics import TAG_KEYS
 from train.run import TrainOutcome, check_cluster_fits, train_tier
 
 DIGITS = get_workload("digits")
+TRAIN_SERIES = "ray_scaledl_train_"
+
+
+def samples_counted(run_id: str) -> float | None:
+    """``ray_scaledl_train_samples_total`` of one run, as the node exports it (a counter
+    stays in the export after its process ends)."""
+    found = [
+        s.value
+        for s in export_samples(f"{TRAIN_SERIES}samples")
+        if s.name.endswith("_total") and s.labels.get("run_id") == run_id
+    ]
+    assert len(found) <= 1, f"several series for run {run_id}: {found}"
+    return found[0] if found else None
+
+
+def samples_trained(cfg: TrainConfig, train_rows: int, epochs: int) -> int:
+    """Samples a run of ``epochs`` processes, every data-parallel worker together."""
+    if cfg.pipeline_stages > 1:  # engines.Pipeline: steps of whole accumulation windows
+        steps = ((train_rows // cfg.micro_batch_size) // cfg.data_parallel) // cfg.grad_accumulation
+    else:
+        steps = steps_per_epoch(train_rows, cfg)
+    return steps * cfg.grad_accumulation * cfg.micro_batch_size * cfg.data_parallel * epochs
+
+
+def train_rows(platform: Platform) -> int:
+    store = DatasetStore(platform.settings.datasets_dir)
+    return store.get("digits", platform.dataset_version).splits["train"]
 
 
 @pytest.mark.parametrize(("tier", "zero", "floor"), [("cheap", 1, 0.9), ("expensive", 2, 0.95)])
@@ -88,6 +120,84 @@ def test_pipeline_and_data_parallel_combine(platform: Platform) -> None:
     )
     run = Registry(settings.tracking_uri).client.get_run(outcome.model.run_id)
     assert '"train_batch_size": 32' in run.data.params["deepspeed"]  # 16 x 2 pipes
+    # 4 workers, 2 stages: the run's samples are counted once, not once per stage.
+    expected = samples_trained(settings.train, train_rows(platform), epochs=4)
+    assert samples_counted(outcome.run_name) == expected
+
+
+def test_rank_0_reports_the_runs_progress_to_rays_metrics_export(platform: Platform) -> None:
+    """What a dashboard and the training-stalled alert read: the cheap run's series, as
+    the node's export showed them while it trained (scraped every 0.5 s)."""
+    outcome = platform.outcomes["cheap"]
+    tags = {"workload": "digits", "tier": "cheap", "run_id": outcome.run_name}
+    series: dict[str, list[Scraped]] = defaultdict(list)
+    for s in platform.cheap_training_export.seen:
+        if s.labels.get("run_id") == outcome.run_name:
+            series[s.name].append(s)
+    names = ("loss", "epoch", "last_step_timestamp_seconds", "checkpoint_timestamp_seconds")
+    assert set(series) == {f"{TRAIN_SERIES}{n}" for n in names} | {f"{TRAIN_SERIES}samples_total"}
+    for name, seen in series.items():
+        assert {(k, s.labels[k]) for s in seen for k in TAG_KEYS} == set(tags.items()), name
+        # One series per run whatever its two workers: rank 0 reports, once.
+        assert len({tuple(sorted(s.labels.items())) for s in seen}) == 1, name
+
+    def values(name: str) -> list[float]:
+        return [s.value for s in series[f"{TRAIN_SERIES}{name}"]]
+
+    epochs = values("epoch")
+    assert epochs == sorted(epochs) and epochs[-1] == outcome.metrics["epochs_run"] - 1
+    steps = series[f"{TRAIN_SERIES}last_step_timestamp_seconds"]
+    assert [s.value for s in steps] == sorted(s.value for s in steps)
+    # A healthy run: its last step is always recent (the stalled alert stays quiet).
+    assert all(0 <= s.at - s.value < 60 for s in steps)
+    checkpoints = series[f"{TRAIN_SERIES}checkpoint_timestamp_seconds"]
+    assert all(0 <= s.at - s.value < 120 for s in checkpoints)
+    assert len({s.value for s in checkpoints}) >= 2  # one per epoch, several seen
+    loss = values("loss")
+    assert all(v > 0 for v in loss) and loss[-1] < loss[0]
+    # Samples: exactly what the run trained, every data-parallel worker counted once.
+    expected = samples_trained(platform.settings.train, train_rows(platform), epochs=6)
+    assert samples_counted(outcome.run_name) == expected
+    assert values("samples_total")[-1] <= expected
+
+
+def test_a_run_that_stops_stepping_stays_in_the_export_and_leaves_it_when_it_ends(
+    ray_cluster: None,
+) -> None:
+    """Ray drops a gauge not set again within two report intervals (1 s here): a run
+    stuck in a collective must keep its last step in the export, or 'training stalled'
+    could never fire; once its publisher stops (the run ended) the series goes."""
+    import ray
+
+    from train.metrics import LiveFigures, Publisher, RunSeries
+
+    @ray.remote(num_cpus=0)
+    def stuck(seconds: float) -> float:
+        figures = LiveFigures(data_parallel=1)
+        figures.add(16, 0.5, stepped=True)  # one step, then nothing
+        publisher = Publisher(figures, RunSeries("digits", "cheap", "stalled-run"))
+        publisher.start()
+        time.sleep(seconds)
+        publisher.close()
+        return figures.totals[2]
+
+    def last_steps() -> list[Scraped]:
+        return [
+            s
+            for s in export_samples(f"{TRAIN_SERIES}last_step_timestamp_seconds")
+            if s.labels.get("run_id") == "stalled-run"
+        ]
+
+    ref, seen = stuck.remote(6.0), []
+    while not ray.wait([ref], timeout=0.5)[0]:
+        seen.extend(last_steps())
+    stepped_at = ray.get(ref)
+    assert {s.value for s in seen} == {stepped_at}
+    assert seen[-1].at - seen[0].at >= 3  # present, unchanged, through 3+ report intervals
+    deadline = time.monotonic() + 15
+    while last_steps():
+        assert time.monotonic() < deadline, "an ended run's gauge stayed in the export"
+        time.sleep(0.5)
 
 
 def _registered_checkpoints(run_dir: Path) -> int:
