@@ -23,14 +23,14 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors.named import named_actor
 from actors.rollout import Controller, PromotePort, RoutesPort, StatePort
 from actors.rollout_spec import Event
 from actors.serving_stats import serving_stats
 from actors.stats import Summary
 
 NAME = "scaledl-rollouts"
-NAMESPACE = "scaledl"
-TICK_S = 2.0
+TICK_S = 1.0  # also how often the gauges are set again (Ray drops idle ones)
 
 log = logging.getLogger("scaledl.rollouts")
 
@@ -71,10 +71,14 @@ class RolloutMetrics:
             tag_keys=("model", "kind", "verdict"),
         )
 
-    def event(self, event: Event, challenger: str, active: bool) -> None:
+    def gauges(self, event: Event, challenger: str, active: bool) -> None:
+        """The step and weight as of the rollout's last decision."""
         tags = {"model": event.model, "challenger": challenger}
         self.weight.set(event.weight if active else 0, tags=tags)
         self.step.set(event.step + 1 if active else -1, tags=tags)
+
+    def event(self, event: Event, challenger: str, active: bool) -> None:
+        self.gauges(event, challenger, active)
         self.decisions.inc(
             tags={"model": event.model, "kind": event.kind, "verdict": event.verdict or "none"}
         )
@@ -118,8 +122,17 @@ class RolloutController:
             with self.lock:
                 try:
                     self.controller.tick()
+                    self._refresh_gauges()
                 except Exception:  # noqa: BLE001 - a bad tick must not end the loop
                     log.exception("a rollout tick failed; the next one tries again")
+
+    def _refresh_gauges(self) -> None:
+        """Ray 2.60 drops a gauge from the export about two report intervals after it was
+        last set (as train/metrics.py found), so the step and weight are set again on
+        every tick, not only at a decision."""
+        for state in self.controller.rollouts.values():
+            if state.events:
+                self.metrics.gauges(state.events[-1], state.spec.challenger, state.active)
 
     def _on_event(self, event: Event) -> None:
         state = self.controller.rollouts[event.model]
@@ -160,12 +173,4 @@ def rollout_controller(
 ) -> ray.actor.ActorHandle:
     """The cluster's rollout controller, created on first use with these ports (a later
     caller's ports are not used: the running actor keeps its own)."""
-    actor = ray.remote(RolloutController).options(
-        name=NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-    )
-    return actor.remote(routes, promoter, store, models)
+    return named_actor(RolloutController, NAME, routes, promoter, store, models)

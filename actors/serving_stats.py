@@ -13,10 +13,10 @@ from typing import Any
 
 import ray
 
+from actors.named import named_actor
 from actors.stats import StatsStore
 
 NAME = "scaledl-serving-stats"
-NAMESPACE = "scaledl"
 
 
 class ServingStats:
@@ -40,15 +40,7 @@ def serving_stats(retention_s: float = 3600.0) -> ray.actor.ActorHandle:
     """The cluster's serving-stats actor, created on first use: every caller (each
     ingress replica, the rollout controller, the CLI) gets the same one by name.
     ``retention_s`` applies when this call creates it."""
-    actor = ray.remote(ServingStats).options(
-        name=NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-    )
-    return actor.remote(retention_s)
+    return named_actor(ServingStats, NAME, retention_s)
 
 
 class StatsClient:

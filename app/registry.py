@@ -158,8 +158,16 @@ class Registry:
         return previous
 
     def model_tag(self, name: str, key: str) -> str | None:
-        """A tag of the registered model ``name`` (not of a version), or None."""
-        return self.client.get_registered_model(name).tags.get(key)
+        """A tag of the registered model ``name`` (not of a version), or None, also when
+        no such model is registered yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(name).tags.get(key)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # a broken registry must not read as "no tag"
+            return None
 
     def set_model_tag(self, name: str, key: str, value: str | None) -> None:
         """Set a tag of the registered model ``name``; None deletes it."""

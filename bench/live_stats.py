@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from app.runtime import FAST_TRANSPORT
 from bench import wrk
-from bench.serve import check_no_ray, deploy_setup, store_with_cascade
+from bench.serve import add_report_only, deploy_setup, run_child, store_with_cascade
 from bench.serve_models import DIGITS, request_bodies
 
 TARGET = 0.97  # on / off: what the issue asks the live statistics to cost at most
@@ -105,12 +104,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--port", type=int, default=8012)
     parser.add_argument("--quick", action="store_true", help="one pair of 2 s runs, 1 epoch")
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="print the checks but exit 0 on a FAIL (make test: a shared machine's noise "
-        "must not fail the suite; the committed table is the measurement)",
-    )
+    add_report_only(parser)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,19 +127,9 @@ def main() -> None:
             "seconds": args.seconds,
             "warmup": args.warmup,
         }
-        check_no_ray("before starting a cluster")
-        log = Path(tmp) / "cluster.log"
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.live_stats", "--child", json.dumps(plan)],
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-            env={**os.environ, "RAY_AUTH_MODE": "token", **FAST_TRANSPORT},
+        result = run_child(
+            "bench.live_stats", [json.dumps(plan)], FAST_TRANSPORT, Path(tmp) / "cluster.log"
         )
-        check_no_ray("after the cluster stopped")
-        if proc.returncode != 0:
-            raise SystemExit(f"the cluster run failed:\n{log.read_text()[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     text, passed = report(result, args.connections)
     print(text)
     print(f"whole run {(time.monotonic() - started) / 60:.1f} min")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from app.runtime import FAST_TRANSPORT
 from bench import wrk
-from bench.serve import check_no_ray, deploy_setup, store_with_cascade
+from bench.serve import add_report_only, deploy_setup, run_child, store_with_cascade
 from bench.serve_models import DIGITS, request_bodies
 
 # Overload must be shed within about a batch time; a 503 slower than this is a finding.
@@ -183,12 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="2 s runs, 1 epoch, 256 burst connections"
     )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="print the checks but exit 0 on a FAIL (make test: a shared machine's noise "
-        "must not fail the suite; the committed table is the measurement)",
-    )
+    add_report_only(parser)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -200,7 +195,6 @@ def main() -> None:
     wrk.require_wrk()
     require_hey()
     started = time.monotonic()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     with tempfile.TemporaryDirectory(prefix="scaledl-bench-overload-") as tmp:
         store = store_with_cascade(args.store, args.epochs, Path(tmp))
         bodies, model_dir, _ = request_bodies(store, "digits")
@@ -215,19 +209,9 @@ def main() -> None:
             "seconds": args.seconds,
             "warmup": args.warmup,
         }
-        check_no_ray("before starting a cluster")
-        log = Path(tmp) / "cluster.log"
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.overload", "--child", json.dumps(plan)],
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-            env={**env, **FAST_TRANSPORT},
+        result = run_child(
+            "bench.overload", [json.dumps(plan)], FAST_TRANSPORT, Path(tmp) / "cluster.log"
         )
-        check_no_ray("after the cluster stopped")
-        if proc.returncode != 0:
-            raise SystemExit(f"the cluster run failed:\n{log.read_text()[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(result), file=sys.stderr)
     text, passed = report(result, time.monotonic() - started)
     print(text)

@@ -297,9 +297,16 @@ def run_litserve(plan: dict, log: Path) -> dict:
 
 def run_cluster(plan: dict, setups: list[str], env: dict[str, str], log: Path) -> dict:
     """``cluster`` in a child process, so ``env`` reaches every process of the cluster."""
+    return run_child("bench.serve", ["cluster", json.dumps(plan), *setups], env, log)
+
+
+def run_child(module: str, args: list[str], env: dict[str, str], log: Path) -> dict:
+    """``python -m <module> --child <args>``: a benchmark's cluster in a process of its
+    own (``env`` reaches every Ray process), its stderr in ``log``; the JSON line it
+    printed last. No other Ray cluster may run before or after it."""
     check_no_ray("before starting a cluster")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.serve", "--child", "cluster", json.dumps(plan), *setups],
+        [sys.executable, "-m", module, "--child", *args],
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
         text=True,
@@ -307,8 +314,20 @@ def run_cluster(plan: dict, setups: list[str], env: dict[str, str], log: Path) -
     )
     check_no_ray("after the cluster stopped")
     if proc.returncode != 0:
-        raise SystemExit(f"cluster run {setups} failed; see {log}:\n{log.read_text()[-3000:]}")
+        raise SystemExit(
+            f"the cluster run of {module} failed; see {log}:\n{log.read_text()[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def add_report_only(parser: argparse.ArgumentParser) -> None:
+    """``--report-only``: the checks printed, a FAIL not an exit code (make test)."""
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the checks but exit 0 on a FAIL (make test: a shared machine's noise "
+        "must not fail the suite; the committed table is the measurement)",
+    )
 
 
 def store_with_cascade(store: Path | None, epochs: int, tmp: Path) -> Path:

@@ -19,14 +19,13 @@ from app.cascade_spec import cascade_name, load_cascade, promote_cascade
 from app.errors import (
     InvalidRequest,
     NotFound,
-    ScaledlError,
     ServiceUnavailable,
     find_scaledl_error,
 )
 from app.registry import Registry
 from app.workloads import get_workload
 from serve_graphs.catalog import RegistryRouteStore
-from serve_graphs.decide.routing import RouteSpec, build_table, error_text
+from serve_graphs.decide.routing import RouteSpec, build_table, error_text, version_of
 
 log = logging.getLogger("ray.serve")
 
@@ -80,14 +79,7 @@ class RegistryRolloutState(_Registered):
     controller, and every node reads the same registry."""
 
     def load(self, model: str) -> str | None:
-        try:
-            return self.registry.model_tag(cascade_name(model), ROLLOUT_TAG)
-        except ScaledlError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - no such registered model yet
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
-                return None
-            raise
+        return self.registry.model_tag(cascade_name(model), ROLLOUT_TAG)
 
     def save(self, model: str, text: str) -> None:
         self.registry.set_model_tag(cascade_name(model), ROLLOUT_TAG, text)
@@ -151,8 +143,8 @@ class ActorRollouts:
 
     def _version(self, ref: object, flag: str) -> object:
         text = str(ref).strip()
-        if text.lstrip("vV").isdigit():
-            return text  # a version: the spec checks it exists when it writes the table
+        if version_of(text) is not None:
+            return text  # a version: the table checks it exists when it is written
         try:
             return load_cascade(self.registry, self.workload, text)[1].version
         except NotFound as exc:

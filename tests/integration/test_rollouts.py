@@ -24,9 +24,9 @@ import pytest
 from app.keys import dev_key
 from app.registry import Registry
 from app.serving import Endpoint, deploy
-from app.settings import load_settings
+from app.settings import Settings, load_settings
 from tests.conftest import free_port
-from tests.integration.conftest import AUTH, KEY, Platform, wait_for_serve_gone
+from tests.integration.conftest import AUTH, KEY, Platform, export_samples, wait_for_serve_gone
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,7 @@ OPS = {"report_every_s": 0.5, "stats_bucket_s": 1.0}
 def service(platform: Platform) -> Iterator[Endpoint]:
     from ray import serve
 
-    settings = load_settings(
-        storage_root=platform.settings.storage_root,
-        serve={"port": free_port(), **FAST},
-        ops=OPS,
-        dev=True,
-    )
+    settings = module_settings(platform, free_port())
     registry = Registry(platform.settings.tracking_uri)
     names = ("digits-cascade", "digits-cheap", "digits-expensive")
     aliases = {name: registry._aliases(name) for name in names}
@@ -57,16 +52,23 @@ def service(platform: Platform) -> Iterator[Endpoint]:
             registry.client.set_registered_model_alias(name, alias, version)
 
 
-def with_faults(service: Endpoint, platform: Platform, faults: dict) -> None:
-    """The same application with serve.faults changed: a user_config, applied in place."""
-    port = int(service.base_url.rsplit(":", 1)[1])
-    settings = load_settings(
+def module_settings(platform: Platform, port: int, **serve: object) -> Settings:
+    """The module's settings: the platform's store, fast reports, dev (for serve.faults)."""
+    return load_settings(
         storage_root=platform.settings.storage_root,
-        serve={"port": port, **FAST, "faults": faults},
+        serve={"port": port, **FAST, **serve},
         ops=OPS,
         dev=True,
     )
-    deploy(settings, "digits", [dev_key(KEY)])
+
+
+def port_of(service: Endpoint) -> int:
+    return int(service.base_url.rsplit(":", 1)[1])
+
+
+def with_faults(service: Endpoint, platform: Platform, faults: dict) -> None:
+    """The same application with serve.faults changed: a user_config, applied in place."""
+    deploy(module_settings(platform, port_of(service), faults=faults), "digits", [dev_key(KEY)])
 
 
 def new_version(platform: Platform) -> str:
@@ -245,13 +247,20 @@ def test_a_killed_controller_resumes_at_the_same_step_and_point_of_its_hold(
 ) -> None:
     import ray
 
-    from actors.rollout_actor import NAME, NAMESPACE
+    from actors.named import NAMESPACE
+    from actors.rollout_actor import NAME
 
     challenger = new_version(platform)
     view = rollout(service, "POST", challenger=challenger, steps="10,100", hold_s="60s")
     assert view["status"] == "stepping" and view["weights"] == {champion(platform): 90,
                                                                 challenger: 10}  # fmt: skip
     held = view["hold_left_s"]
+    # The step gauge stays in the export between decisions (Ray drops a gauge left unset
+    # for two report intervals, 2 s here): step 1, for this challenger
+    time.sleep(4)
+    steps = [s.value for s in export_samples("ray_scaledl_rollout_step")
+             if s.labels.get("challenger") == challenger]  # fmt: skip
+    assert steps == [1.0], steps
     ray.kill(ray.get_actor(NAME, namespace=NAMESPACE), no_restart=False)
     time.sleep(3)
     deadline = time.monotonic() + 60
@@ -264,7 +273,7 @@ def test_a_killed_controller_resumes_at_the_same_step_and_point_of_its_hold(
             time.sleep(1)
     assert after["status"] == "stepping" and after["step"] == view["step"]
     assert after["weights"] == view["weights"]
-    assert 0 < after["hold_left_s"] <= held - 3  # its hold went on: absolute times
+    assert 0 < after["hold_left_s"] <= held - 7  # its hold went on: absolute times
     assert rollout(service, "POST", "/abort")["status"] == "aborted"
 
 
@@ -300,14 +309,8 @@ def test_statistics_merge_exactly_across_two_ingress_replicas(
 ) -> None:
     from ray import serve
 
-    port = int(service.base_url.rsplit(":", 1)[1])
     two = {"min_replicas": 2, "max_replicas": 2}
-    settings = load_settings(
-        storage_root=platform.settings.storage_root,
-        serve={"port": port, **FAST, "ingress_replicas": two},
-        ops=OPS,
-        dev=True,
-    )
+    settings = module_settings(platform, port_of(service), ingress_replicas=two)
     deploy(settings, "digits", [dev_key(KEY)])
     status = serve.status().applications["digits"].deployments["Ingress"]
     assert status.replica_states.get("RUNNING") == 2
@@ -344,17 +347,8 @@ def test_statistics_merge_exactly_across_two_ingress_replicas(
 def predict_requests_by_replica() -> Counter:
     """``ray_scaledl_requests_total`` of /v1/predict by Serve replica, as the node's
     metrics export has it."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from tests.integration.conftest import metrics_port
-
-    text = httpx.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
     counts: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        if family.name != "ray_scaledl_requests":
-            continue
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name.endswith("_total") and labels.get("route") == "/v1/predict":
-                counts[labels.get("replica", "")] += sample.value
+    for sample in export_samples("ray_scaledl_requests_total"):
+        if sample.labels.get("route") == "/v1/predict":
+            counts[sample.labels.get("replica", "")] += sample.value
     return counts

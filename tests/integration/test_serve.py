@@ -18,7 +18,7 @@ import pytest
 from app.registry import Registry
 from app.serving import Endpoint
 from serve_graphs.api.observe import VERSION_HEADER
-from tests.integration.conftest import AUTH, KEY, Platform, metrics_port, redeploy
+from tests.integration.conftest import AUTH, KEY, Platform, export_samples, redeploy
 
 
 def test_the_cascade_answers_the_test_split_accurately(
@@ -89,18 +89,10 @@ def test_request_id_is_echoed_and_errors_are_4xx(endpoint: Endpoint) -> None:
 def requests_counted() -> Counter:
     """``ray_scaledl_requests_total`` by (route, status, cascade_version), summed over
     replicas, as Prometheus would scrape it from the node's metrics export."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
     counts: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        if family.name != "ray_scaledl_requests":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                labels = sample.labels
-                key = (labels["route"], labels["status"], labels["cascade_version"])
-                counts[key] += sample.value
+    for sample in export_samples("ray_scaledl_requests_total"):
+        labels = sample.labels
+        counts[(labels["route"], labels["status"], labels["cascade_version"])] += sample.value
     return counts
 
 
