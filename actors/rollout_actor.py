@@ -14,7 +14,6 @@ same step and the same point of the hold (the state holds absolute times).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,6 +27,8 @@ from actors.rollout import Controller, PromotePort, RoutesPort, StatePort
 from actors.rollout_spec import Event
 from actors.serving_stats import serving_stats
 from actors.stats import Summary
+from app.logs import event as log_event
+from app.logs import events
 
 NAME = "scaledl-rollouts"
 TICK_S = 1.0  # also how often the gauges are set again (Ray drops idle ones)
@@ -95,11 +96,7 @@ class RolloutController:
         models: list[str],
         tick_s: float = TICK_S,
     ) -> None:
-        if not log.handlers:  # one JSON object per line on the actor's stderr (its log file)
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
+        events("rollouts")  # JSON lines on the actor's stderr: its log file (app/logs.py)
         self.lock = threading.Lock()  # the ticks and the commands: one decision at a time
         self.metrics = RolloutMetrics()
         self.controller = Controller(
@@ -137,9 +134,8 @@ class RolloutController:
     def _on_event(self, event: Event) -> None:
         state = self.controller.rollouts[event.model]
         self.metrics.event(event, state.spec.challenger, state.active)
-        line = event.model_dump(mode="json")
-        line["challenger"], line["status"] = state.spec.challenger, state.status
-        log.info(json.dumps({"event": "rollout", **line}))
+        fields = event.model_dump(mode="json")
+        log_event(log, "rollout", challenger=state.spec.challenger, status=state.status, **fields)
 
     # Commands: each returns the model's status, as `scaledl rollout status` shows it.
 

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from app.errors import DataContractError, find_scaledl_error
+from app.logs import event as log_event
+from app.logs import events
 from app.sections import IngestConfig
 from app.settings import Settings
 from app.workloads import Workload
@@ -126,7 +128,7 @@ def ingest(
     store = DatasetStore(settings.datasets_dir)
     if store.version_dir(workload.name, version).exists():
         manifest = store.get(workload.name, version)
-        push_figures(cfg, store, manifest)
+        report_run(cfg, store, manifest, "reused")
         return IngestResult(manifest, store.version_dir(workload.name, version), True, 0.0)
     parent = next(iter(store.manifests(workload.name)), None)
 
@@ -159,11 +161,32 @@ def ingest(
         _gate(manifest, cfg)
     except DataContractError as exc:
         kept = store.reject(staging, manifest)
-        push_figures(cfg, store, manifest)
+        report_run(cfg, store, manifest, "rejected")
         raise DataContractError(f"{exc} (the run's output is kept in {kept})") from None
     path = store.publish(staging, manifest)
-    push_figures(cfg, store, manifest)
+    report_run(cfg, store, manifest, "published")
     return IngestResult(manifest, path, False, time.perf_counter() - started)
+
+
+def report_run(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest, outcome: str) -> None:
+    """The run's JSON event line (app/logs.py) and its figures to the pushgateway.
+
+    ``outcome``: published, reused (the version existed) or rejected (by the gate; the
+    figures are the rejected run's). Counts only: a reason may quote a record."""
+    log_event(
+        events("data"),
+        "ingest.run",
+        outcome=outcome,
+        workload=run.workload,
+        run_id=run.run_id,
+        version=run.version,
+        parent=run.parent,
+        rows_in=run.rows_in,
+        rows_valid=run.rows_valid,
+        rows_quarantined=run.rows_quarantined,
+        quarantine_share=round(run.quarantine_share, 6),
+    )
+    push_figures(cfg, store, run)
 
 
 def push_figures(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest) -> None:

@@ -26,6 +26,9 @@ from serve_graphs.tier_model import TierModel
 
 # JSON lines that carry the request id, so one request can be followed across replicas.
 LOGGING = LoggingConfig(encoding="JSON").model_dump()
+# The ingress writes its own access log line (serve_graphs/api/observe.py AccessLog),
+# with the version and tier that answered: Serve's would be a second line per request.
+INGRESS_LOGGING = LoggingConfig(encoding="JSON", enable_access_log=False).model_dump()
 
 
 INGRESS = "Ingress"
@@ -93,7 +96,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
         max_queued_requests=serve_cfg.ingress_max_queued_requests,
         # Shed load at the proxy with the same answer our own 503s give.
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-        logging_config=LOGGING,
+        logging_config=INGRESS_LOGGING,
         user_config=configs[INGRESS],
         autoscaling_config=scaling(args)[INGRESS],
     ).bind(cheap, expensive, stable_args(args))

@@ -22,6 +22,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from app.errors import CheckpointError
+from app.logs import event as log_event
+from app.logs import events
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
 from app.sections import TrainConfig
@@ -104,12 +106,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             stop = should_stop(progress, job.train.early_stopping_patience)
             checkpoint = stop or epoch + 1 == job.train.epochs or _due(epoch, job)
             step_log(trainer.engine.global_steps, metrics)
+            epoch_event(job, metrics)
             report_and_checkpoint(trainer, job, metrics, progress, checkpoint=checkpoint)
             if checkpoint:
                 live.checkpointed()
             if stop:
                 break
     return metrics
+
+
+def epoch_event(job: TrainJob, metrics: dict[str, float]) -> None:
+    """Every rank's JSON line for an epoch, in its worker's log (app/logs.py): the run,
+    the rank and the step, so a stalled or diverging rank shows in the logs too."""
+    import ray.train
+
+    context = ray.train.get_context()
+    figures = {
+        k: round(float(v), 6) for k, v in metrics.items() if k not in ("epoch", "global_step")
+    }
+    log_event(
+        events("train"),
+        "train.epoch",
+        run_id=context.get_experiment_name(),
+        mlflow_run_id=job.mlflow_run_id,
+        workload=job.workload,
+        tier=job.tier,
+        rank=context.get_world_rank(),
+        epoch=int(metrics["epoch"]),
+        step=int(metrics["global_step"]),
+        **figures,
+    )
 
 
 def should_stop(progress: Progress, patience: int | None) -> bool:

@@ -36,12 +36,14 @@ from serve_graphs.api.limits import RateLimiter
 from serve_graphs.api.middleware import BodyLimit, OipJsonBodies
 from serve_graphs.api.observe import (
     VERSION_HEADER,
+    AccessLog,
     CostMeter,
     Fanout,
     LiveStats,
     NullObserver,
     Observer,
     RequestMetrics,
+    answered_by,
 )
 from serve_graphs.api.oip import oip_router
 from serve_graphs.api.rollouts import RolloutsPort, rollout_router
@@ -157,6 +159,7 @@ def build_api(
             ) from None
         observer.predictions(version, predictions)
         costs.predictions(predictions)
+        request.state.tier, request.state.degraded = answered_by(predictions)
         return version, predictions
 
     def version_header(request: Request) -> dict[str, str]:
@@ -204,7 +207,8 @@ def build_api(
 
     api.add_middleware(OipJsonBodies)
     api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    api.add_middleware(RequestMetrics, observer=observer)  # outermost: sees every answer
+    # Outermost: sees every answer.
+    api.add_middleware(RequestMetrics, observer=observer, access_log=AccessLog(workload.name))
 
     @api.get("/healthz", summary="Liveness: the ingress is up")
     async def healthz() -> dict[str, str]:

@@ -116,15 +116,57 @@ def route_of(path: str) -> str:
     return "other"
 
 
+class AccessLog:
+    """One JSON line per HTTP answer, the ingress's access log (it replaces Serve's own,
+    which cannot say which model version and tier answered).
+
+    Serve's JSON logging (serve_graphs/builder.py) adds the request id (the client's
+    ``x-request-id``, or one Serve made and returns in that header), the route, the
+    application and the replica; the line adds the model, the version and the tiers that
+    answered, the status and the latency. Written to the replica's file in the session's
+    ``logs/serve/``, not to its stderr as well. Nothing of the body or the headers."""
+
+    def __init__(self, model: str, logger: logging.Logger = log) -> None:
+        self.model = model
+        self.logger = logger
+
+    def __call__(self, path: str, status: int, seconds: float, version: str, state: dict) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        self.logger.info(
+            "request",
+            extra={
+                "event": "request",
+                "model": self.model,
+                "endpoint": route_of(path),  # the metrics' route tag: never the raw path
+                "version": version,
+                "tier": state.get("tier", UNROUTED),
+                "degraded": state.get("degraded", 0),
+                "status": status,
+                "latency_ms": round(1000 * seconds, 3),
+                "log_to_stderr": False,  # Serve's key: its file only
+            },
+        )
+
+
+def answered_by(predictions: list[Prediction]) -> tuple[str, int]:
+    """The tiers that answered a request's instances (``cheap``, ``expensive`` or
+    ``cheap+expensive``) and how many instances were degraded: what its log line says."""
+    tiers = sorted({p.tier for p in predictions})
+    return "+".join(tiers) or UNROUTED, sum(p.degraded for p in predictions)
+
+
 class RequestMetrics:
-    """Pure ASGI: hands every HTTP request's route, status and duration to an observer.
+    """Pure ASGI: hands every HTTP request's route, status and duration to an observer,
+    and to the access log when there is one.
 
     A request whose client left before its answer started (Serve cancels it) counts as
     :data:`CLIENT_CLOSED`, never as a server error: no client saw a 500."""
 
-    def __init__(self, app: Any, observer: Observer) -> None:
+    def __init__(self, app: Any, observer: Observer, access_log: AccessLog | None = None) -> None:
         self.app = app
         self.observer = observer
+        self.access_log = access_log
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -157,6 +199,8 @@ class RequestMetrics:
             seconds = time.perf_counter() - started
             shed = status == 429 or state.get("shed", False)
             self.observer.request(route_of(scope["path"]), status, seconds, version, shed)
+            if self.access_log is not None:
+                self.access_log(scope["path"], status, seconds, version, state)
 
 
 class CostMeter:

@@ -152,9 +152,8 @@ def rollout_log_events() -> list[dict]:
     events = []
     for path in Path(global_worker.node.get_logs_dir_path()).glob("worker-*"):
         for line in path.open(errors="replace"):
-            start = line.find('{"event": "rollout"')
-            if start >= 0:
-                events.append(json.loads(line[start:]))
+            if '"event": "rollout"' in line:
+                events.append(json.loads(line))  # the whole line is the event (app/logs.py)
     return events
 
 

@@ -4,10 +4,16 @@ and lineage, and training that streams a version's shards."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
+import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -23,7 +29,12 @@ from data.pii import PiiKey
 from data.pipeline import ingest
 from data.readers import ROW, SOURCE
 from data.sources import open_source
-from data.versions import PREPROCESSOR, QUARANTINE, DatasetStore
+from data.versions import PREPROCESSOR, QUARANTINE, DatasetManifest, DatasetStore
+from tests.conftest import free_port
+from tests.integration.conftest import Platform, wait_for_serve_gone
+
+if TYPE_CHECKING:
+    from train.run import TrainOutcome
 
 TRANSACTIONS = get_workload("transactions")
 PII_KEY = "test-pii-key-0123456789abcdef"
@@ -201,19 +212,74 @@ def test_same_inputs_same_version_changed_inputs_a_child_version(
     assert ingest(other, TRANSACTIONS, open_source(raw)).manifest.version != m.version
 
 
+class Needles:
+    """Finds any of many card numbers and emails in megabytes of logs: a candidate of
+    either shape at every offset, looked up in a set (one regex alternating thousands of
+    values took 35 s over one Ray session's logs; this takes a fraction of a second)."""
+
+    SHAPES = re.compile(r"(?=(\d{16}|[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}))")
+
+    def __init__(self, values: set[str], *, literals: tuple[str, ...]) -> None:
+        self.values, self.literals = values, literals
+        self.lengths = sorted({len(v) for v in values})
+
+    def search(self, text: str) -> str | None:
+        """The first value or literal found in ``text``, else None."""
+        for literal in self.literals:
+            if literal in text:
+                return literal
+        for match in self.SHAPES.finditer(text):
+            # A value is a prefix of the greedy candidate at its offset ("a@b.com" of
+            # "a@b.com.au"), so every value length is tried.
+            candidate = match.group(1)
+            for n in self.lengths:
+                if candidate[:n] in self.values:
+                    return candidate[:n]
+        return None
+
+
+@dataclass(frozen=True)
+class Trained:
+    settings: Settings
+    raw: Path
+    version: DatasetManifest
+    outcome: TrainOutcome
+    driver_stderr: str  # what ingest and training wrote to this driver's stderr
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """6,000 transactions as JSONL with malformed lines, nulls and duplicates (which the
+    quarantine keeps), ingested, then the cheap tier trained on the version for 3 epochs,
+    streamed (cache 0: the splits are read from the version's Parquet shards every epoch).
+    Shared by the training test and the PII scan, which each need a trained version."""
+    from train.run import train_tier
+
+    tmp_path = tmp_path_factory.mktemp("trained")
+    raw = tmp_path / "raw"
+    generate_transactions(
+        raw, rows=6000, seed=4, fault_rate=0.03, fmt="jsonl", rows_per_shard=2000,
+        faults=("malformed", "nulls", "duplicates"),
+    )  # fmt: skip
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(stderr):
+        for key in [k for k in os.environ if k.startswith("SCALEDL_") or k == "RAY_ADDRESS"]:
+            env.delenv(key)
+        settings = settings_for(tmp_path, train={"epochs": 3, "cache_inputs_below_mb": 0})
+        version = ingest(settings, TRANSACTIONS, open_source(raw)).manifest
+        outcome = train_tier(settings, TRANSACTIONS, "cheap")
+    sys.stderr.write(stderr.getvalue())  # still shown when a test fails
+    return Trained(settings, raw, version, outcome, stderr.getvalue())
+
+
 def test_training_streams_a_transactions_version_and_the_model_carries_its_preprocessor(
-    tmp_path: Path, clean_env: None
+    trained: Trained,
 ) -> None:
     from app.model_artifact import load_model
     from app.registry import Registry
-    from train.run import train_tier
 
-    raw = tmp_path / "raw"
-    generate_transactions(raw, rows=6000, seed=4, rows_per_shard=2000)
-    # cache 0: the splits are streamed from the version's Parquet shards every epoch.
-    settings = settings_for(tmp_path, train={"epochs": 3, "cache_inputs_below_mb": 0})
-    version = ingest(settings, TRANSACTIONS, open_source(raw)).manifest
-    outcome = train_tier(settings, TRANSACTIONS, "cheap")
+    settings, version, outcome = trained.settings, trained.version, trained.outcome
+    assert version.rows_quarantined > 0  # the faults are quarantined, the rest trains
     fraud_rate = (
         pq.read_table(
             DatasetStore(settings.datasets_dir).split_dir("transactions", version.version, "test"),
@@ -234,6 +300,87 @@ def test_training_streams_a_transactions_version_and_the_model_carries_its_prepr
         ]
         == version.version
     )
-    rows = pd.read_parquet(raw / "transactions-00000.parquet").head(5)
+    rows = transactions_frame(5, seed=4)
     probs = model.predict_proba(rows[list(TRANSACTIONS.feature_columns)])
     assert probs.shape == (5, 2)
+
+
+def test_no_pii_or_secret_reaches_any_log_or_file_after_ingest_training_and_serving(
+    trained: Trained, clean_env: None, platform: Platform, capfd: pytest.CaptureFixture
+) -> None:
+    """Transactions with PII (and malformed lines, which the quarantine keeps) went
+    through ingest and training (the ``trained`` fixture); then the platform's digits
+    graph serves requests that carry an email in the routing header and card numbers and
+    emails in bodies it refuses, and a wrong bearer token. The transactions model is not
+    served: the integration platform has no transactions cascade, and a request's
+    features hold no PII anyway. Then every file of the Ray session's logs and of both
+    storage roots is scanned for each raw value, the PII key and both bearer secrets, and
+    so is the driver's stderr (where ingest's event goes: the job's log under
+    ``ray job submit``)."""
+    import httpx
+    from ray import serve
+    from ray._private.worker import global_worker
+
+    from app.keys import dev_key
+    from app.serving import deploy
+
+    settings, raw = trained.settings, trained.raw
+    original = pd.concat([transactions_frame(2000, seed=4, start_id=s) for s in (0, 2000, 4000)])
+    cards = [c for c in original["card_number"].dropna().unique() if re.fullmatch(CARD, c)]
+    emails = [e for e in original["email"].dropna().unique() if re.fullmatch(EMAIL, e)]
+
+    secret, wrong = "serving-secret-" + "k" * 24, "wrong-bearer-" + "w" * 24
+    served = load_settings(storage_root=platform.settings.storage_root, serve={"port": free_port()})
+    endpoint = deploy(served, "digits", [dev_key(secret)])
+    try:
+        auth = {"Authorization": f"Bearer {secret}"}
+        with httpx.Client(timeout=30) as http:
+            ok = http.post(
+                endpoint.predict_url, json={"instances": [[0.0] * 64]},
+                headers={**auth, "x-scaledl-user": emails[0]},
+            )  # fmt: skip
+            assert ok.status_code == 200, ok.text
+            for body in ({"instances": [cards[0]]}, {"instances": [[0.0] * 63 + [emails[1]]]},
+                         {emails[2]: cards[1]}):  # fmt: skip
+                assert http.post(endpoint.predict_url, json=body, headers=auth).status_code in (
+                    400, 422,
+                )  # fmt: skip
+            denied = http.post(
+                endpoint.predict_url, json={"instances": [[0.0] * 64]},
+                headers={"Authorization": f"Bearer {wrong}"},
+            )  # fmt: skip
+            assert denied.status_code == 401
+    finally:
+        serve.shutdown()
+        wait_for_serve_gone()
+
+    leak = Needles({*cards, *emails}, literals=(PII_KEY, secret, wrong))
+    assert len(leak.values) > 100
+    assert leak.search((raw / "transactions-00000.jsonl").read_text())  # the needles are real
+    driver = trained.driver_stderr + capfd.readouterr().err
+    assert not leak.search(driver), leak.search(driver)
+    roots = [Path(global_worker.node.get_logs_dir_path()), settings.storage_root,
+             platform.settings.storage_root]  # fmt: skip
+    scanned, lines = 0, driver.splitlines()
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or path.is_relative_to(settings.storage_root / "raw"):
+                continue
+            text = (
+                pq.read_table(path).to_pandas().to_csv()
+                if path.suffix == ".parquet"
+                else path.read_bytes().decode("latin-1")
+            )
+            scanned += 1
+            found = leak.search(text)
+            assert found is None, f"{path} holds raw PII or a secret: {found[:4]}..."
+            if path.suffix in (".err", ".log", ".out"):
+                lines += text.splitlines()
+    assert scanned > 50
+    # The stages' own events are there, as JSON lines (app/logs.py).
+    kinds = {
+        json.loads(line[line.index("{") :]).get("event")
+        for line in lines
+        if '"event": ' in line and "{" in line
+    }
+    assert {"ingest.run", "train.epoch", "request"} <= kinds, kinds

@@ -282,6 +282,26 @@ def test_every_request_and_answer_reaches_the_observer_by_route_and_version() ->
     assert seen.answered == [("expensive", "digits-expensive/1", False)] * 2
 
 
+def test_every_answer_is_one_json_access_line_with_version_tier_status_and_no_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ray._common.formatters import JSONFormatter
+
+    http = TestClient(api_for(digits_graph(0.0)))  # the cheap tier is sure of everything
+    with caplog.at_level("INFO", logger="ray.serve"):
+        assert http.post(URL, json={"instances": digit_images(3)}, headers=AUTH).status_code == 200
+        assert http.post(URL, json={"instances": digit_images(1)}).status_code == 401
+    lines = [json.loads(JSONFormatter().format(r)) for r in caplog.records]  # as Serve writes
+    lines = [line for line in lines if line.get("event") == "request"]
+    assert [(line["status"], line["version"], line["tier"]) for line in lines] == [
+        (200, "3", "cheap"),
+        (401, "none", "none"),
+    ]
+    assert all(line["model"] == "digits" and line["endpoint"] == "/v1/predict" for line in lines)
+    assert all(0 < line["latency_ms"] < 10_000 for line in lines)
+    assert KEY not in caplog.text and "Bearer" not in caplog.text
+
+
 def test_a_bug_in_the_cheap_tier_is_a_json_500_counted_as_such_and_not_retried() -> None:
     calls: dict[str, list[int]] = {"cheap": [], "expensive": []}
     g = digits_graph(0.0, calls)
