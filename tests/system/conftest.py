@@ -82,18 +82,48 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
             os.killpg(head.pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    """What ``scaledl demo --no-keep`` printed and left, run once for the system tier."""
+
+    result: subprocess.CompletedProcess
+    folder: Path  # its working directory: the storage root is folder/.scaledl
+    prometheus_port: int  # where its --monitor Prometheus listened
+
+
 @pytest.fixture(scope="session")
-def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A storage root with digits ingested, both tiers trained for 1 epoch and the
-    cascade calibrated and promoted (bench/serve.py's prepare, the benchmarks' store):
-    shared by the system tests that serve, so it is trained once."""
-    root = tmp_path_factory.mktemp("trained") / "store"
-    subprocess.run(
-        [sys.executable, "-m", "bench.serve", "--child", "prepare", str(root), "1"],
-        cwd=REPO,
-        env=clean_env(RAY_AUTH_MODE="token"),
-        check=True,
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """``scaledl demo --no-keep`` exactly as a user runs it (with 5 epochs, and --monitor),
+    in a fresh folder: ingest digits, train both tiers, calibrate and promote the cascade,
+    serve it, send the test split over HTTP, stop. tests/system/test_demo.py checks its
+    report; the benchmarks and the Prometheus test serve the store it trained
+    (:func:`trained_store`), so the system tier trains the platform once."""
+    folder = tmp_path_factory.mktemp("demo")
+    port, prometheus = free_port(), free_port()
+    result = subprocess.run(
+        [
+            str(BIN / "scaledl"),
+            "demo",
+            "--no-keep",
+            "--epochs",
+            "5",
+            "--monitor",
+            "--monitor-port",
+            str(prometheus),
+        ],  # fmt: skip
+        cwd=folder,
+        env=clean_env(SCALEDL_SERVE__PORT=str(port), COLUMNS="160"),
         capture_output=True,
+        text=True,
         timeout=900,
     )
-    return root
+    return DemoRun(result, folder, prometheus)
+
+
+@pytest.fixture(scope="session")
+def trained_store(demo_run: DemoRun) -> Path:
+    """A storage root with digits ingested, both tiers trained and the cascade
+    calibrated and promoted: the demo's (bench/serve.py's ``--store``)."""
+    result = demo_run.result
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return demo_run.folder / ".scaledl"

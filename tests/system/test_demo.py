@@ -1,17 +1,15 @@
-"""`scaledl demo --no-keep` end to end, as a user runs it, with fewer epochs."""
+"""`scaledl demo --no-keep` end to end, as a user runs it, with fewer epochs (the
+``demo_run`` fixture of tests/system/conftest.py runs it once for the tier)."""
 
 from __future__ import annotations
 
 import re
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.system.conftest import BIN, clean_env
+from tests.system.conftest import DemoRun
 
 pytestmark = pytest.mark.slow
 
@@ -22,25 +20,8 @@ def measure(output: str, name: str) -> str:
     return match.group(1)
 
 
-def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
-    port, prometheus = free_port(), free_port()
-    result = subprocess.run(
-        [
-            str(BIN / "scaledl"),
-            "demo",
-            "--no-keep",
-            "--epochs",
-            "5",
-            "--monitor",
-            "--monitor-port",
-            str(prometheus),
-        ],  # fmt: skip
-        cwd=tmp_path,
-        env=clean_env(SCALEDL_SERVE__PORT=str(port), COLUMNS="160"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def test_demo_trains_serves_and_reports_a_real_accuracy(demo_run: DemoRun) -> None:
+    result, folder, prometheus = demo_run.result, demo_run.folder, demo_run.prometheus_port
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     sys.stdout.write(out)  # the report lands in the test log
@@ -52,12 +33,10 @@ def test_demo_trains_serves_and_reports_a_real_accuracy(tmp_path: Path) -> None:
     p99 = float(measure(out, "latency p99").removesuffix(" ms"))
     assert 0 < p50 <= p99 < 30_000  # under the client's timeout: nothing hung
     assert float(measure(out, "requests/s")) >= 1
-    assert (tmp_path / ".scaledl" / "mlflow.db").is_file()
+    assert (folder / ".scaledl" / "mlflow.db").is_file()
     # --monitor ran Prometheus with the rules beside it, and stopped it at the end
     assert f"Prometheus http://127.0.0.1:{prometheus}" in out
-    assert (
-        "Loading configuration file"
-        in (tmp_path / ".scaledl/prometheus/prometheus.log").read_text()
-    )
+    prometheus_log = folder / ".scaledl/prometheus/prometheus.log"
+    assert "Loading configuration file" in prometheus_log.read_text()
     with socket.socket() as s:
         s.bind(("127.0.0.1", prometheus))  # free again
