@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from actors.stats import Recorder
+from app.logs import event
 from serve_graphs.decide.cascade import Prediction
 
 log = logging.getLogger("ray.serve")
@@ -133,19 +134,17 @@ class AccessLog:
     def __call__(self, path: str, status: int, seconds: float, version: str, state: dict) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        self.logger.info(
+        event(
+            self.logger,
             "request",
-            extra={
-                "event": "request",
-                "model": self.model,
-                "endpoint": route_of(path),  # the metrics' route tag: never the raw path
-                "version": version,
-                "tier": state.get("tier", UNROUTED),
-                "degraded": state.get("degraded", 0),
-                "status": status,
-                "latency_ms": round(1000 * seconds, 3),
-                "log_to_stderr": False,  # Serve's key: its file only
-            },
+            model=self.model,
+            endpoint=route_of(path),  # the metrics' route tag: never the raw path
+            version=version,
+            tier=state.get("tier", UNROUTED),
+            degraded=state.get("degraded", 0),
+            status=status,
+            latency_ms=round(1000 * seconds, 3),
+            log_to_stderr=False,  # Serve's key: its file only
         )
 
 
