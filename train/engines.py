@@ -35,6 +35,21 @@ def build_engine(job: TrainJob) -> DataParallel | Pipeline:
     return Pipeline(job) if job.train.pipeline_stages > 1 else DataParallel(job)
 
 
+def _import_deepspeed() -> Any:
+    """DeepSpeed, without the shared-memory collective op that training never calls.
+
+    DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` on every CPU rank
+    when it starts (26-55 s on this machine, again whenever the venv's path changes).
+    Only ``inference_all_reduce`` (tensor-parallel inference) uses it; training's
+    collectives are ``torch.distributed``'s over gloo. Marking the op incompatible
+    makes ``build_shm_op`` return None, which DeepSpeed handles as "no shm op".
+    """
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -101,8 +116,7 @@ def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, floa
 
 class DataParallel:
     def __init__(self, job: TrainJob) -> None:
-        import deepspeed
-
+        deepspeed = _import_deepspeed()
         self.job = job
         self.dtype = _torch_dtype(job.train.dtype)
         model = get_workload(job.workload).build_model(job.tier)
@@ -195,10 +209,10 @@ class DataParallel:
 
 class Pipeline:
     def __init__(self, job: TrainJob) -> None:
-        import deepspeed
         import torch.nn.functional as F
         from deepspeed.pipe import LayerSpec, PipelineModule
 
+        deepspeed = _import_deepspeed()
         self.job = job
         self.dtype = _torch_dtype(job.train.dtype)
         deepspeed.init_distributed(dist_backend="nccl" if job.train.use_gpu else "gloo")
