@@ -142,3 +142,16 @@ def serve_config_cmd(
     transport = FAST_TRANSPORT if settings.serve.fast_transport else None
     config = serve_config(settings, workload, access.static_keys, keys_file=access.keys_file)
     typer.echo(to_yaml(config, transport), nl=False)
+
+
+@serve_cli.command("transport")
+def serve_transport_cmd(ctx: typer.Context) -> None:
+    """Print the transport variables (serve.fast_transport) as NAME=value lines.
+
+    Every process of a cluster reads them as it starts, so a cluster you join needs them
+    in the environment of each `ray start`: `export $(scaledl serve transport)` first.
+    Prints nothing with serve.fast_transport=false (Ray's stock proxy)."""
+    from app.runtime import FAST_TRANSPORT
+
+    if ctx.obj.settings().serve.fast_transport:
+        typer.echo("".join(f"{name}={value}\n" for name, value in FAST_TRANSPORT.items()), nl=False)

@@ -38,10 +38,18 @@ class Head:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    """A real `ray start --head --block`, stopped by SIGTERM to its pid (never `ray stop`)."""
+    """A real `ray start --head --block`, stopped by SIGTERM to its pid (never `ray stop`).
+
+    Started as the README starts a cluster to join, after `export $(scaledl serve
+    transport)`: with the transport variables users get (serve.fast_transport)."""
     temp_dir = Path(f"/tmp/scaledl-ray-{os.getpid()}")
     dashboard_port = free_port()
-    env = clean_env()
+    transport = subprocess.run(
+        [str(BIN / "scaledl"), "serve", "transport"],
+        env=clean_env(), capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    assert transport, "serve.fast_transport is on by default: its variables are printed"
+    env = clean_env(**dict(line.split("=", 1) for line in transport))
     head = subprocess.Popen(
         [
             str(BIN / "ray"),

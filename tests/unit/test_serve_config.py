@@ -111,3 +111,27 @@ def test_a_new_cascade_or_key_changes_only_user_configs_so_serve_swaps_in_place(
         "cold_start_tiers": [],
         "faults": {},
     }
+
+
+def test_serve_transport_prints_the_variables_a_joined_clusters_ray_start_needs(
+    tmp_path: Path,
+) -> None:
+    """`export $(scaledl serve transport)` before `ray start` (README): NAME=value lines,
+    none when serve.fast_transport is off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEDL_")}
+
+    def transport(**extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "app", "serve", "transport"],
+            cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    lines = transport().splitlines()
+    assert dict(line.split("=", 1) for line in lines) == FAST_TRANSPORT
+    assert transport(SCALEDL_SERVE__FAST_TRANSPORT="false") == ""
