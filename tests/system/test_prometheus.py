@@ -163,7 +163,7 @@ def test_prometheus_agrees_with_the_client_and_the_p99_alert_fires_and_clears(
         start = time.time()
         before = prom.by_status(start)
         with Load(endpoint.predict_url, body) as load:
-            time.sleep(40)
+            time.sleep(20)
         end = time.time()
         time.sleep(5)  # the export reports every second, Prometheus scrapes every second
         after = prom.by_status(time.time())

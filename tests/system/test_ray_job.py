@@ -61,7 +61,7 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
 
     for tier in ("cheap", "expensive"):
         train = submit(
-            ray_head, storage, "train", "--workload", "digits", "--tier", tier, "--epochs", "2"
+            ray_head, storage, "train", "--workload", "digits", "--tier", tier, "--epochs", "1"
         )
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
         ref = Registry(f"sqlite:///{storage / 'mlflow.db'}").resolve(f"digits-{tier}")
