@@ -34,11 +34,14 @@ lint: install
 	$(BIN)/ruff format --check $(SOURCES)
 
 # On every core (pytest-xdist), a file's tests on one worker. The schemathesis fuzz file
-# runs on its own: its generated cases share a node id, which xdist cannot schedule.
+# runs beside them in a process of its own (its log follows theirs): its generated cases
+# share a node id, which xdist cannot schedule.
 FUZZ := tests/unit/test_api_fuzz.py
 test-unit: install
-	$(PYTEST) tests/unit -q -n auto --dist loadfile --ignore=$(FUZZ)
-	$(PYTEST) $(FUZZ) -q
+	@log=$$(mktemp); $(PYTEST) $(FUZZ) -q >$$log 2>&1 & fuzz=$$!; \
+	$(PYTEST) tests/unit -q -n auto --dist loadfile --ignore=$(FUZZ); rest=$$?; \
+	wait $$fuzz; status=$$?; echo "$(FUZZ):"; cat $$log; rm -f $$log; \
+	[ $$rest -eq 0 ] && [ $$status -eq 0 ]
 
 # The Prometheus config and rules alone (also part of test-unit): promtool from the
 # distribution's prometheus package.

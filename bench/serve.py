@@ -35,7 +35,7 @@ Without ``--store`` the pipeline runs first (ingest digits, train both tiers for
 
     .venv/bin/python -m bench.serve                       # about 10 minutes on 2 cores
     .venv/bin/python -m bench.serve --store DIR --seconds 3 --concurrency 16 --setups a,d
-    .venv/bin/python -m bench.serve --quick               # what make test runs: a-e, 2 s at 16
+    .venv/bin/python -m bench.serve --quick               # what make test runs: a-e, 1 s at 16
 """
 
 from __future__ import annotations
@@ -388,14 +388,14 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="a-e on the stock cluster only (bench.overload runs the fast transport), at 16, "
-        "2 s runs, 1 epoch",
+        "1 s runs without warmup, 1 epoch",
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
     if args.quick:
-        args.concurrency, args.seconds, args.warmup, args.epochs = "16", 2, 1, 1
+        args.concurrency, args.seconds, args.warmup, args.epochs = "16", 1, 0, 1
         args.transport = "stock"  # one cluster: the second costs a minute on 2 cores
 
     wrk.require_wrk()

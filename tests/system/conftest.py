@@ -83,6 +83,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
             time.sleep(1)
         yield Head(url, client_env)
     finally:
+        # An application a job deployed outlives the job; on SIGTERM the node waits up
+        # to 30 s (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) for its replicas. Remove it
+        # first, as a user taking a cluster down would.
+        subprocess.run(
+            [str(BIN / "serve"), "shutdown", "-y", "-a", url],
+            env=client_env, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
         head.send_signal(signal.SIGTERM)
         try:
             head.wait(timeout=60)
