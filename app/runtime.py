@@ -43,6 +43,12 @@ FAST_TRANSPORT = {
 }
 
 
+def transport_env(settings: Settings) -> dict[str, str]:
+    """The variables of the transport ``settings`` choose (serve.fast_transport): what a
+    local cluster starts with, and what a cluster to join needs at each `ray start`."""
+    return dict(FAST_TRANSPORT) if settings.serve.fast_transport else {}
+
+
 @contextmanager
 def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInfo]:
     """Join ``settings.ray_address`` (or RAY_ADDRESS), or start a local cluster.
@@ -62,8 +68,7 @@ def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInf
         check_reachable(settings.ray_address)
         ctx = ray.init(address=settings.ray_address, **quiet)
     else:
-        if settings.serve.fast_transport:  # read by the cluster's processes as they start
-            os.environ.update(FAST_TRANSPORT)
+        os.environ.update(transport_env(settings))  # the cluster's processes read them
         ctx = ray.init(
             num_cpus=settings.ray_num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
             include_dashboard=True,

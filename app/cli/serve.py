@@ -126,7 +126,7 @@ def serve_config_cmd(
     ] = None,
 ) -> None:
     """Print the Serve config YAML for `serve deploy` (e.g. > cluster/serve.yaml)."""
-    from app.runtime import FAST_TRANSPORT
+    from app.runtime import transport_env
     from app.serve_config import serve_config, to_yaml
     from app.serving import check_models, resolve_access
 
@@ -139,9 +139,8 @@ def serve_config_cmd(
             "`scaledl keys create --scope predict` or set SCALEDL_API_KEY"
         )
     check_models(settings, workload)
-    transport = FAST_TRANSPORT if settings.serve.fast_transport else None
     config = serve_config(settings, workload, access.static_keys, keys_file=access.keys_file)
-    typer.echo(to_yaml(config, transport), nl=False)
+    typer.echo(to_yaml(config, transport_env(settings)), nl=False)
 
 
 @serve_cli.command("transport")
@@ -151,7 +150,7 @@ def serve_transport_cmd(ctx: typer.Context) -> None:
     Every process of a cluster reads them as it starts, so a cluster you join needs them
     in the environment of each `ray start`: `export $(scaledl serve transport)` first.
     Prints nothing with serve.fast_transport=false (Ray's stock proxy)."""
-    from app.runtime import FAST_TRANSPORT
+    from app.runtime import transport_env
 
-    if ctx.obj.settings().serve.fast_transport:
-        typer.echo("".join(f"{name}={value}\n" for name, value in FAST_TRANSPORT.items()), nl=False)
+    variables = transport_env(ctx.obj.settings())
+    typer.echo("".join(f"{name}={value}\n" for name, value in variables.items()), nl=False)

@@ -118,20 +118,12 @@ def test_serve_transport_prints_the_variables_a_joined_clusters_ray_start_needs(
 ) -> None:
     """`export $(scaledl serve transport)` before `ray start` (README): NAME=value lines,
     none when serve.fast_transport is off."""
-    import os
-    import subprocess
-    import sys
+    from tests.unit.test_cli_errors import scaledl
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEDL_")}
-
-    def transport(**extra: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "app", "serve", "transport"],
-            cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    lines = transport().splitlines()
-    assert dict(line.split("=", 1) for line in lines) == FAST_TRANSPORT
-    assert transport(SCALEDL_SERVE__FAST_TRANSPORT="false") == ""
+    on = scaledl("serve", "transport", cwd=tmp_path)
+    assert on.returncode == 0, on.stderr
+    assert dict(line.split("=", 1) for line in on.stdout.splitlines()) == FAST_TRANSPORT
+    off = scaledl(
+        "serve", "transport", cwd=tmp_path, env={"SCALEDL_SERVE__FAST_TRANSPORT": "false"}
+    )
+    assert off.returncode == 0 and off.stdout == "", off.stdout + off.stderr
