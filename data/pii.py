@@ -98,6 +98,20 @@ def redact_fragments(text: str) -> str:
     return text
 
 
+# A name that came from outside (a CSV header, a JSONL key, a request field) is shown in
+# an error only when it looks like a column name: a header-less CSV's "header" is its
+# first row's values, and a JSONL key can be anything a client sent.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
+
+
+def shown_name(name: object) -> str:
+    """``name`` quoted, if it is safe to echo in an error; else only its length."""
+    text = str(name)
+    if _NAME.fullmatch(text) and redact_fragments(text) == text:
+        return repr(text)
+    return f"({len(text)} characters, not shown)"
+
+
 def redact_series(values: pd.Series) -> pd.Series:
     """:func:`redact_text` over a column (vectorised by pandas; nulls stay null)."""
     out = values.astype(object)

@@ -110,8 +110,7 @@ def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFram
     import pyarrow.csv as pacsv
 
     data = data.removeprefix(BOM)
-    header = csv_header(data, path)
-    check_columns(header, columns, path)
+    header = csv_header(data, path, columns)
     lines = data.count(b"\n") + (not data.endswith(b"\n"))
     if lines <= 1:
         return  # a header and no records
@@ -223,15 +222,26 @@ def _encodable(record: dict) -> bool:
     return True
 
 
-def csv_header(data: bytes, path: str) -> list[str]:
+def csv_header(data: bytes, path: str, expected: list[str]) -> list[str]:
+    """The file's header, checked against the contract's columns. A first line that is not
+    that header is refused without being echoed: in a file exported without a header, it
+    is a record (cards, emails)."""
     first = data.removeprefix(BOM).split(b"\n", 1)[0]
     try:
-        return next(csv.reader([first.decode("utf-8").rstrip("\r")]))
+        header = next(csv.reader([first.decode("utf-8").rstrip("\r")]))
     except (UnicodeDecodeError, StopIteration, csv.Error):
         raise DataContractError(
             f"{path}: the first line is not a readable CSV header: export the file with a "
             "header row of column names, in UTF-8, with \\n or \\r\\n line endings"
         ) from None
+    if not set(header) & set(expected):
+        raise DataContractError(
+            f"{path}: the first line has none of the contract's columns, so the file has no "
+            f"header (its first line is not shown: it may be a record): export it with the "
+            f"header row {','.join(expected)}"
+        )
+    check_columns(header, expected, path)
+    return header
 
 
 def check_columns(found: Iterable[str], expected: list[str], path: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import DataContractError
+from data.pii import shown_name
 
 if TYPE_CHECKING:
     import pandera.pandas as pa
@@ -122,12 +123,16 @@ def arrow_schema(schema: pa.DataFrameSchema) -> pyarrow.Schema:
 
 
 def mismatch(found: Iterable[str], expected: Iterable[str], what: str) -> str | None:
-    """``missing <what> 'a'; unexpected <what> 'b'`` (a repeat counts too), or None."""
+    """``missing <what> 'a'; unexpected <what> 'b'`` (a repeat counts too), or None.
+
+    ``found`` is untrusted: a name is echoed only where :func:`shown_name` allows."""
     found, expected = list(found), list(expected)
     missing = [c for c in expected if c not in found]
     extra = sorted({c for c in found if c not in expected or found.count(c) > 1})
-    parts = [f"missing {what} {c!r}" for c in missing]
-    parts += [f"{'repeated' if c in expected else 'unexpected'} {what} {c!r}" for c in extra]
+    parts = [f"missing {what} {c!r}" for c in missing]  # the contract's own names
+    parts += [
+        f"{'repeated' if c in expected else 'unexpected'} {what} {shown_name(c)}" for c in extra
+    ]
     return "; ".join(parts) or None
 
 
@@ -142,7 +147,7 @@ def _describe_table_errors(cases: pd.DataFrame) -> str:
     }
     parts = []
     for check, case in cases[["check", "failure_case"]].drop_duplicates().itertuples(index=False):
-        parts.append(f"{wording.get(check, check)} {case!r}")
+        parts.append(f"{wording.get(check, check)} {shown_name(case)}")
     shown = "; ".join(parts[:8]) + (f"; and {len(parts) - 8} more" if len(parts) > 8 else "")
     return f"{shown} (fix the file or the workload's contract)"
 

@@ -29,7 +29,7 @@ from data.pii import PiiKey
 from data.pipeline import ingest
 from data.readers import ROW, SOURCE
 from data.sources import open_source
-from data.versions import PREPROCESSOR, QUARANTINE, DatasetManifest, DatasetStore
+from data.versions import MANIFEST, PREPROCESSOR, QUARANTINE, DatasetManifest, DatasetStore
 from tests.conftest import free_port
 from tests.integration.conftest import Platform, wait_for_serve_gone
 
@@ -165,6 +165,59 @@ def test_too_many_broken_records_fail_the_run_naming_files_and_rules(
     assert "transactions-00000.csv (" in message and "top rules: amount: " in message
     assert "ingest.max_quarantine_share" in message and "_rejected" in message
     assert DatasetStore(settings.datasets_dir).manifests("transactions") == []
+
+
+# PII where a name belongs: a JSONL key a client made up, a CSV exported without its header.
+HOSTILE = ("4000056655665556", "hostile.key@leak.example", "4000 0566 5566 5556")
+
+
+def test_hostile_names_leak_no_pii_into_errors_stderr_manifests_or_the_quarantine(
+    tmp_path: Path, clean_env: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "raw"
+    (shard,) = generate_transactions(raw, rows=200, fmt="jsonl").files
+    good = json.loads(shard.read_text().splitlines()[0])
+    with shard.open("a") as f:  # 30 of 230 records have a PII key: over the 5 % gate
+        for i in range(30):
+            f.write(json.dumps({**good, "txn_id": f"h{i}", HOSTILE[i % 3]: 1}) + "\n")
+    settings = load_settings(storage_root=tmp_path / "store", pii_key=PII_KEY)
+    with pytest.raises(DataContractError) as gate:
+        ingest(settings, TRANSACTIONS, open_source(raw))
+    assert "top rules: record: unexpected field (" in str(gate.value)
+
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    lines = shard.read_text().splitlines()[:3]
+    header = ",".join(good)
+    (headless / "export.csv").write_text(
+        "\n".join(",".join(str(v) for v in json.loads(line).values()) for line in lines) + "\n"
+    )
+    with pytest.raises(DataContractError) as no_header:
+        ingest(settings, TRANSACTIONS, open_source(headless))
+    assert f"export it with the header row {header}" in str(no_header.value)
+    first = json.loads(lines[0])  # its card, email and IP are what must not be echoed
+    firsts = [first[c] for c in ("card_number", "email", "ip_address") if first[c]]
+    assert firsts
+
+    (rejected,) = (settings.datasets_dir / "transactions" / "_rejected").glob(f"*/{MANIFEST}")
+    reasons = json.loads(rejected.read_text())["quarantine_reasons"]
+    assert reasons == {
+        "record: unexpected field (16 characters, not shown)": 10,
+        "record: unexpected field (24 characters, not shown)": 10,
+        "record: unexpected field (19 characters, not shown)": 10,
+    }
+    texts = {"gate error": str(gate.value), "no-header error": str(no_header.value)}
+    texts["stderr and stdout"] = "".join(capfd.readouterr())
+    for path in (tmp_path / "store").rglob("*"):
+        if path.is_file():
+            texts[str(path)] = (
+                pq.read_table(path).to_pandas().to_csv()
+                if path.suffix == ".parquet"
+                else path.read_text(errors="replace")
+            )
+    for where, text in texts.items():
+        leaked = [h for h in (*HOSTILE, *firsts) if h in text]
+        assert not leaked, f"{where} holds {leaked}"
 
 
 def test_pii_needs_a_key_outside_dev(tmp_path: Path, clean_env: None) -> None:

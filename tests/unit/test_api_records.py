@@ -102,6 +102,7 @@ def test_records_are_checked_typed_and_scored(client_and_calls) -> None:  # noqa
         ({"ts": "yesterday"}, "instance 1: ts: coerce_dtype"),
         ({"amount": None}, "instance 1: amount: not_nullable"),
         ({"card_number": "4111111111111111"}, "instance 1: unexpected field 'card_number'"),
+        ({"4111111111111111": 1}, "instance 1: unexpected field (16 characters, not shown)"),
     ],
 )
 def test_a_broken_record_is_a_400_naming_instance_and_rule(

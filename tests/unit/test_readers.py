@@ -120,3 +120,35 @@ def test_a_parquet_file_damaged_inside_is_refused_by_name(tmp_path) -> None:  # 
     with pafs.LocalFileSystem().open_input_file(str(path)) as f:
         with pytest.raises(DataContractError, match=r"x\.parquet is damaged"):
             list(read_parquet(f, str(path), COLUMNS))
+
+
+# A card and an email where a name should be: neither may reach an error or a reason.
+HOSTILE = ("4111111111111111", "jane.doe@example.com")
+
+
+def test_a_csv_without_a_header_is_refused_without_echoing_its_first_record() -> None:
+    data = f"1,25.00,{HOSTILE[1]}\n2,{HOSTILE[0]},x@y.io\n".encode()
+    with pytest.raises(DataContractError) as err:
+        list(read_csv(data, "x.csv", COLUMNS))
+    message = str(err.value)
+    assert "x.csv: the first line has none of the contract's columns" in message
+    assert "header row id,amount,email" in message  # what to add
+    assert not any(h in message for h in HOSTILE) and "25.00" not in message
+
+
+def test_names_that_could_be_pii_are_counted_not_shown() -> None:
+    header = f"id,amount,email,{HOSTILE[0]},{HOSTILE[1]},note\n".encode()
+    with pytest.raises(DataContractError) as err:
+        list(read_csv(header, "x.csv", COLUMNS))
+    message = str(err.value)
+    assert "unexpected column 'note'" in message  # a name-like column is still named
+    assert message.count("characters, not shown") == 2
+    assert not any(h in message for h in HOSTILE)
+    line = '{"id": 1, "amount": 2, "email": "a@b.io", "%s": 1}\n'
+    data = "".join(line % h for h in HOSTILE).encode()
+    out = frame(read_jsonl(data, "raw.jsonl", COLUMNS))
+    assert out[ERROR].tolist() == [
+        "record: unexpected field (16 characters, not shown)",
+        "record: unexpected field (20 characters, not shown)",
+    ]
+    assert not any(h in text for h in HOSTILE for text in out[TEXT])
