@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from app.cli.base import console
-from app.cli.routes import KeyOpt, UrlOpt, Workload, _call
+from app.cli.routes import KeyFileOpt, UrlOpt, Workload, _call
 
 rollout_cli = typer.Typer(
     help="Gated rollouts: canary steps judged against the champion, rollback or promotion.",
@@ -108,7 +108,7 @@ def rollout_start(
         ),
     ] = None,
     url: UrlOpt = None,
-    key: KeyOpt = None,
+    key_file: KeyFileOpt = None,
 ) -> None:
     """Start a rollout: the routing table moves through the steps, and at each the
     challenger is judged against the champion (errors, p99 and its shift, shadow
@@ -124,22 +124,22 @@ def rollout_start(
         body["deadline_s"] = deadline
     if champion is not None:
         body["champion"] = champion
-    show(_call(ctx, "POST", workload, url, key, body, path="rollout"))
+    show(_call(ctx, "POST", workload, url, key_file, body, path="rollout"))
 
 
 @rollout_cli.command("status")
 def rollout_status(
-    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key_file: KeyFileOpt = None
 ) -> None:
     """The rollout: its steps and verdicts, each gate's figures and thresholds, its events."""
-    show(_call(ctx, "GET", workload, url, key, path="rollout"))
+    show(_call(ctx, "GET", workload, url, key_file, path="rollout"))
 
 
 def _command(name: str, doc: str) -> None:
     def command(
-        ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+        ctx: typer.Context, workload: Workload, url: UrlOpt = None, key_file: KeyFileOpt = None
     ) -> None:
-        show(_call(ctx, "POST", workload, url, key, path=f"rollout/{name}"))
+        show(_call(ctx, "POST", workload, url, key_file, path=f"rollout/{name}"))
 
     command.__doc__ = doc
     rollout_cli.command(name)(command)

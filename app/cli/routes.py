@@ -11,9 +11,11 @@ every ingress replica applies it within ``serve.routes_poll_s`` seconds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.table import Table
 
 from app.cli.base import console
@@ -28,9 +30,15 @@ UrlOpt = Annotated[
     str | None,
     typer.Option(help="The service's base URL (default: http://<serve.host>:<serve.port>)."),
 ]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(help="An admin API key (default: SCALEDL_API_KEY).", show_default=False),
+# The admin key never goes on the command line, where `ps` and shell history would keep
+# it: it comes from SCALEDL_API_KEY or a file, as `ray job submit` takes its token.
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        help="A file holding the admin API key (default: the SCALEDL_API_KEY variable).",
+        show_default=False,
+    ),
 ]
 Workload = Annotated[str, typer.Argument(help="Model (workload) name, e.g. digits.")]
 
@@ -66,7 +74,7 @@ def _call(
     method: str,
     workload: str,
     url: str | None,
-    key: str | None,
+    key_file: Path | None,
     body: dict | None = None,
     path: str = "routes",
 ) -> dict[str, Any]:
@@ -75,9 +83,7 @@ def _call(
     import httpx
 
     settings = ctx.obj.settings()
-    secret = key or (settings.api_key.get_secret_value() if settings.api_key else None)
-    if not secret:
-        raise ConfigError("this command needs an admin key: pass --key or set SCALEDL_API_KEY")
+    secret = _admin_key(key_file, settings.api_key)
     base = (url or settings.serve.base_url).rstrip("/")
     target = f"{base}/v1/models/{workload}/{path}"
     try:
@@ -95,6 +101,26 @@ def _call(
     except (ValueError, KeyError, TypeError):
         message = resp.text[:200]
     raise RemoteError(resp.status_code, f"{method} {target}: {resp.status_code} {message}")
+
+
+def _admin_key(key_file: Path | None, from_env: SecretStr | None) -> str:
+    if key_file is None:
+        if from_env is None:
+            raise ConfigError(
+                "this command needs an admin key: set SCALEDL_API_KEY, or pass --key-file "
+                "with a file that holds it (`scaledl keys create --scope admin` prints a new one)"
+            )
+        return from_env.get_secret_value()
+    try:
+        secret = key_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"--key-file {key_file} cannot be read ({exc.strerror}): pass the file that holds "
+            "the admin key, or set SCALEDL_API_KEY instead"
+        ) from None
+    if not secret:
+        raise ConfigError(f"--key-file {key_file} is empty: write the admin key into it")
+    return secret
 
 
 def _show(view: dict[str, Any]) -> None:
@@ -129,7 +155,7 @@ def route_set(
         str | None, typer.Option(help="A version that gets a copy of the traffic.")
     ] = None,
     url: UrlOpt = None,
-    key: KeyOpt = None,
+    key_file: KeyFileOpt = None,
 ) -> None:
     """Set the routing table: e.g. `champion=90 challenger=10 --shadow v7`."""
     from serve_graphs.decide.routing import error_text
@@ -138,20 +164,20 @@ def route_set(
         spec = parse_routes(routes, shadow)
     except ValueError as exc:
         raise ConfigError(error_text(exc)) from None
-    _show(_call(ctx, "PUT", workload, url, key, spec.model_dump()))
+    _show(_call(ctx, "PUT", workload, url, key_file, spec.model_dump()))
 
 
 @route_cli.command("show")
 def route_show(
-    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key_file: KeyFileOpt = None
 ) -> None:
     """The routing table, and per-version requests, errors, latency and shadow agreement."""
-    _show(_call(ctx, "GET", workload, url, key))
+    _show(_call(ctx, "GET", workload, url, key_file))
 
 
 @route_cli.command("clear")
 def route_clear(
-    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key: KeyOpt = None
+    ctx: typer.Context, workload: Workload, url: UrlOpt = None, key_file: KeyFileOpt = None
 ) -> None:
     """Drop the table: every request goes to the deployed cascade again."""
-    _show(_call(ctx, "DELETE", workload, url, key))
+    _show(_call(ctx, "DELETE", workload, url, key_file))

@@ -120,8 +120,11 @@ def cli(service: Endpoint, platform: Platform, *argv: str) -> subprocess.Complet
 
     env = {**os.environ, "SCALEDL_STORAGE_ROOT": str(platform.settings.storage_root),
            "COLUMNS": "200"}  # fmt: skip
+    key_file = platform.settings.storage_root / "admin.key"  # as an operator keeps it
+    key_file.write_text(KEY)
     return subprocess.run(
-        [sys.executable, "-m", "app", "rollout", *argv, "--url", service.base_url, "--key", KEY],
+        [sys.executable, "-m", "app", "rollout", *argv, "--url", service.base_url,
+         "--key-file", str(key_file)],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
 

@@ -267,12 +267,12 @@ def test_ab_and_shadow_routing_set_from_the_cli_without_a_redeploy(
     x, _ = test_rows
     champion = Registry(platform.settings.tracking_uri).resolve("digits-cascade").version
     challenger, challenger_cheap = register_challenger(platform)
-    env = {**os.environ, "SCALEDL_STORAGE_ROOT": str(platform.settings.storage_root)}
+    env = {**os.environ, "SCALEDL_STORAGE_ROOT": str(platform.settings.storage_root),
+           "SCALEDL_API_KEY": KEY}  # fmt: skip
 
     def route(*argv: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "app", "route", *argv, "--url", endpoint.base_url,
-             "--key", KEY],
+            [sys.executable, "-m", "app", "route", *argv, "--url", endpoint.base_url],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr

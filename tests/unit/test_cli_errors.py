@@ -54,11 +54,16 @@ def scaledl(
             "no calibrated cascade 'champion' for digits",
         ),
         (["models", "promote", "digits-cheap", "3"], 1, "has no version or alias '3'"),
+        (["route", "show", "digits"], 2, "set SCALEDL_API_KEY, or pass --key-file"),
+        (["rollout", "status", "digits"], 2, "set SCALEDL_API_KEY, or pass --key-file"),
+        (["route", "show", "digits", "--key-file", "nope.txt"], 2, "nope.txt cannot be read"),
+        (["route", "show", "digits", "--key-file", "empty.txt"], 2, "empty.txt is empty"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(
     tmp_path: Path, args: list[str], code: int, message: str
 ) -> None:
+    (tmp_path / "empty.txt").write_text("\n")
     result = scaledl(*args, cwd=tmp_path)
     assert result.returncode == code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -141,3 +146,19 @@ def test_keys_revoke_removes_the_key_and_names_the_ids_for_an_unknown_one(tmp_pa
     assert unknown.returncode == 2, unknown.stderr
     assert unknown.stderr.startswith("error: ") and "(its keys: ops)" in unknown.stderr
     assert "scaledl keys list" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_the_admin_key_comes_from_a_file_or_the_environment_never_the_command_line(
+    tmp_path: Path,
+) -> None:
+    secret = "admin-secret-0123456789"
+    on_line = scaledl("route", "show", "digits", "--key", secret, cwd=tmp_path)
+    assert on_line.returncode == 2 and "No such option: --key" in on_line.stderr
+    (tmp_path / "admin.key").write_text(secret + "\n")
+    nobody = "http://127.0.0.1:9"  # nothing listens: the key was read, the call was made
+    for how, env in ((["--key-file", "admin.key"], {}), ([], {"SCALEDL_API_KEY": secret})):
+        result = scaledl(
+            "rollout", "status", "digits", "--url", nobody, *how, cwd=tmp_path, env=env
+        )
+        assert "no service answered at http://127.0.0.1:9" in result.stderr, result.stderr
+        assert secret not in result.stderr + result.stdout
