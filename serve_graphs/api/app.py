@@ -134,9 +134,12 @@ def build_api(
     def key_for(scope: Scope) -> KeyScope:
         return KeyScope(keys, scope, limits)
 
-    def not_ready(versions: list[str]) -> str | None:
-        """Why these versions cannot be answered now, or None."""
-        return readiness.reason(versions, routing.deployed()) if readiness else None
+    def not_ready(versions: list[str], public: bool = False) -> str | None:
+        """Why these versions cannot be answered now, or None; ``public``: for a route
+        without a key, which must not name the versions."""
+        if readiness is None:
+            return None
+        return readiness.reason(versions, routing.deployed(), public=public)
 
     async def predict_checked(
         instances: Instances, request: Request, named: str | None

@@ -108,7 +108,7 @@ def oip_router(
     *,
     key_for: Callable[[str], Any],
     max_instances: int,
-    not_ready: Callable[[list[str]], str | None] = lambda versions: None,
+    not_ready: Callable[..., str | None] = lambda versions, public=False: None,
 ) -> APIRouter:
     """The /v2 routes; ``predict`` takes a checked (n, F) matrix; ``key_for(scope)`` is
     the auth dependency; ``not_ready(versions)`` says why those versions cannot be
@@ -152,7 +152,7 @@ def oip_router(
         "cannot be answered",
     )
     async def ready() -> JSONResponse:
-        return answer_ready(not_ready(versions()), {})
+        return answer_ready(not_ready(versions(), public=True), {})
 
     @router.get("", dependencies=[Depends(key_for("predict"))], summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -171,7 +171,7 @@ def oip_router(
     async def readiness(model: str, version: str | None = None) -> JSONResponse:
         bare = check_model(model, version)
         wanted = [bare] if bare else versions()
-        return answer_ready(not_ready(wanted), {"name": name})
+        return answer_ready(not_ready(wanted, public=bare is None), {"name": name})
 
     async def infer(
         body: InferRequest,
@@ -212,7 +212,9 @@ def oip_router(
     auth = [Depends(key_for("predict"))]
     for path in ("/models/{model}", "/models/{model}/versions/{version}"):
         router.add_api_route(path, metadata, methods=["GET"], dependencies=auth)
-        router.add_api_route(f"{path}/ready", readiness, methods=["GET"])
+        # Which versions serve is for key holders: a version's readiness needs a key.
+        keyed = auth if "{version}" in path else []
+        router.add_api_route(f"{path}/ready", readiness, methods=["GET"], dependencies=keyed)
         router.add_api_route(
             f"{path}/infer",
             infer,

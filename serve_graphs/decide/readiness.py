@@ -13,6 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 TIERS = ("cheap", "expensive")
+PUBLIC_LOAD_REASON = (
+    "a routed version's models are loading or failed to load: "
+    "/v2/models/<model>/versions/<version>/ready, with a key, says which and why"
+)
 
 
 class Readiness:
@@ -34,12 +38,13 @@ class Readiness:
             None if error is None else f"version {version}'s models failed to load: {error}"
         )
 
-    def reason(self, versions: list[str], deployed: str) -> str | None:
-        """Why the graph cannot answer ``versions`` now, or None: it can."""
+    def reason(self, versions: list[str], deployed: str, *, public: bool = False) -> str | None:
+        """Why the graph cannot answer ``versions`` now, or None: it can. ``public``: said
+        without naming a version (nor its load error), for a route that takes no key."""
         for tier in TIERS:
             if self.replicas.get(tier, 0) < 1 and tier not in self.cold_start():
                 return f"the {tier} tier has no running replica yet"
         for version in versions:
             if version != deployed and self.loads.get(version) is not None:
-                return self.loads[version]
+                return PUBLIC_LOAD_REASON if public else self.loads[version]
         return None

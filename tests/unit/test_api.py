@@ -271,7 +271,7 @@ def test_every_request_and_answer_reaches_the_observer_by_route_and_version() ->
     http = TestClient(api_for(digits_graph(0.9999), observer=seen))
     assert http.post(URL, json={"instances": digit_images(2)}, headers=AUTH).status_code == 200
     assert http.post(URL, json={"instances": digit_images(1)}).status_code == 401
-    assert http.get("/v2/models/digits/versions/v3/ready").status_code == 200
+    assert http.get("/v2/models/digits/versions/v3/ready", headers=AUTH).status_code == 200
     assert http.get("/no/such/path/42").status_code == 404
     assert seen.requests == [
         ("/v1/predict", 200, "3"),
@@ -398,7 +398,7 @@ def test_readiness_is_a_503_with_the_reason_until_the_tiers_run() -> None:
         "/v2/models/digits/ready",
         "/v2/models/digits/versions/v3/ready",
     ):
-        resp = http.get(path)
+        resp = http.get(path, headers=AUTH)
         assert resp.status_code == 503, path
         assert resp.json()["ready"] is False
         assert "the expensive tier has no running replica" in resp.json()["error"]
@@ -406,7 +406,7 @@ def test_readiness_is_a_503_with_the_reason_until_the_tiers_run() -> None:
     assert http.get("/v2/health/ready").json() == {"ready": True}
     cold.clear()
     replicas["expensive"] = 1
-    assert http.get("/v2/models/digits/versions/3/ready").json() == {
+    assert http.get("/v2/models/digits/versions/3/ready", headers=AUTH).json() == {
         "name": "digits",
         "ready": True,
     }
@@ -414,6 +414,9 @@ def test_readiness_is_a_503_with_the_reason_until_the_tiers_run() -> None:
     readiness.loaded("7", "ModelNotFound")
     assert readiness.reason(["3", "7"], "3") == "version 7's models failed to load: ModelNotFound"
     assert readiness.reason(["3"], "3") is None
+    # Without a key, the reason names no version and no load error.
+    public = readiness.reason(["3", "7"], "3", public=True)
+    assert public is not None and "7" not in public and "ModelNotFound" not in public
 
 
 def test_the_cost_report_counts_degraded_answers_as_escalated() -> None:
