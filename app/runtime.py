@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,22 +68,98 @@ def ray_session(settings: Settings, *, verbose: bool = False) -> Iterator[RayInf
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
         _quiet_libraries()
-    if settings.ray_address:
-        check_reachable(settings.ray_address)
-        ctx = ray.init(address=settings.ray_address, **quiet)
-    else:
+    before: set[int] = set()
+    owned = not settings.ray_address
+    if owned:
         os.environ.update(transport_env(settings))  # the cluster's processes read them
+        before = adopt_orphans()
         ctx = ray.init(
             num_cpus=settings.ray_num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             **quiet,
         )
+    else:
+        check_reachable(settings.ray_address)
+        ctx = ray.init(address=settings.ray_address, **quiet)
     dashboard = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+    stop = Sigterm()
     try:
-        yield RayInfo(ctx.address_info["gcs_address"], dashboard, not settings.ray_address)
+        with sigterm_as_interrupt(stop):
+            yield RayInfo(ctx.address_info["gcs_address"], dashboard, owned)
     finally:
+        if owned and stop.received:
+            # It may have reached the whole process group, the raylet's too. A driver
+            # whose raylet goes first can abort in ray.shutdown, before any cleanup;
+            # and the raylet drains for up to 30 s on SIGTERM. Stop the cluster now.
+            stop_descendants(before, timeout_s=1.0)
         ray.shutdown()
+        if owned:
+            stop_descendants(before)
+
+
+# A local cluster's processes descend from this one, but not all in its process group:
+# the workers run in groups of their own, and so does what they start, such as the HTTP
+# proxy's HAProxy. A SIGTERM to this process group (systemd, a CI runner) stops the
+# raylet at once; the proxy actor dies with it, and its HAProxy, orphaned, went on
+# holding the Serve port. As the "child subreaper" of its descendants (Linux), this
+# process inherits such orphans instead of init, and stops them when the session ends.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> set[int]:
+    """Become the subreaper of this process's descendants; return the ones already
+    running (not the session's, so never stopped by :func:`stop_descendants`)."""
+    import psutil
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def stop_descendants(keep: set[int], timeout_s: float = 5.0) -> list[int]:
+    """SIGTERM every descendant not in ``keep``, SIGKILL what is left after
+    ``timeout_s``, and reap them all; return the pids that were stopped."""
+    import psutil
+
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
+    return [p.pid for p in left]
+
+
+@dataclass
+class Sigterm:
+    received: bool = False
+
+
+@contextmanager
+def sigterm_as_interrupt(stop: Sigterm) -> Iterator[None]:
+    """While the session runs, SIGTERM (systemd, Kubernetes, `kill`) stops it as Ctrl-C
+    does, with a KeyboardInterrupt, and is noted in ``stop``. It replaces the handler
+    ``ray.init`` sets, which exits the same way (SystemExit) but leaves no note. Main
+    thread only: Python runs handlers there."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: object) -> None:
+        stop.received = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

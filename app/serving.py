@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -173,12 +172,9 @@ def wait_until_running(app_name: str, *, after: float | None, timeout_s: float) 
 
 
 def serve_until_interrupted() -> None:
-    """Block until Ctrl-C or SIGTERM (how Kubernetes and `kill` stop a process)."""
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    """Block until Ctrl-C, or SIGTERM (how systemd, Kubernetes and `kill` stop a
+    process), which app.runtime.ray_session turns into the same KeyboardInterrupt."""
     try:
-        stop.wait()
+        threading.Event().wait()
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
