@@ -47,6 +47,7 @@ def mark_rows(
     fractions: tuple[float, float, float],
     seed: int,
     pii_secret: bytes | None,
+    lineage: dict[str, str],
 ) -> pyarrow.Table:
     """Give every record a split: train/val/test, or quarantine with the rule it broke.
 
@@ -54,6 +55,10 @@ def mark_rows(
     record may hold anything (a word where a number belongs), so it is kept whole as
     JSON in ``_raw`` (PII pseudonymized too) and its typed columns are null; a record
     that could not even be parsed keeps its redacted text. Nothing is lost.
+
+    Every row keeps where it came from: ``_source``, the SHA-256 of its file (``lineage``
+    maps a path to it; the manifest's sources name the file), and ``_row``, its record
+    number there. Not the path: the same bytes give the same rows under any name.
     """
     import pyarrow
 
@@ -61,10 +66,12 @@ def mark_rows(
     contract = _batch_contract(workload_name)
     key = PiiKey(pii_secret) if pii_secret else None
     batch = batch.reset_index(drop=True)
+    where = ", ".join(batch[SOURCE].unique())
+    batch[SOURCE] = batch[SOURCE].map(lineage)
     unparsed = batch[ERROR].notna().to_numpy()
     rows = batch.loc[~unparsed, list(contract.columns)].reset_index(drop=True)
     lineage = batch.loc[~unparsed, [SOURCE, ROW]].reset_index(drop=True)
-    valid, reasons = check_rows(rows, contract, where=", ".join(batch[SOURCE].unique()))
+    valid, reasons = check_rows(rows, contract, where=where)
     bad = reasons.notna().to_numpy()
     typed = arrow_schema(contract)
 
@@ -146,8 +153,18 @@ Pass = Callable[[RawSource, list[str], Path, Mark], None]
 
 
 def ray_pass(source: RawSource, columns: list[str], rows_dir: Path, mark: Mark) -> None:
-    """The streaming pass on Ray Data: read, mark and write, a block at a time."""
+    """The streaming pass on Ray Data: read, mark and write, a block at a time.
+
+    Output files are ``part-<task>-<i>.parquet`` in each split's folder. There is one
+    read task per file, in the files' content order, so a name depends on what was read,
+    never on Ray's random write UUID (which its default names carry)."""
     import ray.data
+    from ray.data import SaveMode
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}"
 
     (
         ray.data.read_datasource(
@@ -161,5 +178,10 @@ def ray_pass(source: RawSource, columns: list[str], rows_dir: Path, mark: Mark) 
             batch_size=None,  # a block as read: never concatenated with another file's
             batch_format="pandas",
         )
-        .write_parquet(str(rows_dir), partition_cols=[SPLIT_COLUMN])
+        .write_parquet(
+            str(rows_dir),
+            partition_cols=[SPLIT_COLUMN],
+            filename_provider=PartNames(),
+            mode=SaveMode.OVERWRITE,  # a fresh staging folder; lets names carry no UUID
+        )
     )

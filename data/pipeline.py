@@ -19,6 +19,7 @@ quarantine share) are in its manifest, and pushed to the Prometheus pushgateway 
 from __future__ import annotations
 
 import functools
+import hashlib
 import shutil
 import time
 from collections import Counter
@@ -49,7 +50,7 @@ from data.marking import (
 )
 from data.pii import load_pii_key
 from data.readers import ROW, SOURCE
-from data.sources import RawSource, builtin_raw_file, describe_file, file_sha256, local_source
+from data.sources import RawSource, builtin_raw_file, describe_file, local_source
 from data.validate import is_text
 from data.versions import (
     PREPROCESSOR,
@@ -91,12 +92,16 @@ def ingest(
     workload: Workload,
     source: RawSource | None = None,
     *,
+    parent_ref: str | None = None,
     run_pass: Pass = ray_pass,
 ) -> IngestResult:
     """Turn raw files (default: the workload's built-in set) into a dataset version.
 
-    ``run_pass`` is the engine of the one pass over the records; the benchmark swaps in
-    a single-process one to measure what Ray Data adds.
+    The same input bytes give the same version, whatever the files are named or the
+    order they are listed in: the same id, file names, rows, content hash and
+    statistics. ``parent_ref`` names the version this one derives from (see
+    :func:`parent_of`). ``run_pass`` is the engine of the one pass over the records;
+    the benchmark swaps in a single-process one to measure what Ray Data adds.
     """
     started = time.perf_counter()
     cfg = settings.ingest
@@ -113,7 +118,10 @@ def ingest(
     source = source or local_source(
         builtin_raw_file(workload, settings.storage_root.resolve() / "raw")
     )
-    sources = [_describe(source, path, workload) for path in source.paths]
+    sources = in_content_order([_describe(source, path, workload) for path in source.paths])
+    # The pass reads the files in content order, so that the output (file names, which
+    # occurrence of an id stays) never depends on how the files were named or listed.
+    source = RawSource(source.uri, source.filesystem, [s.path for s in sources])
     version = version_id(
         {
             "pipeline": PIPELINE_VERSION,
@@ -130,7 +138,7 @@ def ingest(
         manifest = store.get(workload.name, version)
         report_run(cfg, store, manifest, "reused")
         return IngestResult(manifest, store.version_dir(workload.name, version), True, 0.0)
-    parent = next(iter(store.manifests(workload.name)), None)
+    parent = parent_of(store, workload.name, sources, parent_ref)
 
     staging = store.staging_dir(workload.name)
     mark = functools.partial(
@@ -139,10 +147,11 @@ def ingest(
         fractions=cfg.split_fractions,
         seed=settings.seed,
         pii_secret=key.secret if key else None,
+        lineage={s.path: s.sha256 for s in sources},
     )
     try:
         run_pass(source, list(workload.contract().columns), staging / "rows", mark)
-        duplicates_moved(staging / "rows", workload, [s.path for s in sources])
+        duplicates_moved(staging / "rows", workload, [s.sha256 for s in sources])
         preprocessor, stats = _fit_on_train(staging / "rows", workload)
         if preprocessor is not None:
             (staging / PREPROCESSOR).write_text(preprocessor.model_dump_json(indent=2))
@@ -153,9 +162,7 @@ def ingest(
             raise
         raise found from None
     manifest = _manifest(staging, workload, version, sources, cfg, settings.seed, stats)
-    manifest = manifest.model_copy(
-        update={"parent": parent.version if parent else None, "pii_key": key and key.fingerprint}
-    )
+    manifest = manifest.model_copy(update={"parent": parent, "pii_key": key and key.fingerprint})
     try:
         reconcile(manifest)
         _gate(manifest, cfg)
@@ -204,6 +211,34 @@ def _describe(source: RawSource, path: str, workload: Workload) -> SourceFile:
     return SourceFile(path=path, size=size, sha256=sha256, rows=rows)
 
 
+def in_content_order(sources: list[SourceFile]) -> list[SourceFile]:
+    """The files sorted by their SHA-256: rows carry it as their lineage (``_source``),
+    so two files with the same bytes would be one; the second is refused."""
+    ordered = sorted(sources, key=lambda s: s.sha256)
+    for first, second in zip(ordered, ordered[1:], strict=False):
+        if first.sha256 == second.sha256:
+            raise DataContractError(
+                f"{second.path} holds the same bytes as {first.path} (sha256 "
+                f"{first.sha256[:12]}…): every record would come twice; remove one of them "
+                "from the source"
+            )
+    return ordered
+
+
+def parent_of(
+    store: DatasetStore, workload: str, sources: list[SourceFile], ref: str | None
+) -> str | None:
+    """The version a new one derives from: ``ref`` (``--parent``) when given, else the
+    newest version whose input files are all among the new one's (the new one extends
+    it), else none."""
+    if ref is not None:
+        return store.get(workload, ref).version
+    inputs = {s.sha256 for s in sources}
+    extended = (m for m in store.manifests(workload) if {s.sha256 for s in m.sources} < inputs)
+    found = next(extended, None)
+    return found.version if found else None
+
+
 def _valid_files(rows_dir: Path) -> list[Path]:
     return sorted(f for s in SPLITS for f in (rows_dir / f"{SPLIT_COLUMN}={s}").glob("*.parquet"))
 
@@ -211,10 +246,11 @@ def _valid_files(rows_dir: Path) -> list[Path]:
 def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]) -> int:
     """Enforce the id's uniqueness across the whole run, not just within a batch.
 
-    The first occurrence (by source file, then record number) stays; later ones move to
-    the quarantine. Reads the id column of every file, then the lineage of the repeated
-    ids only, then rewrites the files that hold a later occurrence one at a time, so
-    memory stays bounded by one file. Returns how many rows moved.
+    The first occurrence (by source file, in ``source_order`` of their SHA-256s, then
+    record number) stays; later ones move to the quarantine. Reads the id column of
+    every file, then the lineage of the repeated ids only, then rewrites the files that
+    hold a later occurrence one at a time, so memory stays bounded by one file. Returns
+    how many rows moved.
     """
     import pyarrow
     import pyarrow.compute as pc
@@ -233,7 +269,7 @@ def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]
         return 0
     holders = [f for f, v in zip(files, ids, strict=True) if np.isin(v, repeated).any()]
     del ids
-    order = {path: i for i, path in enumerate(source_order)}
+    order = {sha256: i for i, sha256 in enumerate(source_order)}
     candidates = pd.concat(
         [
             pq.read_table(
@@ -286,15 +322,17 @@ def _as_duplicate(rows: pyarrow.Table, workload: Workload) -> pyarrow.Table:
 
 
 def _train_batches(rows_dir: Path, columns: list[str]) -> Callable[[], Iterator[pd.DataFrame]]:
-    import pyarrow.dataset as ds
+    """The train split in a fixed order, whatever order the writer left rows in: files
+    by name, rows by lineage (pyarrow's threaded writer does not keep the order). The
+    statistics' sample and float sums, and the preprocessor's, depend on it."""
+    import pyarrow.parquet as pq
 
     def batches() -> Iterator[pd.DataFrame]:
-        files = sorted((rows_dir / f"{SPLIT_COLUMN}=train").glob("*.parquet"))
-        if not files:
-            return
-        dataset = ds.dataset([str(f) for f in files], format="parquet")
-        for batch in dataset.to_batches(columns=columns, batch_size=STATS_BATCH_ROWS):
-            yield batch.to_pandas()
+        for f in sorted((rows_dir / f"{SPLIT_COLUMN}=train").glob("*.parquet")):
+            table = pq.read_table(f, columns=[*columns, SOURCE, ROW])
+            table = table.sort_by([(SOURCE, "ascending"), (ROW, "ascending")]).select(columns)
+            for batch in table.to_batches(max_chunksize=STATS_BATCH_ROWS):
+                yield batch.to_pandas()
 
     return batches
 
@@ -356,16 +394,15 @@ def _manifest(
     sources = [
         s.model_copy(
             update={
-                "rows_valid": per_file["valid"][s.path],
-                "rows_quarantined": per_file["quarantined"][s.path],
+                "rows_valid": per_file["valid"][s.sha256],
+                "rows_quarantined": per_file["quarantined"][s.sha256],
             }
         )
         for s in sources
     ]
     any_file = next((f for fs in (*files.values(), quarantined) for f in fs), None)
     schema = pq.read_schema(any_file) if any_file else pyarrow.schema([])
-    every_file = sorted(rows_dir.rglob("*.parquet"))
-    content = version_id({str(f.relative_to(rows_dir)): file_sha256(f) for f in every_file})
+    content = rows_digest(rows_dir)
     return DatasetManifest(
         version=version,
         workload=workload.name,
@@ -392,6 +429,26 @@ def _manifest(
             "pandera": pandera.__version__,
         },
     )
+
+
+def rows_digest(rows_dir: Path) -> str:
+    """12 hex digits that stand for the rows of every partition, whatever the files are
+    named or cut, and whatever order rows are in: a SHA-256 over each partition's name,
+    its column names and the sorted 64-bit hashes of its rows. One file in memory at a
+    time, and 8 bytes per row."""
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    for partition in sorted(p for p in rows_dir.iterdir() if p.is_dir()):
+        hashes, names = [], None
+        for f in sorted(partition.glob("*.parquet")):
+            frame = pq.read_table(f).to_pandas()
+            names = names or list(frame.columns)
+            hashes.append(pd.util.hash_pandas_object(frame[names], index=False).to_numpy())
+        digest.update(f"{partition.name}\n{names}\n".encode())
+        if hashes:
+            digest.update(np.sort(np.concatenate(hashes)).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _value_counts(column: pyarrow.ChunkedArray) -> dict[str, int]:

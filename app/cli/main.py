@@ -109,6 +109,13 @@ def data_ingest(
             "s3://bucket/raw/ (default: the workload's built-in set)."
         ),
     ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            help="The version this one derives from (id or unique prefix). Default: the "
+            "newest version whose input files the new one extends, else none."
+        ),
+    ] = None,
     dev: Annotated[
         bool, typer.Option("--dev", help="Generate a throwaway PII key if none is set.")
     ] = False,
@@ -128,7 +135,7 @@ def data_ingest(
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = True
-        result = ingest(settings, wl, raw)
+        result = ingest(settings, wl, raw, parent_ref=parent)
     console().print(reports.ingest_table(result))
     for line in reports.quarantine_lines(result):
         console().print(line)

@@ -112,8 +112,10 @@ def test_bad_rows_are_quarantined_with_their_rule_and_counted(
         r["id"]: reason for r, reason in zip(raw, quarantine[REASON_COLUMN], strict=True)
     } == broken
     assert "smudge" in {r["px_05"] for r in raw}
-    assert {Path(p).name for p in quarantine["_source"]} == {"batch-1.parquet"}
-    # Each quarantined row says where it came from: file and record number (1-based).
+    # Each quarantined row says where it came from: its file (by SHA-256, which the
+    # manifest's sources name) and record number (1-based).
+    assert set(quarantine["_source"]) == {m.sources[0].sha256}
+    assert Path(m.sources[0].path).name == "batch-1.parquet"
     assert sorted(quarantine["_row"]) == [2, 3, 4, 5, 6]
     assert [(s.rows, s.rows_valid, s.rows_quarantined) for s in m.sources] == [(200, 195, 5)]
     # The run's figures, in the manifest as written.

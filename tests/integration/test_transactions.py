@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -86,7 +87,8 @@ def test_every_fault_is_quarantined_with_its_rule_and_every_record_reconciles(
 
     quarantine = pq.read_table(result.path / "rows" / f"split={QUARANTINE}").to_pandas()
     assert len(quarantine) == m.rows_quarantined
-    assert quarantine[SOURCE].map(lambda p: Path(p).name).isin([f.name for f in report.files]).all()
+    assert quarantine[SOURCE].isin([s.sha256 for s in m.sources]).all()
+    assert {Path(s.path).name for s in m.sources} == {f.name for f in report.files}
     assert (quarantine[ROW] >= 1).all() and quarantine[RAW_COLUMN].notna().all()
     seen = Counter(k for reason in quarantine[REASON_COLUMN] for k in kind_of(reason))
     for kind, n in report.injected.items():
@@ -229,6 +231,57 @@ def test_pii_needs_a_key_outside_dev(tmp_path: Path, clean_env: None) -> None:
     assert ingest(dev, TRANSACTIONS, open_source(raw)).manifest.rows_valid == 100
 
 
+def test_renamed_reordered_copies_give_the_same_version_files_rows_and_statistics(
+    tmp_path: Path, clean_env: None
+) -> None:
+    """The same bytes under other names, listed in another order, in another store: the
+    same version id, output file names, rows, content hash, statistics and fitted
+    preprocessor. Faults (duplicate ids across files among them) make which copy stays
+    depend on the order the files are read in."""
+    raw, copies = tmp_path / "raw", tmp_path / "copies"
+    report = generate_transactions(raw, rows=3000, seed=3, fault_rate=0.1, fmt="csv",
+                                   rows_per_shard=1000)  # fmt: skip
+    (copies / "nested").mkdir(parents=True)
+    # Reversed: the last file by name is the first copy by name.
+    for i, f in enumerate(sorted(report.files, reverse=True)):
+        shutil.copyfile(f, copies / ("nested" if i % 2 else "") / f"{i}-renamed.csv")
+    a = ingest(settings_for(tmp_path / "a"), TRANSACTIONS, open_source(raw))
+    b = ingest(settings_for(tmp_path / "b"), TRANSACTIONS, open_source(copies))
+    ma, mb = a.manifest, b.manifest
+    assert not b.reused and ma.version == mb.version
+    assert ma.quarantine_reasons["txn_id: field_uniqueness"] > 0
+    assert (ma.splits, ma.quarantine_reasons) == (mb.splits, mb.quarantine_reasons)
+    assert ma.content_hash == mb.content_hash and ma.stats == mb.stats
+    assert (a.path / PREPROCESSOR).read_text() == (b.path / PREPROCESSOR).read_text()
+
+    def files(version: Path) -> dict[str, pd.DataFrame]:
+        found = sorted((version / "rows").rglob("*.parquet"))
+        return {
+            str(f.relative_to(version)): pq.read_table(f)
+            .to_pandas()
+            .sort_values([SOURCE, ROW], ignore_index=True)
+            for f in found
+        }
+
+    fa, fb = files(a.path), files(b.path)
+    assert list(fa) == list(fb)
+    assert all(re.fullmatch(r"rows/split=\w+/(part-\d{5}-\d+|duplicates)\.parquet", n) for n in fa)
+    for name, frame in fa.items():
+        pd.testing.assert_frame_equal(frame, fb[name], obj=name)
+    assert ma.parent is None and mb.parent is None
+
+    # The parent is what a version derives from, not simply the newest: two of the
+    # three files extend nothing in store a (test_same_inputs_… has one that extends).
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for f in sorted(report.files)[:2]:
+        shutil.copyfile(f, fewer / f.name)
+    subset = ingest(settings_for(tmp_path / "a"), TRANSACTIONS, open_source(fewer))
+    assert subset.manifest.version != ma.version and subset.manifest.parent is None
+    same = ingest(settings_for(tmp_path / "a"), TRANSACTIONS, open_source(copies))
+    assert same.reused and same.manifest.version == ma.version
+
+
 def test_same_inputs_same_version_changed_inputs_a_child_version(
     tmp_path: Path, clean_env: None
 ) -> None:
@@ -245,10 +298,13 @@ def test_same_inputs_same_version_changed_inputs_a_child_version(
     m = second.manifest
     assert m.version != first.manifest.version and m.parent == first.manifest.version
     assert m.rows_in == 2500 and len(m.sources) == 3
-    # The extra file repeats ids 0-499 of the first: those later copies are quarantined.
+    # The extra file repeats ids 0-499 of the first. Files are read in content order
+    # (their SHA-256), whatever their names: the copies in the later one are quarantined.
     assert m.quarantine_reasons == {"txn_id: field_uniqueness": 500}
     quarantine = pq.read_table(second.path / "rows" / f"split={QUARANTINE}").to_pandas()
-    assert {Path(p).name for p in quarantine[SOURCE]} == {"transactions-extra.parquet"}
+    sha = {Path(s.path).name: s.sha256 for s in m.sources}
+    later = max(sha["transactions-extra.parquet"], sha["transactions-00000.parquet"])
+    assert set(quarantine[SOURCE]) == {later}
     assert all(len(s.sha256) == 64 and s.size > 0 for s in m.sources)
     amount = m.stats["amount"]
     assert amount.quantiles["0.5"] > 0 and len(amount.histogram["counts"]) == 20

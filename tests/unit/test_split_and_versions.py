@@ -107,3 +107,17 @@ def test_a_failed_publish_raises_and_keeps_the_staged_data(tmp_path: Path) -> No
     with pytest.raises(OSError):
         store.publish(staging, manifest)
     assert (staging / "shard.parquet").read_bytes() == b"rows"
+
+
+def test_files_are_read_in_content_order_and_the_same_bytes_twice_are_refused() -> None:
+    from app.errors import DataContractError
+    from data.pipeline import in_content_order
+    from data.versions import SourceFile
+
+    def source(path: str, sha: str) -> SourceFile:
+        return SourceFile(path=path, size=1, sha256=sha * 64, rows=1)
+
+    ordered = in_content_order([source("a.csv", "c"), source("b.csv", "a"), source("c.csv", "b")])
+    assert [s.path for s in ordered] == ["b.csv", "c.csv", "a.csv"]
+    with pytest.raises(DataContractError, match=r"copy\.csv holds the same bytes as a\.csv"):
+        in_content_order([source("a.csv", "a"), source("b.csv", "b"), source("copy.csv", "a")])
