@@ -1,9 +1,12 @@
-"""Training throughput: Ray Train + DeepSpeed against a plain torch loop, same run.
+"""Training throughput: Ray Train + DeepSpeed against plain torch, same run.
 
 The expensive tier (the digits CNN) on the digits training split replicated 8x. Plain
-torch trains 3 epochs, Ray Train runs 8; the last epoch's samples/s counts (early epochs
-share the CPU with start-up work). Ratios are per core, against plain torch on one thread
-at the same micro batch.
+torch trains 3 epochs; Ray Train, plain DDP and DeepSpeed without Ray run 8; the last
+epoch's samples/s counts (early epochs share the CPU with start-up work). Ratios are per
+core, against plain torch on one thread at the same micro batch. The fair baseline of
+Ray Train's 2 workers is plain torch DDP over gloo on 2 processes x 1 thread, data in
+memory, at the same micro and global batch; DeepSpeed without Ray (the platform's own
+DeepSpeed config, torch.multiprocessing) separates Ray Train's cost from DeepSpeed's.
 
     .venv/bin/python -m bench.train            # about 10 minutes on 2 cores
     .venv/bin/python -m bench.train --quick    # what make test runs: 1 Ray Train run, 1 epoch
@@ -74,6 +77,92 @@ def plain_torch(
     return rate
 
 
+def _train_arrays(settings: Settings, version: str) -> tuple[np.ndarray, np.ndarray]:
+    """The version's train split as the model's inputs and labels, in memory."""
+    import pyarrow.parquet as pq
+
+    from data.versions import DatasetStore
+
+    frame = pq.read_table(DatasetStore(settings.datasets_dir).split_dir("digits", version, "train"))
+    frame = frame.to_pandas()
+    return DIGITS.features(frame), frame[DIGITS.label_column].to_numpy(dtype=np.int64, copy=True)
+
+
+def _rank(rank: int, engine: str, port: int, data: tuple, micro_batch: int, epochs: int,
+          out: object) -> None:  # fmt: skip
+    """One of 2 processes x 1 thread, over gloo, its half of the data in memory: a plain
+    torch DDP loop (``engine="ddp"``), or DeepSpeed on the platform's own config
+    (train/deepspeed_config.py) without Ray (``"deepspeed"``). Same model, optimizer,
+    clipping, micro batch and global batch (2 x micro batch) as Ray Train's 2 workers."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    world = 2
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = (torch.from_numpy(a[rank::world].copy()) for a in data)
+    model = DIGITS.build_model(TIER)
+    steps = len(x) // micro_batch
+    if engine == "ddp":
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+            loss = F.cross_entropy(net(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+    else:
+        from app.sections import TrainConfig
+        from train.deepspeed_config import build_deepspeed_config
+        from train.engines import _import_deepspeed
+
+        deepspeed = _import_deepspeed()
+        deepspeed.init_distributed(dist_backend="gloo")
+        cfg = TrainConfig(micro_batch_size=micro_batch, num_workers=world)
+        config = build_deepspeed_config(cfg, total_steps=steps * epochs)
+        net, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                       config=config)  # fmt: skip
+
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+            net.backward(F.cross_entropy(net(xb), yb))
+            net.step()
+
+    rate = 0.0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch + rank))
+        dist.barrier()
+        started = time.perf_counter()
+        for i in range(steps):
+            idx = order[i * micro_batch : (i + 1) * micro_batch]
+            step(x[idx], y[idx])
+        dist.barrier()
+        rate = steps * micro_batch * world / (time.perf_counter() - started)
+    if rank == 0:
+        out.put(rate)  # type: ignore[attr-defined]
+    dist.destroy_process_group()
+
+
+def two_processes(engine: str, data: tuple, micro_batch: int, epochs: int) -> float:
+    """Global samples/s of the last epoch of :func:`_rank` on 2 processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank, args=(engine, port, data, micro_batch, epochs, out),
+                       nprocs=2, join=True, start_method="spawn")  # fmt: skip
+    return out.get()
+
+
 def ray_train(root: Path, version: str, micro_batch: int, epochs: int, **train: object) -> float:
     from train.run import train_tier
 
@@ -111,10 +200,15 @@ def main() -> None:
         table = []
         for mb in micro_batches:
             base = plain_torch(settings, version, 1, mb, plain_epochs)
+            data = _train_arrays(settings, version)
             runs = [
                 ("plain torch, 1 thread", 1, base),
                 ("plain torch, 2 threads", 2, plain_torch(settings, version, 2, mb, plain_epochs)),
-            ]
+                ("plain torch DDP, gloo, 2 x 1 thread", 2,
+                 two_processes("ddp", data, mb, ray_epochs)),
+                ("DeepSpeed ZeRO-1 without Ray, 2 x 1 thread", 2,
+                 two_processes("deepspeed", data, mb, ray_epochs)),
+            ]  # fmt: skip
             if not args.quick:  # quick: the one Ray Train run below
                 runs.append(("Ray Train + DeepSpeed ZeRO-1, 1 worker", 1,
                              ray_train(store, version, mb, ray_epochs, num_workers=1)))  # fmt: skip
@@ -147,6 +241,13 @@ def main() -> None:
     rates = {(mb, name): rate for mb, name, _, rate, _ in table}
     pipe = rates.get((64, "Ray Train + DeepSpeed pipeline, 2 stages"))
     data = rates[64, "Ray Train + DeepSpeed ZeRO-1, 2 workers"]
+    for mb in micro_batches:
+        ddp = rates[mb, "plain torch DDP, gloo, 2 x 1 thread"]
+        ray_ds = rates[mb, "Ray Train + DeepSpeed ZeRO-1, 2 workers"]
+        plain_ds = rates[mb, "DeepSpeed ZeRO-1 without Ray, 2 x 1 thread"]
+        print(f"mb {mb}: Ray Train + DeepSpeed vs plain DDP {ray_ds / ddp:.2f}x samples/s "
+              f"(goal >= 0.9x); DeepSpeed without Ray vs plain DDP {plain_ds / ddp:.2f}x; "
+              f"Ray Train's share: {ray_ds / plain_ds:.2f}x")  # fmt: skip
     if pipe is not None:  # not in --quick
         print(f"pipeline vs data parallel (2 workers, mb 64): {pipe / data:.2f}x samples/s")
 
