@@ -33,6 +33,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` on loopback, and it can be bound (TIME_WAIT allowed,
+    as servers bind with SO_REUSEADDR)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture
 def pushgateway(tmp_path: Path) -> Iterator[str]:
     """The distribution's Prometheus pushgateway on a free loopback port; its URL."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,23 +20,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, port_is_free
 from tests.system.conftest import BIN, clean_env
 
 pytestmark = pytest.mark.slow
 
 KEY = "system-stop-start-key-0123456789"
 SERVING = "serving; press Ctrl-C to stop"
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def running(proc: psutil.Process) -> bool:
@@ -79,7 +68,7 @@ def test_serve_stopped_by_a_signal_to_its_process_group_leaves_nothing_and_start
     port = free_port()
     body = {"instances": [[0.0] * 64]}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        assert port_free(port), f"port {port} is held before the start with {sig.name}"
+        assert port_is_free(port), f"port {port} is held before the start with {sig.name}"
         proc, lines = start_serving(trained_store, port)
         try:
             resp = httpx.post(f"http://127.0.0.1:{port}/v1/models/digits/predict",
@@ -104,4 +93,4 @@ def test_serve_stopped_by_a_signal_to_its_process_group_leaves_nothing_and_start
                 p.kill()
         assert code == 0, "".join(lines[-40:])
         assert not left, left
-        assert port_free(port), f"port {port} is still held after {sig.name}"
+        assert port_is_free(port), f"port {port} is still held after {sig.name}"

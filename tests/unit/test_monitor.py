@@ -30,7 +30,7 @@ import yaml
 
 from app.cli.reports import url_lines
 from app.serving import Endpoint
-from tests.conftest import free_port
+from tests.conftest import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "cluster" / "prometheus"
@@ -109,19 +109,6 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) == 0:
-            return False
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def poll(check: Callable[[], T], timeout_s: float = 20.0) -> T:
