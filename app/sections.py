@@ -302,6 +302,12 @@ class ServeConfig(_Section):
     max_body_bytes: int = Field(
         4 * 2**20, ge=1024, description="Largest request body; a larger one is a 413."
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a request's whole body may take to arrive; past it the answer "
+        "is a 408, so a client that sends slowly (slowloris) holds a request slot no longer.",
+    )
     request_timeout_s: float = Field(
         10.0, gt=0, description="Longest a prediction may take; past it the answer is a 504."
     )

@@ -196,6 +196,7 @@ class Ingress:
             readiness=self.readiness,
             max_instances=cfg.max_instances_per_request,
             max_body_bytes=cfg.max_body_bytes,
+            body_timeout_s=cfg.body_timeout_s,
             request_timeout_s=cfg.request_timeout_s,
             route_header=cfg.route_header,
             observer=ServeMetrics(),

@@ -48,6 +48,38 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def slowloris(port: int, path: str, headers: dict[str, str], body: bytes,
+              give_up_s: float) -> tuple[bytes, float]:  # fmt: skip
+    """POST ``body`` to loopback ``port`` as a slowloris client does: the headers and 10
+    bytes, then a byte every 0.2 s, until the server answers or closes. Returns what it
+    answered and after how many seconds; fails after ``give_up_s`` without an answer."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    head = "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers.items())]) + "\r\n\r\n"
+    answer, sent = b"", 10
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head.encode() + body[:sent])
+        started = time.monotonic()
+        conn.settimeout(0.2)
+        while True:
+            try:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break  # closed
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() - started < give_up_s, "the slow body was never cut off"
+            if sent < len(body) - 1:  # never the last byte
+                try:
+                    conn.sendall(body[sent : sent + 1])
+                    sent += 1
+                except OSError:
+                    break
+    return answer, time.monotonic() - started
+
+
 @pytest.fixture
 def pushgateway(tmp_path: Path) -> Iterator[str]:
     """The distribution's Prometheus pushgateway on a free loopback port; its URL."""

@@ -102,6 +102,7 @@ def build_api(
     limits: RateLimiter | None = None,
     readiness: Readiness | None = None,
     max_body_bytes: int = 4 * 2**20,
+    body_timeout_s: float = 10.0,
     request_timeout_s: float = 10.0,
     route_header: str = "x-scaledl-user",
     observer: Observer | None = None,
@@ -209,7 +210,7 @@ def build_api(
         return JSONResponse({"error": _describe(errors)}, status_code=status)
 
     api.add_middleware(OipJsonBodies)
-    api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    api.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     # Outermost: sees every answer.
     api.add_middleware(RequestMetrics, observer=observer, access_log=AccessLog(workload.name))
 

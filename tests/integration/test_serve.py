@@ -403,3 +403,37 @@ def test_overload_is_shed_with_503_and_retry_after_never_a_hang(
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 503}, statuses
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+
+
+def test_a_slow_body_is_cut_off_with_a_408_and_the_service_answers_meanwhile(
+    endpoint: Endpoint,
+) -> None:
+    """Slowloris through the deployed transport (HAProxy, then the ingress replica): cut
+    off at serve.body_timeout_s (10 s by default), a JSON 408, and prompt requests are
+    answered while it trickles in."""
+    import json
+    import threading
+
+    from tests.conftest import slowloris
+
+    port = int(endpoint.base_url.rsplit(":", 1)[1])
+    body = json.dumps({"instances": [[0] * 64]}).encode()
+    answered: list[int] = []
+
+    def prompt() -> None:
+        for _ in range(3):
+            time.sleep(1)
+            resp = httpx.post(endpoint.predict_url, json={"instances": [[0] * 64]},
+                              headers=AUTH, timeout=10)  # fmt: skip
+            answered.append(resp.status_code)
+
+    meanwhile = threading.Thread(target=prompt)
+    meanwhile.start()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answer, seconds = slowloris(port, "/v1/models/digits/predict", headers, body, give_up_s=30)
+    meanwhile.join()
+    status = answer.split(b"\r\n", 1)[0]
+    print(f"slow body answered after {seconds:.1f} s: {status!r}")
+    assert answered == [200, 200, 200]
+    assert status == b"HTTP/1.1 408 Request Timeout", answer
+    assert b"serve.body_timeout_s" in answer

@@ -138,14 +138,16 @@ def test_the_expensive_tier_scales_to_zero_and_cold_starts_on_demand(
     endpoint: Endpoint, test_rows, platform: Platform
 ) -> None:  # noqa: ANN001
     """With min_replicas 0 the idle expensive tier goes away; the next escalation starts
-    a replica and waits for it (here: a deadline long enough not to degrade)."""
+    a replica and waits for it (here: deadlines long enough not to degrade or time out;
+    a cold start took over 10 s, the default request timeout, on a loaded 2-core VM)."""
 
     def expensive_replicas() -> int:
         return running_replicas("expensive-tier")
 
     x, _ = test_rows
     zero = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 1, "look_back_period_s": 2}
-    redeploy(endpoint, platform, expensive_replicas=zero, expensive_timeout_s=60)
+    redeploy(endpoint, platform, expensive_replicas=zero, expensive_timeout_s=60,
+             request_timeout_s=60)  # fmt: skip
     deadline = time.monotonic() + 90
     while expensive_replicas() and time.monotonic() < deadline:
         time.sleep(0.5)

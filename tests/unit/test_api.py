@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import warnings
 
 import numpy as np
@@ -232,6 +233,44 @@ def test_a_body_over_the_limit_is_a_413_announced_or_streamed() -> None:
     assert resp.status_code == 413 and "serve.max_body_bytes" in resp.json()["error"]
     small = TestClient(api).post(URL, json={"instances": digit_images(1)}, headers=AUTH)
     assert small.status_code == 200
+
+
+def test_a_body_that_arrives_too_slowly_is_a_408_while_prompt_requests_are_answered() -> None:
+    """A slowloris sender, on a real socket (uvicorn, as the ingress replica serves): cut
+    off at serve.body_timeout_s with a JSON 408 that says so; meanwhile the server
+    answers others."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from tests.conftest import free_port, slowloris
+
+    port = free_port()
+    api = api_for(digits_graph(0.0), body_timeout_s=1.0)
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        body = json.dumps({"instances": digit_images(1)}).encode()
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        prompt = threading.Timer(0.3, lambda: answered.append(httpx.post(
+            f"http://127.0.0.1:{port}{URL}", json={"instances": digit_images(1)},
+            headers=AUTH, timeout=10).status_code))  # fmt: skip
+        answered: list[int] = []
+        prompt.start()
+        answer, seconds = slowloris(port, URL, headers, body, give_up_s=5)
+        prompt.join()
+        assert answered == [200]  # answered while the slow body was still arriving
+        assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout", answer
+        assert b"serve.body_timeout_s" in answer and seconds < 5
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_a_prediction_past_the_timeout_is_a_504() -> None:
