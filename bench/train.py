@@ -120,9 +120,9 @@ def _rank(rank: int, engine: str, port: int, data: tuple, micro_batch: int, epoc
     else:
         from app.sections import TrainConfig
         from train.deepspeed_config import build_deepspeed_config
-        from train.engines import _import_deepspeed
+        from train.engines import import_deepspeed
 
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend="gloo")
         cfg = TrainConfig(micro_batch_size=micro_batch, num_workers=world)
         config = build_deepspeed_config(cfg, total_steps=steps * epochs)

@@ -47,7 +47,7 @@ def mark_rows(
     fractions: tuple[float, float, float],
     seed: int,
     pii_secret: bytes | None,
-    lineage: dict[str, str],
+    sha256_of: dict[str, str],
 ) -> pyarrow.Table:
     """Give every record a split: train/val/test, or quarantine with the rule it broke.
 
@@ -56,7 +56,7 @@ def mark_rows(
     JSON in ``_raw`` (PII pseudonymized too) and its typed columns are null; a record
     that could not even be parsed keeps its redacted text. Nothing is lost.
 
-    Every row keeps where it came from: ``_source``, the SHA-256 of its file (``lineage``
+    Every row keeps where it came from: ``_source``, the SHA-256 of its file (``sha256_of``
     maps a path to it; the manifest's sources name the file), and ``_row``, its record
     number there. Not the path: the same bytes give the same rows under any name.
     """
@@ -67,7 +67,7 @@ def mark_rows(
     key = PiiKey(pii_secret) if pii_secret else None
     batch = batch.reset_index(drop=True)
     where = ", ".join(batch[SOURCE].unique())
-    batch[SOURCE] = batch[SOURCE].map(lineage)
+    batch[SOURCE] = batch[SOURCE].map(sha256_of)
     unparsed = batch[ERROR].notna().to_numpy()
     rows = batch.loc[~unparsed, list(contract.columns)].reset_index(drop=True)
     lineage = batch.loc[~unparsed, [SOURCE, ROW]].reset_index(drop=True)

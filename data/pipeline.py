@@ -147,7 +147,7 @@ def ingest(
         fractions=cfg.split_fractions,
         seed=settings.seed,
         pii_secret=key.secret if key else None,
-        lineage={s.path: s.sha256 for s in sources},
+        sha256_of={s.path: s.sha256 for s in sources},
     )
     try:
         run_pass(source, list(workload.contract().columns), staging / "rows", mark)

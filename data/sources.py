@@ -135,11 +135,3 @@ def _parquet_rows(source: RawSource, path: str, expected: list[str]) -> int:
         ) from None
     check_columns(names, expected, path)
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

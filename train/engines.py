@@ -35,7 +35,7 @@ def build_engine(job: TrainJob) -> DataParallel | Pipeline:
     return Pipeline(job) if job.train.pipeline_stages > 1 else DataParallel(job)
 
 
-def _import_deepspeed() -> Any:
+def import_deepspeed() -> Any:
     """DeepSpeed, without the shared-memory collective op that training never calls.
 
     DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` on every CPU rank
@@ -116,7 +116,7 @@ def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, floa
 
 class DataParallel:
     def __init__(self, job: TrainJob) -> None:
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.job = job
         self.dtype = _torch_dtype(job.train.dtype)
         model = get_workload(job.workload).build_model(job.tier)
@@ -212,7 +212,7 @@ class Pipeline:
         import torch.nn.functional as F
         from deepspeed.pipe import LayerSpec, PipelineModule
 
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.job = job
         self.dtype = _torch_dtype(job.train.dtype)
         deepspeed.init_distributed(dist_backend="nccl" if job.train.use_gpu else "gloo")

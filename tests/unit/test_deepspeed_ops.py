@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from train.engines import _import_deepspeed
+from train.engines import import_deepspeed
 
 
 def test_the_engines_deepspeed_starts_its_backend_without_building_the_shm_op() -> None:
@@ -10,5 +10,5 @@ def test_the_engines_deepspeed_starts_its_backend_without_building_the_shm_op() 
     # deepspeed_shm_comm and returns the module; the backend's __init__ calls it first.
     from deepspeed.comm.torch import build_shm_op
 
-    _import_deepspeed()
+    import_deepspeed()
     assert build_shm_op() is None
