@@ -20,12 +20,15 @@ DEPLOYED = CascadeRoute("3", None, None, threshold=0.7, thresholds={"digits-chea
 class Tiers:
     """A cheap tier sure of a row (0.9) when its first feature is 1, unsure (0.6)
     otherwise, per model id; an expensive tier that answers label 1 at 0.99, or fails
-    with ``fail``, or takes ``delay_s``."""
+    with ``fail``, or takes ``delay_s`` (``first_delay_s`` on its first call)."""
 
-    def __init__(self, fail: Exception | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, fail: Exception | None = None, delay_s: float = 0.0, first_delay_s: float | None = None
+    ) -> None:
         self.cheap_calls: list[tuple[int, str | None]] = []
         self.expensive_calls: list[tuple[int, str | None]] = []
         self.fail, self.delay_s = fail, delay_s
+        self.first_delay_s = delay_s if first_delay_s is None else first_delay_s
 
     async def cheap(self, rows: np.ndarray, model_id: str | None) -> TierAnswer:
         self.cheap_calls.append((len(rows), model_id))
@@ -36,8 +39,9 @@ class Tiers:
     def expensive(self, model_id: str | None, timeout_s: float = 5.0) -> Coalescer:
         async def call(rows: np.ndarray) -> TierAnswer:
             self.expensive_calls.append((len(rows), model_id))
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            delay_s = self.delay_s if len(self.expensive_calls) > 1 else self.first_delay_s
+            if delay_s:
+                await asyncio.sleep(delay_s)
             if self.fail is not None:
                 raise self.fail
             return TierAnswer(np.tile([[0.01, 0.99]], (len(rows), 1)), model_id or "digits-exp/1")
@@ -162,16 +166,19 @@ def test_a_shedding_expensive_tier_degrades_but_is_no_breaker_failure() -> None:
 
 
 def test_one_slow_call_carrying_five_requests_is_one_breaker_failure() -> None:
-    tiers = Tiers(delay_s=5)
-    cascade = tiers.cascade(timeout_s=0.1, failures=2)
+    # The first request's call goes alone and answers in 0.05 s; the five that arrived
+    # meanwhile go out together as the second call, which takes 5 s and times out for
+    # each of them at 1 s: one call, one failure, so the breaker (2 to open) stays closed.
+    # (The margins are wide on purpose: a timer race on a loaded host must not decide.)
+    tiers = Tiers(delay_s=5, first_delay_s=0.05)
+    cascade = tiers.cascade(timeout_s=1.0, failures=2)
 
-    async def five_at_once() -> list:
-        return await asyncio.gather(*(cascade(rows(0), DEPLOYED) for _ in range(5)))
+    async def six_at_once() -> list:
+        return await asyncio.gather(*(cascade(rows(0), DEPLOYED) for _ in range(6)))
 
-    answers = asyncio.run(five_at_once())
-    assert {a.degraded_reason for a in answers} == {"timeout"}
-    # The first request's call went alone; the four behind it waited on it and then
-    # timed out, blamed on it: one call, one failure.
+    answers = asyncio.run(six_at_once())
+    assert sorted(a.degraded_reason for a in answers) == [""] + ["timeout"] * 5
+    assert [n for n, _ in tiers.expensive_calls] == [1, 5]
     assert cascade.breakers["3"].failures == 1 and cascade.breakers["3"].state == "closed"
 
 
