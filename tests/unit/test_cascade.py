@@ -23,7 +23,10 @@ class Tiers:
     with ``fail``, or takes ``delay_s`` (``first_delay_s`` on its first call)."""
 
     def __init__(
-        self, fail: Exception | None = None, delay_s: float = 0.0, first_delay_s: float | None = None
+        self,
+        fail: Exception | None = None,
+        delay_s: float = 0.0,
+        first_delay_s: float | None = None,
     ) -> None:
         self.cheap_calls: list[tuple[int, str | None]] = []
         self.expensive_calls: list[tuple[int, str | None]] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import pytest
 
@@ -104,12 +105,21 @@ def test_the_run_loop_sends_every_interval_and_survives_a_failing_sink() -> None
     sink = FlakySink(store, fail=1)
     live = LiveStats("digits", sink, every_s=0.01)
 
+    def sent() -> int:
+        return store.window("digits", "3", 0, 2e10).requests
+
+    async def until(done: Callable[[], bool]) -> None:  # polled, so a loaded host waits longer
+        for _ in range(500):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+
     async def run() -> None:
         task = asyncio.get_running_loop().create_task(live.run())
         live.request("/v1/predict", 200, 0.01, "3")
-        await asyncio.sleep(0.1)  # one failed send, then it is sent
+        await until(lambda: sent() == 1)  # one failed send, then it is sent
         live.request("/v1/predict", 200, 0.01, "3")
-        await asyncio.sleep(0.1)
+        await until(lambda: sent() == 2)
         task.cancel()
 
     asyncio.run(run())
