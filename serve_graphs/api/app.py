@@ -14,10 +14,11 @@ from collections.abc import Callable
 import pandas as pd
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import GatewayTimeout, Overloaded, ScaledlError
 from app.keys import ApiKey, KeyRing, Scope
@@ -35,6 +36,7 @@ from serve_graphs.api.inputs import (
 from serve_graphs.api.limits import RateLimiter
 from serve_graphs.api.middleware import BodyLimit, OipJsonBodies
 from serve_graphs.api.observe import (
+    CLIENT_CLOSED,
     VERSION_HEADER,
     AccessLog,
     CostMeter,
@@ -190,6 +192,12 @@ def build_api(
         return JSONResponse(
             {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
+
+    @api.exception_handler(ClientDisconnect)
+    async def _client_left(_: Request, __: ClientDisconnect) -> Response:
+        # The client hung up before its body was in: nobody reads this answer, and no
+        # server error happened. Counted and logged as the client's (499), not as a 500.
+        return Response(status_code=CLIENT_CLOSED)
 
     @api.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

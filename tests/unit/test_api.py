@@ -4,9 +4,12 @@ cascade, wired as the deployments wire it (tests/unit/graph.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -242,20 +245,11 @@ def test_a_body_that_arrives_too_slowly_is_a_408_while_prompt_requests_are_answe
     import threading
 
     import httpx
-    import uvicorn
 
-    from tests.conftest import free_port, slowloris
+    from tests.conftest import slowloris
 
-    port = free_port()
     api = api_for(digits_graph(0.0), body_timeout_s=1.0)
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with served(api) as port:
         body = json.dumps({"instances": digit_images(1)}).encode()
         headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
         prompt = threading.Timer(0.3, lambda: answered.append(httpx.post(
@@ -268,9 +262,91 @@ def test_a_body_that_arrives_too_slowly_is_a_408_while_prompt_requests_are_answe
         assert answered == [200]  # answered while the slow body was still arriving
         assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout", answer
         assert b"serve.body_timeout_s" in answer and seconds < 5
+
+
+@contextlib.contextmanager
+def served(api: object) -> Iterator[int]:
+    """``api`` on a real loopback socket (uvicorn, as an ingress replica serves it); its port."""
+    import threading
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        yield port
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_bodies_cut_off_mid_stream_hold_nothing_and_fail_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Clients that announce a body and hang up part way: no 500 is counted or logged,
+    no connection is left waiting, and the next client is answered."""
+    import socket
+
+    import httpx
+
+    seen = Recorder()
+    api = api_for(digits_graph(0.0), observer=seen, body_timeout_s=5.0)
+    body = json.dumps({"instances": digit_images(4)}).encode()
+    head = (f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\r\n")  # fmt: skip
+    with caplog.at_level(logging.WARNING), served(api) as port:
+        for cut in (0, 1, len(body) // 2, len(body) - 1):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(head.encode() + body[:cut])
+        started = time.monotonic()
+        json_type = {**AUTH, "content-type": "application/json"}
+        resp = httpx.post(f"http://127.0.0.1:{port}{URL}", content=body, headers=json_type)
+        assert resp.status_code == 200 and time.monotonic() - started < 5  # no queue behind them
+        deadline = time.monotonic() + 5  # the server notices the hang-ups
+        while len(seen.requests) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [status for _, status, _ in seen.requests] == [499] * 4 + [200], seen.requests
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
+DEEP = 100_000
+HOSTILE_BODIES = [  # raw bytes as a client may send them, with their content type
+    ("deeply nested arrays", b'{"instances": ' + b"[" * DEEP + b"]" * DEEP + b"}", None),
+    (
+        "deeply nested objects",
+        b'{"instances": [' + b'{"a":' * DEEP + b"1" + b"}" * DEEP + b"]}",
+        None,
+    ),  # fmt: skip
+    ("an integer of 5,000 digits", b'{"instances": [[' + b"9" * 5000 + b"]]}", None),
+    ("an empty body", b"", None),
+    ("a top-level array", b"[[0, 1]]", None),
+    ("Latin-1 bytes", '{"instances": [["\xe9"]]}'.encode("latin-1"), None),
+    ("UTF-16", '{"instances": [[1]]}'.encode("utf-16"), None),
+    ("a form", b"instances=1", "application/x-www-form-urlencoded"),
+    ("multipart", b"--x\r\n\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+    ("plain text", b"hello", "text/plain"),
+    ("many empty instances", b'{"instances": [' + b",".join([b"[]"] * 100_000) + b"]}", None),
+]
+
+
+@pytest.mark.parametrize(("what", "raw", "content_type"), HOSTILE_BODIES,
+                         ids=[h[0] for h in HOSTILE_BODIES])  # fmt: skip
+def test_hostile_bodies_get_a_json_4xx_never_a_500(
+    what: str, raw: bytes, content_type: str | None
+) -> None:
+    headers = {**AUTH, "content-type": content_type or "application/json"}
+    resp = client(0.5).post(URL, content=raw, headers=headers)
+    assert 400 <= resp.status_code < 500, (what, resp.status_code, resp.text[:300])
+    error = resp.json()["error"]
+    assert error and "Traceback" not in error and len(error) < 500, error
 
 
 def test_a_prediction_past_the_timeout_is_a_504() -> None:
