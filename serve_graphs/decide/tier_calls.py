@@ -178,14 +178,17 @@ async def watch_replicas(
     """Keep ``running`` (tier -> running replicas) current, from ``serve.status()``, so
     a caller keeps ``serve.tier_calls_in_flight`` calls out per running replica,
     replicas an autoscaler adds get work at once, and readiness knows whether a tier
-    runs. A failed read keeps the last. ``once``: read once and return."""
+    runs. A failed read keeps the last, and so does a tier the status does not list
+    (while a redeploy replaces the application, it lists no deployments for a moment).
+    ``once``: read once and return."""
     while True:
         try:
             status = await asyncio.to_thread(serve.status)
             for tier, handle in handles.items():
-                app = status.applications[handle.app_name]
-                states = app.deployments[handle.deployment_name].replica_states
-                running[tier] = states.get("RUNNING", 0)
+                app = status.applications.get(handle.app_name)
+                deployment = app.deployments.get(handle.deployment_name) if app else None
+                if deployment is not None:
+                    running[tier] = deployment.replica_states.get("RUNNING", 0)
         except Exception:  # noqa: BLE001 - the controller is away for a moment
             log.warning("could not read the tiers' replicas; calls stay at %s", running,
                         exc_info=True)  # fmt: skip

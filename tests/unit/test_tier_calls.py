@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 
 import numpy as np
 import pytest
@@ -196,3 +197,28 @@ def test_a_swap_that_cannot_load_keeps_the_version_that_serves(tmp_path) -> None
     fresh = TierModel.func_or_class(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(Exception, match="no version or alias '9'"):
         asyncio.run(fresh.reconfigure(missing))  # nothing to keep: the replica fails
+
+
+def test_the_replica_watch_keeps_the_last_count_while_a_redeploy_lists_no_deployments(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``serve.status()`` says while a redeploy replaces the application (no
+    deployments listed for a moment) is no failure to warn about with a traceback every
+    2 s: the callers keep the last count, and take the new one once it is listed."""
+    from types import SimpleNamespace
+
+    from serve_graphs.decide import tier_calls
+
+    def status(deployments: dict) -> SimpleNamespace:
+        return SimpleNamespace(applications={"digits": SimpleNamespace(deployments=deployments)})
+
+    cheap = SimpleNamespace(app_name="digits", deployment_name="cheap-tier")
+    running = {"cheap": 2}
+    three = SimpleNamespace(replica_states={"RUNNING": 3})
+    answers = iter([status({}), SimpleNamespace(applications={}), status({"cheap-tier": three})])
+    monkeypatch.setattr(tier_calls.serve, "status", lambda: next(answers))
+    with caplog.at_level(logging.WARNING, logger=tier_calls.log.name):
+        for expected in (2, 2, 3):
+            asyncio.run(tier_calls.watch_replicas({"cheap": cheap}, running, once=True))
+            assert running == {"cheap": expected}
+    assert not caplog.records
