@@ -34,6 +34,15 @@ class IngestConfig(_Section):
         "run pushes its figures to (data/metrics.py); unset: the manifest only. A failed "
         "push warns and the ingest goes on.",
     )
+    on_unreadable_file: Literal["fail", "quarantine"] = Field(
+        "fail",
+        description="A raw file that cannot be read at all (empty, no usable header, a "
+        "broken Parquet footer or page): 'fail' refuses the run, naming the file; "
+        "'quarantine' keeps the file whole in the version's quarantine_files/ with its "
+        "reason in the manifest (for a workload with PII it is named, not copied) and "
+        "goes on with the rest. 'quarantine' reads each file once more, to find a damaged "
+        "page before the pass.",
+    )
     max_dataset_age_s: float | None = Field(
         7 * 86400.0,
         gt=0,

@@ -50,11 +50,19 @@ from data.marking import (
 )
 from data.pii import load_pii_key
 from data.readers import ROW, SOURCE
-from data.sources import RawSource, builtin_raw_file, describe_file, local_source
+from data.sources import (
+    RawSource,
+    builtin_raw_file,
+    describe_file,
+    file_digest,
+    local_source,
+    read_through,
+)
 from data.validate import is_text
 from data.versions import (
     PREPROCESSOR,
     QUARANTINE,
+    QUARANTINED_FILES,
     SPLITS,
     Column,
     DatasetManifest,
@@ -69,10 +77,11 @@ if TYPE_CHECKING:
 
 PIPELINE_VERSION = "2"
 STATS_BATCH_ROWS = 65_536
-# Settings that say where a run's figures go, not what its version holds: left out of
-# the version id (a new gateway is not a new dataset) and of the manifest (a URL may
-# carry credentials).
-NOT_CONTENT = frozenset({"pushgateway_url", "max_dataset_age_s"})
+# Settings that say where a run's figures go, or whether a run fails, not what its
+# version holds: left out of the version id (a new gateway is not a new dataset) and of
+# the manifest (a URL may carry credentials). on_unreadable_file only decides whether a
+# run with an unreadable file fails; the manifest lists such a file either way.
+NOT_CONTENT = frozenset({"pushgateway_url", "max_dataset_age_s", "on_unreadable_file"})
 
 
 @dataclass(frozen=True)
@@ -118,10 +127,19 @@ def ingest(
     source = source or local_source(
         builtin_raw_file(workload, settings.storage_root.resolve() / "raw")
     )
-    sources = in_content_order([_describe(source, path, workload) for path in source.paths])
+    sources = in_content_order(
+        [_describe(source, path, workload, cfg.on_unreadable_file) for path in source.paths]
+    )
+    raw = source
     # The pass reads the files in content order, so that the output (file names, which
     # occurrence of an id stays) never depends on how the files were named or listed.
-    source = RawSource(source.uri, source.filesystem, [s.path for s in sources])
+    readable = [s for s in sources if s.unreadable is None]
+    if not readable:
+        raise DataContractError(
+            f"none of the {len(sources)} files of the source can be read: "
+            + "; ".join(s.unreadable or "" for s in sources[:3])
+        )
+    source = RawSource(source.uri, source.filesystem, [s.path for s in readable])
     version = version_id(
         {
             "pipeline": PIPELINE_VERSION,
@@ -141,13 +159,14 @@ def ingest(
     parent = parent_of(store, workload.name, sources, parent_ref)
 
     staging = store.staging_dir(workload.name)
+    sources = [_kept(raw, s, staging, workload) if s.unreadable else s for s in sources]
     mark = functools.partial(
         mark_rows,
         workload_name=workload.name,
         fractions=cfg.split_fractions,
         seed=settings.seed,
         pii_secret=key.secret if key else None,
-        sha256_of={s.path: s.sha256 for s in sources},
+        sha256_of={s.path: s.sha256 for s in readable},
     )
     try:
         run_pass(source, list(workload.contract().columns), staging / "rows", mark)
@@ -192,6 +211,7 @@ def report_run(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest, out
         rows_valid=run.rows_valid,
         rows_quarantined=run.rows_quarantined,
         quarantine_share=round(run.quarantine_share, 6),
+        files_quarantined=sum(s.unreadable is not None for s in run.sources),
     )
     push_figures(cfg, store, run)
 
@@ -206,9 +226,36 @@ def push_figures(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest) -
     push_ingest_figures(cfg.pushgateway_url, run, latest, cfg)
 
 
-def _describe(source: RawSource, path: str, workload: Workload) -> SourceFile:
-    size, sha256, rows = describe_file(source, path, workload)
+def _describe(source: RawSource, path: str, workload: Workload, unreadable: str) -> SourceFile:
+    """One raw file, checked. ``unreadable`` (ingest.on_unreadable_file): 'fail' raises
+    for a file that cannot be read; 'quarantine' reads it through once, as the pass will,
+    and describes one that cannot be read with the reason (the pass leaves it out)."""
+    try:
+        size, sha256, rows = describe_file(source, path, workload)
+        if unreadable == "quarantine":
+            read_through(source, path, list(workload.contract().columns))
+    except DataContractError as exc:
+        if unreadable == "fail":
+            raise
+        size, sha256 = file_digest(source, path)
+        return SourceFile(path=path, size=size, sha256=sha256, rows=0, unreadable=str(exc))
     return SourceFile(path=path, size=size, sha256=sha256, rows=rows)
+
+
+def _kept(source: RawSource, file: SourceFile, staging: Path, workload: Workload) -> SourceFile:
+    """An unreadable file, copied whole into the version's quarantine; for a workload
+    with PII it stays where it is, named by path and SHA-256: a copy would put its raw
+    records outside the keyed stores."""
+    if workload.has_pii:
+        return file
+    kept = Path(QUARANTINED_FILES) / f"{file.sha256}{Path(file.path).suffix}"
+    (staging / kept).parent.mkdir(parents=True, exist_ok=True)
+    with (
+        source.filesystem.open_input_stream(file.path) as src,
+        (staging / kept).open("wb") as dst,
+    ):
+        shutil.copyfileobj(src, dst)
+    return file.model_copy(update={"kept": str(kept)})
 
 
 def in_content_order(sources: list[SourceFile]) -> list[SourceFile]:

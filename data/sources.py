@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from app.errors import ConfigError, DataContractError
 from app.workloads import Workload
-from data.readers import EXTENSIONS, check_columns, csv_header, file_format
+from data.readers import EXTENSIONS, check_columns, csv_header, file_format, read_stream
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -119,6 +119,25 @@ def describe_file(source: RawSource, path: str, workload: Workload) -> tuple[int
     else:
         records = lines
     return size, digest.hexdigest(), records
+
+
+def file_digest(source: RawSource, path: str) -> tuple[int, str]:
+    """(size, sha256) of one raw file, whatever it holds."""
+    digest, size = hashlib.sha256(), 0
+    with source.filesystem.open_input_stream(path) as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def read_through(source: RawSource, path: str, columns: list[str]) -> None:
+    """Read one file to its end with the pass's own reader, keeping nothing: what the
+    reader refuses (a damaged Parquet page, a CSV it cannot line up) raises here, naming
+    the file, instead of in the middle of the pass."""
+    with source.filesystem.open_input_file(path) as fh:
+        for _ in read_stream(fh, path, columns):
+            pass
 
 
 def _parquet_rows(source: RawSource, path: str, expected: list[str]) -> int:

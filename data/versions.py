@@ -7,6 +7,7 @@ A version lives in ``<datasets>/<workload>/<version>/``::
     rows/split=val/*.parquet
     rows/split=test/*.parquet
     rows/split=quarantine/*.parquet     rows that broke the contract, with the rule
+    quarantine_files/<sha256>.<ext>     unreadable raw files, whole (on_unreadable_file)
     preprocessor.json                   features fitted on the train split (some workloads)
 
 A version id is a hash of the inputs (file hashes), the contract and the pipeline
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 QUARANTINE = "quarantine"
+QUARANTINED_FILES = "quarantine_files"  # unreadable raw files, kept whole (by sha256)
 MANIFEST = "manifest.json"
 PREPROCESSOR = "preprocessor.json"
 
@@ -46,6 +48,11 @@ class SourceFile(BaseModel):
     rows: int
     rows_valid: int = 0
     rows_quarantined: int = 0
+    # ingest.on_unreadable_file=quarantine: why the whole file went to the quarantine
+    # (then ``rows`` is 0: none of its records were read), and where the version keeps
+    # it (relative to the version folder; None: not copied, the workload holds PII).
+    unreadable: str | None = None
+    kept: str | None = None
 
 
 class Column(BaseModel):

@@ -50,9 +50,15 @@ def dataset_summary(m: DatasetManifest) -> list:
     for s in m.sources:
         files.add_row(
             s.path, f"{s.size:,}", s.sha256[:12], f"{s.rows:,}", f"{s.rows_valid:,}",
-            f"{s.rows_quarantined:,}",
+            f"{s.rows_quarantined:,}" if s.unreadable is None else "the whole file",
         )  # fmt: skip
     parts: list = [*lines, files]
+    parts += [
+        f"quarantined whole: {s.path} ({s.kept or 'not copied: the workload holds PII'}): "
+        f"{s.unreadable}"
+        for s in m.sources
+        if s.unreadable
+    ]
     if m.quarantine_reasons:
         rules = Table("rule", "rows", title="quarantine")
         for rule, n in m.quarantine_reasons.items():
@@ -86,7 +92,11 @@ def generate_table(report: GenerateReport) -> Table:
 
 def quarantine_lines(result: IngestResult, limit: int = 10) -> list[str]:
     reasons = list(result.manifest.quarantine_reasons.items())
-    return [f"  quarantined {n:>7,}  {rule}" for rule, n in reasons[:limit]]
+    files = [s for s in result.manifest.sources if s.unreadable]
+    return [f"  quarantined {n:>7,}  {rule}" for rule, n in reasons[:limit]] + [
+        f"  quarantined the whole file {s.path} ({s.kept or 'not copied: PII'}): {s.unreadable}"
+        for s in files[:limit]
+    ]
 
 
 def training_table(outcomes: list[TrainOutcome]) -> Table:

@@ -169,3 +169,48 @@ def test_a_truncated_parquet_file_is_refused_before_reading(
     broken.write_bytes(b"PAR1 this is not really parquet")
     with pytest.raises(DataContractError, match=r"cut\.parquet is not a readable Parquet file"):
         ingest(store_settings, DIGITS, open_source(broken))
+
+
+def test_unreadable_files_are_kept_whole_in_the_quarantine_when_asked_and_the_rest_goes_on(
+    store_settings: Settings, digits_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """ingest.on_unreadable_file=quarantine: each file that cannot be read (empty, no
+    header, a broken footer, a damaged page behind an intact footer) is kept byte for
+    byte in the version with its reason, and the readable files become the version.
+    The default refuses the same source, naming a file."""
+    raw = tmp_path / "raw"
+    write(digits_frame.head(200), raw / "good.parquet")
+    damaged = write(digits_frame.head(400), raw / "damaged.parquet")
+    body = bytearray(damaged.read_bytes())
+    body[200:1200] = b"\x00" * 1000  # the first data page; the footer stays intact
+    damaged.write_bytes(bytes(body))
+    (raw / "empty.csv").write_bytes(b"")
+    (raw / "headerless.csv").write_text("1,2,3\n4,5,6\n")
+    (raw / "cut.parquet").write_bytes(b"PAR1 this is not really parquet")
+    unreadable = {
+        "damaged.parquet": "is damaged after row",
+        "empty.csv": "is empty",
+        "headerless.csv": "so the file has no header",
+        "cut.parquet": "is not a readable Parquet file",
+    }
+
+    with pytest.raises(DataContractError, match=r"(damaged|empty|headerless|cut)\.(csv|parquet)"):
+        ingest(store_settings, DIGITS, open_source(raw))
+
+    lenient = load_settings(
+        storage_root=store_settings.storage_root, ingest={"on_unreadable_file": "quarantine"}
+    )
+    result = ingest(lenient, DIGITS, open_source(raw))
+    m = result.manifest
+    assert (m.rows_in, m.rows_valid, m.rows_quarantined) == (200, 200, 0)
+    assert sum(pq.read_table(result.path / "rows" / f"split={s}").num_rows for s in SPLITS) == 200
+    kept = {Path(s.path).name: s for s in m.sources if s.unreadable}
+    assert set(kept) == set(unreadable)
+    for name, why in unreadable.items():
+        assert name in kept[name].unreadable and why in kept[name].unreadable, kept[name]
+        assert (result.path / kept[name].kept).read_bytes() == (raw / name).read_bytes()
+        assert kept[name].rows == 0 and kept[name].sha256 in kept[name].kept
+    assert not list(store_settings.datasets_dir.glob("digits/_staging/*"))
+    # The same bytes are the same version; the unreadable files are among its inputs.
+    assert ingest(lenient, DIGITS, open_source(raw)).reused
+    assert m.version != ingest(lenient, DIGITS, open_source(raw / "good.parquet")).manifest.version

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from app.errors import DatasetVersionNotFound
+from app.workloads import get_workload
 from data.split import assign_split
 from data.versions import DatasetManifest, DatasetStore, version_id
 
@@ -121,3 +122,19 @@ def test_files_are_read_in_content_order_and_the_same_bytes_twice_are_refused() 
     assert [s.path for s in ordered] == ["b.csv", "c.csv", "a.csv"]
     with pytest.raises(DataContractError, match=r"copy\.csv holds the same bytes as a\.csv"):
         in_content_order([source("a.csv", "a"), source("b.csv", "b"), source("copy.csv", "a")])
+
+
+def test_an_unreadable_file_is_copied_whole_unless_the_workload_holds_pii(tmp_path: Path) -> None:
+    from data.pipeline import _kept
+    from data.sources import local_source
+    from data.versions import SourceFile
+
+    path = tmp_path / "broken.csv"
+    path.write_bytes(b"\x00\xff jane.doe@example.com")
+    unreadable = SourceFile(path=str(path), size=24, sha256="ab" * 32, rows=0, unreadable="x")
+    source = local_source(path)
+    digits = _kept(source, unreadable, tmp_path / "v1", get_workload("digits"))
+    assert (tmp_path / "v1" / digits.kept).read_bytes() == path.read_bytes()
+    assert digits.kept == f"quarantine_files/{'ab' * 32}.csv"
+    pii = _kept(source, unreadable, tmp_path / "v2", get_workload("transactions"))
+    assert pii.kept is None and not (tmp_path / "v2").exists()  # named, never copied
