@@ -15,6 +15,7 @@ from rich.table import Table
 
 from app.cli import reports
 from app.cli.base import CliState, WorkloadOpt, console, drop_none
+from app.cli.cluster import cluster_cli
 from app.cli.monitor import monitor_cmd
 from app.cli.rollouts import rollout_cli
 from app.cli.routes import route_cli
@@ -36,6 +37,7 @@ cli.add_typer(keys_cli, name="keys")
 cli.add_typer(serve_cli, name="serve")
 cli.add_typer(route_cli, name="route")
 cli.add_typer(rollout_cli, name="rollout")
+cli.add_typer(cluster_cli, name="cluster")
 cli.command("monitor")(monitor_cmd)
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from app.cli import reports
 from app.cli.base import CliState, WorkloadOpt, console, drop_none
 from app.errors import ConfigError
+from app.settings import Settings
 
 keys_cli = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
 serve_cli = typer.Typer(help="Serve a workload's calibrated cascade over HTTP.")
@@ -127,11 +128,19 @@ def serve_config_cmd(
 ) -> None:
     """Print the Serve config YAML for `serve deploy` (e.g. > cluster/serve.yaml)."""
     from app.runtime import transport_env
-    from app.serve_config import serve_config, to_yaml
-    from app.serving import check_models, resolve_access
+    from app.serve_config import to_yaml
 
     state: CliState = ctx.obj
     settings = state.settings(serve=drop_none(cascade_ref=cascade))
+    typer.echo(to_yaml(deployable_config(settings, workload), transport_env(settings)), nl=False)
+
+
+def deployable_config(settings: Settings, workload: str) -> dict:
+    """The Serve config of `scaledl serve config` (and of `scaledl cluster manifests`):
+    for keys someone holds, and models that exist."""
+    from app.serve_config import serve_config
+    from app.serving import check_models, resolve_access
+
     access = resolve_access(settings, dev=False)
     if access.generated:  # SCALEDL_DEV: a key nobody could ever send
         raise ConfigError(
@@ -139,8 +148,7 @@ def serve_config_cmd(
             "`scaledl keys create --scope predict` or set SCALEDL_API_KEY"
         )
     check_models(settings, workload)
-    config = serve_config(settings, workload, access.static_keys, keys_file=access.keys_file)
-    typer.echo(to_yaml(config, transport_env(settings)), nl=False)
+    return serve_config(settings, workload, access.static_keys, keys_file=access.keys_file)
 
 
 @serve_cli.command("transport")
