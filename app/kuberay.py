@@ -70,11 +70,14 @@ def manifests(
     redis_address: str = "redis:6379",
     redis_secret: str = "redis-password-secret",
     host: str | None = None,
+    ingress_class: str | None = None,
+    ray_version: str | None = None,
     worker_cpus: int = 4,
     worker_memory: str = "8Gi",
 ) -> dict[str, dict[str, Any]]:
     """File name -> manifest. ``serve_config``: what `scaledl serve config` builds for
-    these settings; ``transport``: its variables (``app.runtime.transport_env``)."""
+    these settings; ``transport``: its variables (``app.runtime.transport_env``);
+    ``ray_version``: the image's Ray (default: this one's)."""
     import ray
 
     if not settings.storage_root.is_absolute():
@@ -85,13 +88,14 @@ def manifests(
             "registry too"
         )
     workload = get_workload(workload_name)
-    pods = _Pods(settings, image, volume_claim, transport, workload.has_pii, ray.__version__)
+    version = ray_version or ray.__version__
+    pods = _Pods(settings, image, volume_claim, transport, workload.has_pii, version)
     name = f"scaledl-{workload.name}"
     out = {
         "rayservice.yaml": _ray_service(
             pods, name, serve_config, redis_address, redis_secret, worker_cpus, worker_memory
         ),
-        "ingress.yaml": _ingress(name, workload.name, host),
+        "ingress.yaml": _ingress(name, workload.name, host, ingress_class),
         "rayjob-ingest.yaml": pods.job(
             f"{name}-ingest", f"python -m app data ingest --workload {workload.name}", 0, 1
         ),
@@ -114,10 +118,19 @@ def manifests(
 
 
 class _Plain(yaml.SafeDumper):
-    """Every value written out where it is used: no anchors and aliases."""
+    """Every value written out where it is used (no anchors and aliases), and a
+    multi-line string (serveConfigV2) as the YAML block it is."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Plain.add_representer(str, _text)
 
 
 def to_yaml(manifest: dict[str, Any]) -> str:
@@ -150,9 +163,12 @@ class _Pods:
             env.append({"name": "SCALEDL_PII_KEY", "valueFrom": secret})
         self.env = env
 
-    def template(self, container: str, cpus: float, memory: str) -> dict[str, Any]:
+    def template(
+        self, container: str, cpus: float, memory: str, annotations: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         quantity = {"cpu": _cpu(cpus), "memory": memory}
         return {
+            **({"metadata": {"annotations": annotations}} if annotations else {}),
             "spec": {
                 "containers": [
                     {
@@ -160,12 +176,15 @@ class _Pods:
                         "image": self.image,
                         "env": self.env,
                         "resources": {"requests": quantity, "limits": quantity},
-                        "ports": [{"name": "serve", "containerPort": SERVE_PORT}],
+                        # No ports: KubeRay then gives every container its defaults (gcs,
+                        # dashboard, client, serve 8000). Listing only some would leave
+                        # the head service without the dashboard port that KubeRay
+                        # submits jobs and the Serve config through.
                         "volumeMounts": [{"name": VOLUME, "mountPath": self.root}],
                     }
                 ],
                 "volumes": [{"name": VOLUME, "persistentVolumeClaim": {"claimName": self.claim}}],
-            }
+            },
         }
 
     def cluster(self, head_cpus: float, workers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,7 +253,12 @@ def _ray_service(
         # One node per replica at most: the autoscaler adds nodes as Serve adds replicas.
         "maxReplicas": max(1, most),
         "rayStartParams": {"num-cpus": str(worker_cpus)},
-        "template": pods.template("ray-worker", worker_cpus, worker_memory),
+        # KubeRay leaves min/maxReplicas out of the hash that decides whether a changed
+        # RayService needs a new cluster, so new bounds alone would never reach the
+        # running autoscaler: carried in the pod template too, they do.
+        "template": pods.template(
+            "ray-worker", worker_cpus, worker_memory, {"scaledl.io/serve-max-nodes": str(most)}
+        ),
     }
     cluster = pods.cluster(0, [serve_group])
     cluster["enableInTreeAutoscaling"] = True
@@ -251,12 +275,17 @@ def _ray_service(
                 {k: v for k, v in serve_config.items() if k != "http_options"}, sort_keys=False
             ),
             "upgradeStrategy": {"type": "NewCluster"},
+            # Serve starts a proxy on the head too (where its controller runs); requests
+            # go to the serve workers, not through the pod that holds the GCS.
+            "excludeHeadPodFromServeSvc": True,
             "rayClusterConfig": cluster,
         },
     }
 
 
-def _ingress(name: str, workload: str, host: str | None) -> dict[str, Any]:
+def _ingress(
+    name: str, workload: str, host: str | None, ingress_class: str | None
+) -> dict[str, Any]:
     backend = {"service": {"name": f"{name}-serve-svc", "port": {"number": SERVE_PORT}}}
     rule: dict[str, Any] = {
         "http": {
@@ -272,7 +301,7 @@ def _ingress(name: str, workload: str, host: str | None) -> dict[str, Any]:
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
         "metadata": {"name": f"{name}-public"},
-        "spec": {"rules": [rule]},
+        "spec": {**({"ingressClassName": ingress_class} if ingress_class else {}), "rules": [rule]},
     }
 
 

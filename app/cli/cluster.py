@@ -32,6 +32,12 @@ def manifests_cmd(
     host: Annotated[
         str | None, typer.Option(help="Public host name of the Ingress (default: any).")
     ] = None,
+    ingress_class: Annotated[
+        str | None, typer.Option(help="ingressClassName of the Ingress (default: the cluster's).")
+    ] = None,
+    ray_version: Annotated[
+        str | None, typer.Option(help="The image's Ray version (default: this one's).")
+    ] = None,
     worker_cpus: Annotated[int, typer.Option(help="CPUs of each serving worker pod.")] = 4,
 ) -> None:
     """Write the RayService, its public Ingress and a RayJob per stage, from the settings
@@ -53,6 +59,8 @@ def manifests_cmd(
         volume_claim=volume_claim,
         redis_address=redis_address,
         host=host,
+        ingress_class=ingress_class,
+        ray_version=ray_version,
         worker_cpus=worker_cpus,
     )
     out.mkdir(parents=True, exist_ok=True)

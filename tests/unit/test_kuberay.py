@@ -11,16 +11,18 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import pytest
+import typer
 import yaml
 from ray.serve.schema import ServeDeploySchema
-from typer.testing import CliRunner
 
 from app.errors import ConfigError
-from app.kuberay import manifests, public_paths, to_yaml
+from app.kuberay import SERVE_PORT, manifests, public_paths, to_yaml
 from app.runtime import FAST_TRANSPORT
 from app.settings import Settings, load_settings
+from app.workloads.base import TIERS
 from tests.unit.test_route_audit import INFERENCE, OPEN, ROUTES, concrete
 from tests.unit.test_serve_config import calibrated, config_of
 
@@ -90,7 +92,13 @@ def test_the_service_serves_the_local_config_with_its_transport_and_fault_tolera
     spec = out["rayservice.yaml"]["spec"]
     local = config_of(settings)
     serve = yaml.safe_load(spec["serveConfigV2"])
-    assert serve == {k: v for k, v in local.items() if k != "http_options"}  # KubeRay's port
+    assert serve["applications"] == local["applications"]
+    assert serve["proxy_location"] == local["proxy_location"]
+    # No http_options: a local host of 127.0.0.1 would be unreachable in a pod, and
+    # KubeRay's serve service targets Ray's default, 0.0.0.0:8000.
+    assert "http_options" not in serve and local["http_options"]["host"] == "127.0.0.1"
+    defaults = ServeDeploySchema.model_validate(serve).http_options
+    assert (defaults.host, defaults.port) == ("0.0.0.0", SERVE_PORT)
     (app,) = ServeDeploySchema.model_validate(serve).applications
     module, _, attr = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
@@ -104,9 +112,16 @@ def test_the_service_serves_the_local_config_with_its_transport_and_fault_tolera
     assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
     assert cluster["authOptions"] == {"mode": "token"}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica there
+    assert spec["excludeHeadPodFromServeSvc"] is True  # nor requests, through its proxy
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
     (serving,) = cluster["workerGroupSpecs"]
     assert serving["maxReplicas"] == 5  # cheap 2 + expensive 2 + ingress 1, by default
-    for container in containers(out["rayservice.yaml"]):
+    # KubeRay's cluster hash ignores min/maxReplicas: the bound rides in the template.
+    assert serving["template"]["metadata"]["annotations"] == {"scaledl.io/serve-max-nodes": "5"}
+    for container in [c for m in out.values() if m["kind"] != "Ingress" for c in containers(m)]:
+        # KubeRay's default ports (dashboard, gcs, client, serve) come only with none
+        # listed; a head without "dashboard" never gets its Serve config or a job.
+        assert "ports" not in container
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert {k: env.get(k) for k in FAST_TRANSPORT} == FAST_TRANSPORT
         assert env["SCALEDL_STORAGE_ROOT"] == str(settings.storage_root)
@@ -138,13 +153,23 @@ def test_each_stage_job_runs_a_command_that_exists_on_a_cluster_that_fits_it(
     from app.cli.main import cli
 
     out = generated(settings)
-    for name in ("rayjob-ingest.yaml", "rayjob-calibrate.yaml", "rayjob-train-cheap.yaml"):
+    jobs = [name for name in out if name.startswith("rayjob-")]
+    assert len(jobs) == 2 + len(TIERS)
+    command_of = typer.main.get_command(cli)
+    for name in jobs:
         spec = out[name]["spec"]
         command = shlex.split(spec["entrypoint"])
         assert command[:3] == ["python", "-m", "app"]
-        parsed = CliRunner().invoke(cli, [*command[3:], "--help"])
-        assert parsed.exit_code == 0, (name, parsed.output)
-        assert spec["shutdownAfterJobFinishes"] is True
+        # Parsed as the CLI will (options and their values; --help would stop early).
+        group, *args = command[3:]
+        sub = command_of.commands[group]
+        while isinstance(sub, click.Group):
+            sub = sub.commands[args.pop(0)]
+        sub.make_context(name, list(args), parent=click.Context(command_of))
+        if "--tier" in args:
+            assert args[args.index("--tier") + 1] in TIERS
+        assert (spec["submissionMode"], spec["shutdownAfterJobFinishes"]) == ("K8sJobMode", True)
+        assert spec["backoffLimit"] == 0  # a rerun is a resubmission (--resume for training)
     train = out["rayjob-train-cheap.yaml"]["spec"]["rayClusterSpec"]
     (workers,) = train["workerGroupSpecs"]
     cfg = settings.train
