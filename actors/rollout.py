@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from actors.gates import Gate, Judgement, judge
 from actors.rollout_spec import SHADOW, Event, EventKind, RolloutSpec, RolloutState
 from actors.stats import Summary
-from app.errors import InvalidRequest, NotFound
+from app.errors import Conflict, NotFound
 
 
 class StatsPort(Protocol):
@@ -100,7 +100,7 @@ class Controller:
         spec = spec if isinstance(spec, RolloutSpec) else RolloutSpec.parse(spec)
         current = self.restore(spec.model)
         if current is not None and current.active:
-            raise InvalidRequest(  # a 409 by nature: app/errors.py has no Conflict class
+            raise Conflict(
                 f"a rollout of {spec.model} (v{current.spec.challenger}) is {current.status}: "
                 "abort it before starting another"
             )
@@ -118,7 +118,7 @@ class Controller:
     def pause(self, model: str, reason: str = "paused by an operator") -> RolloutState:
         state = self._active(model)
         if state.status == "paused":
-            raise InvalidRequest(f"the rollout of {model} is paused already: {state.reason}")
+            raise Conflict(f"the rollout of {model} is paused already: {state.reason}")
         self._pause(state, self.clock(), reason)
         return state
 
@@ -126,7 +126,7 @@ class Controller:
         """Restart the paused step: its weights written again, a fresh hold and window."""
         state = self._active(model)
         if state.status != "paused":
-            raise InvalidRequest(f"the rollout of {model} is {state.status}, not paused")
+            raise Conflict(f"the rollout of {model} is {state.status}, not paused")
         now = self.clock()
         text = self._write(state.spec, state.step)
         self._enter(state, state.step, now, text, kind="resumed")
@@ -248,7 +248,7 @@ class Controller:
     def _active(self, model: str) -> RolloutState:
         state = self.get(model)
         if not state.active:
-            raise InvalidRequest(f"the rollout of {model} has ended ({state.status})")
+            raise Conflict(f"the rollout of {model} has ended ({state.status})")
         return state
 
     def _emit(

@@ -35,6 +35,13 @@ class InvalidRequest(ScaledlError):
     status_code = 400
 
 
+class Conflict(ScaledlError):
+    """A request that is well formed but conflicts with the state it acts on: a second
+    rollout while one runs, pausing a paused one, resuming one that has ended."""
+
+    status_code = 409
+
+
 class Unauthorized(ScaledlError):
     """No credentials, or credentials that match no key."""
 

@@ -13,7 +13,7 @@ import pytest
 from actors.rollout import Controller
 from actors.rollout_spec import RolloutSpec, RolloutState
 from actors.stats import Recorder, StatsStore
-from app.errors import InvalidRequest, NotFound
+from app.errors import Conflict, InvalidRequest, NotFound
 from tests.conftest import FakeClock
 
 T0 = 1_700_000_000.0
@@ -285,14 +285,14 @@ def test_pause_holds_resume_restarts_the_hold_and_abort_goes_back_to_the_champio
     controller.pause(MODEL)
     world.run(controller, 100)
     assert controller.get(MODEL).status == "paused" and world.kinds() == ["started", "paused"]
-    with pytest.raises(InvalidRequest, match="paused already"):
+    with pytest.raises(Conflict, match="paused already"):
         controller.pause(MODEL)
     controller.resume(MODEL)
     world.run(controller, 29)
     assert world.kinds()[-1] == "resumed"  # a fresh 30 s hold
     controller.abort(MODEL)
     assert controller.get(MODEL).status == "aborted" and world.routes.text is None
-    with pytest.raises(InvalidRequest, match="has ended"):
+    with pytest.raises(Conflict, match="has ended"):
         controller.resume(MODEL)
     with pytest.raises(NotFound, match="no rollout of 'transactions'"):
         controller.status("transactions")
@@ -362,9 +362,9 @@ def test_a_second_rollout_while_one_runs_is_refused_also_after_a_restart() -> No
     controller = world.controller()
     controller.start(spec())
     text = world.routes.text
-    with pytest.raises(InvalidRequest, match="is stepping: abort it before starting another"):
+    with pytest.raises(Conflict, match="is stepping: abort it before starting another"):
         controller.start(spec(challenger="5"))
-    with pytest.raises(InvalidRequest, match="abort it"):
+    with pytest.raises(Conflict, match="abort it"):
         world.controller().start(spec(challenger="5"))  # a restarted controller knows too
     assert world.routes.text == text and controller.get(MODEL).spec.challenger == "4"
     controller.abort(MODEL)

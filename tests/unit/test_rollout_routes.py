@@ -92,7 +92,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing() -> None:
 
     assert http.post(ROLLOUT, json={"challenger": "4"}, headers=AUTH).status_code == 200
     again = http.post(ROLLOUT, json={"challenger": "4"}, headers=AUTH)
-    assert again.status_code == 400 and "abort it before starting another" in again.json()["error"]
+    assert again.status_code == 409 and "abort it before starting another" in again.json()["error"]
     assert http.post("/v1/models/other/rollout", json={"challenger": "4"},
                      headers=AUTH).status_code == 404  # fmt: skip
 
