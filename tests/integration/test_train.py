@@ -180,7 +180,9 @@ def test_a_run_that_stops_stepping_stays_in_the_export_and_leaves_it_when_it_end
             if s.labels.get("run_id") == "stalled-run"
         ]
 
-    ref, seen = stuck.remote(6.0), []
+    # 10 s: on a loaded host the series took about 3 s to reach the export (the 1 s
+    # report interval, then the agent), and showed for only 2.9 s of a 6 s stall.
+    ref, seen = stuck.remote(10.0), []
     while not ray.wait([ref], timeout=0.5)[0]:
         seen.extend(last_steps())
     stepped_at = ray.get(ref)
