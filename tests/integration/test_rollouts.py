@@ -176,8 +176,11 @@ STEPS = {"steps": "50,100", "hold_s": "4s", "min_requests": 40}
 # from 200 samples moves with a garbage collection. The good challenger's test widens them;
 # the bad ones are judged on the defaults and still fail by far (20 % errors, +50 ms).
 # 2x was not wide enough: one run rolled a good challenger back at p99 30.5 against
-# 15.0 ms on 184 and 176 samples (the rank test found no shift, p_slower 0.24).
-LENIENT = {"max_p99_ratio": 4.0, "latency_tolerance": 0.5}
+# 15.0 ms on 184 and 176 samples (the rank test found no shift, p_slower 0.24); nor was
+# 4x: p99 52.2 against 10.7 ms on 213 requests (the 3rd slowest of them). The p99 of a
+# few hundred samples is two or three requests, so here the ratio only catches a
+# challenger that is slow throughout; the rank test (a 50 % shift) judges the rest.
+LENIENT = {"max_p99_ratio": 20.0, "latency_tolerance": 0.5}
 
 
 def test_a_challenger_failing_20_percent_is_rolled_back_and_the_champion_loses_nothing(
