@@ -16,6 +16,9 @@ import pytest
 from app.settings import Settings, load_settings
 from app.workloads import get_workload
 
+# The Ray cluster and the trained platform that the integration and chaos tiers share.
+pytest_plugins = ["tests.ray_platform"]
+
 
 class FakeClock:
     """A clock a test moves by hand: ``clock.now += 5``."""

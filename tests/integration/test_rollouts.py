@@ -26,7 +26,7 @@ from app.registry import Registry
 from app.serving import Endpoint, deploy
 from app.settings import Settings, load_settings
 from tests.conftest import free_port
-from tests.integration.conftest import AUTH, KEY, Platform, export_samples, wait_for_serve_gone
+from tests.ray_platform import AUTH, KEY, Platform, export_samples, wait_for_serve_gone
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 from app.registry import Registry
 from app.serving import Endpoint
 from serve_graphs.api.observe import VERSION_HEADER
-from tests.integration.conftest import AUTH, KEY, Platform, export_samples, redeploy
+from tests.ray_platform import AUTH, KEY, Platform, export_samples, redeploy
 
 
 def test_the_cascade_answers_the_test_split_accurately(

@@ -13,7 +13,7 @@ import numpy as np
 
 from app.registry import Registry
 from app.serving import Endpoint
-from tests.integration.conftest import AUTH, Platform, redeploy
+from tests.ray_platform import AUTH, Platform, redeploy
 
 
 class Load:

@@ -20,7 +20,7 @@ from app.sections import TrainConfig
 from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from data.versions import DatasetStore
-from tests.integration.conftest import Platform, Scraped, export_samples
+from tests.ray_platform import Platform, Scraped, export_samples
 from train.deepspeed_config import steps_per_epoch
 from train.metrics import TAG_KEYS
 from train.run import TrainOutcome, check_cluster_fits, train_tier

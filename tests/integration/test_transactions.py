@@ -32,7 +32,7 @@ from data.readers import ROW, SOURCE
 from data.sources import open_source
 from data.versions import MANIFEST, PREPROCESSOR, QUARANTINE, DatasetManifest, DatasetStore
 from tests.conftest import free_port
-from tests.integration.conftest import Platform, wait_for_serve_gone
+from tests.ray_platform import Platform, wait_for_serve_gone
 
 if TYPE_CHECKING:
     from train.run import TrainOutcome

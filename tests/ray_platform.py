@@ -1,4 +1,7 @@
-"""One local Ray cluster for the whole integration tier, and one trained platform.
+"""One local Ray cluster for the integration and chaos tiers, and one trained platform.
+
+A pytest plugin (tests/conftest.py loads it), so that tests/integration and
+tests/chaos, run in one pytest session, share the cluster and the training.
 
 The session fixture ingests digits and trains both tiers with Ray Train + DeepSpeed
 (a few epochs), so the training, registry and serving tests share the real artifacts,
