@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
 SOURCES := app data train serve_graphs actors bench tests
 
-.PHONY: install demo test lint test-unit test-integration test-system test-rules clean
+.PHONY: install demo test lint test-unit test-integration test-chaos test-system test-rules clean
 
 # torch goes first and pinned: 2.13.0 is the CPU wheel; anything looser pulls a CUDA
 # build of several GB. DeepSpeed's setup imports torch, so it builds without isolation,
@@ -48,8 +48,14 @@ test-unit: install
 test-rules:
 	cd cluster/prometheus && promtool check config prometheus.yml && promtool test rules tests/*.yml
 
+# The chaos tier (faults under load, every request counted; it prints its table at the
+# end) runs in the integration tier's pytest session, after it: both use one Ray cluster
+# and one trained platform (tests/ray_platform.py). `make test-chaos` runs it alone.
 test-integration: install
-	$(PYTEST) tests/integration -q
+	$(PYTEST) tests/integration tests/chaos -q
+
+test-chaos: install
+	$(PYTEST) tests/chaos -q
 
 test-system: install
 	$(PYTEST) tests/system -q
