@@ -9,6 +9,8 @@ die, Ray starts it again, empty; the replicas' next reports refill it.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -46,27 +48,36 @@ def serving_stats(retention_s: float = 3600.0) -> ray.actor.ActorHandle:
 class StatsClient:
     """The actor as an async sink (``serve_graphs.api.observe.StatsSink``): what an
     ingress replica reports to and reads its routes view from. The handle is looked up
-    on first use, and again after the actor was lost for good."""
+    on first use, and again after the actor was lost for good.
 
-    def __init__(self, retention_s: float = 3600.0) -> None:
+    The lookup runs on a thread, off the replica's event loop: it is a blocking call to
+    the GCS, and while the GCS is down (a head restarting) it waits for it, which on the
+    loop stalled every request of the replica (tests/system/test_cluster_faults.py)."""
+
+    def __init__(
+        self,
+        retention_s: float = 3600.0,
+        lookup: Callable[[float], ray.actor.ActorHandle] = serving_stats,
+    ) -> None:
         self.retention_s = retention_s
+        self._lookup = lookup  # a test passes its own, to time the loop around it
         self._actor: ray.actor.ActorHandle | None = None
 
-    def _handle(self) -> ray.actor.ActorHandle:
+    async def _handle(self) -> ray.actor.ActorHandle:
         if self._actor is None:
-            self._actor = serving_stats(self.retention_s)
+            self._actor = await asyncio.to_thread(self._lookup, self.retention_s)
         return self._actor
 
     async def add(self, summaries: list[dict[str, Any]]) -> None:
         try:
-            await self._handle().add.remote(summaries)
+            await (await self._handle()).add.remote(summaries)
         except ray.exceptions.ActorDiedError:
             self._actor = None
             raise
 
     async def report(self, model: str, start: float, end: float) -> dict[str, Any]:
         try:
-            return await self._handle().report.remote(model, start, end)
+            return await (await self._handle()).report.remote(model, start, end)
         except ray.exceptions.ActorDiedError:
             self._actor = None
             raise

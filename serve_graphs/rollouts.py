@@ -131,7 +131,8 @@ class ActorRollouts:
         self._actor: Any = None
 
     def _handle(self) -> Any:
-        """The actor, looked up (or created) once: Ray restarts it behind the same handle."""
+        """The actor, looked up (or created) once: Ray restarts it behind the same handle.
+        A blocking call to the GCS: :meth:`_call` makes it on a thread, off the loop."""
         from actors.rollout_actor import rollout_controller
 
         if self._actor is None:
@@ -152,7 +153,8 @@ class ActorRollouts:
 
     async def _call(self, method: str, *args: object) -> dict[str, Any]:
         try:
-            return await getattr(self._handle(), method).remote(*args)
+            handle = await asyncio.to_thread(self._handle)
+            return await getattr(handle, method).remote(*args)
         except Exception as exc:
             ours = find_scaledl_error(exc)
             if ours is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import pytest
@@ -125,3 +126,41 @@ def test_the_run_loop_sends_every_interval_and_survives_a_failing_sink() -> None
     asyncio.run(run())
     assert store.window("digits", "3", 0, 2e10).requests == 2
     assert not live.failing
+
+
+def test_the_stats_actor_is_looked_up_off_the_event_loop() -> None:
+    """The first send looks the actor up: a blocking call to the GCS, which waits while
+    the GCS is down (a head restarting). The replica's loop, which answers every
+    request, must go on meanwhile."""
+    from types import SimpleNamespace
+
+    from actors.serving_stats import StatsClient
+
+    received: list[list[dict]] = []
+
+    async def add(summaries: list[dict]) -> None:
+        received.append(summaries)
+
+    def lookup_while_the_gcs_is_down(retention_s: float) -> SimpleNamespace:
+        time.sleep(1.0)
+        return SimpleNamespace(add=SimpleNamespace(remote=add))
+
+    async def scenario() -> float:
+        client = StatsClient(lookup=lookup_while_the_gcs_is_down)
+        gaps, last = [], time.monotonic()
+
+        async def requests_meanwhile() -> None:
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        answering = asyncio.create_task(requests_meanwhile())
+        await client.add([{"n": 1}])
+        answering.cancel()
+        return max(gaps)
+
+    longest = asyncio.run(scenario())
+    assert received == [[{"n": 1}]]
+    assert longest < 0.5, f"the loop stalled {longest:.2f} s behind the lookup"
