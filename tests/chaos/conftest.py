@@ -34,11 +34,13 @@ import pytest
 
 from app.keys import dev_key
 from app.serving import Endpoint, deploy
-from app.settings import load_settings
+from app.settings import Settings, load_settings
 from tests.conftest import free_port
 from tests.ray_platform import AUTH, KEY, Platform, wait_for_serve_gone
 
 FULL = 0.8  # a second with this share of the successes a second before the fault is "full"
+WARM_S = 4.0  # load before the fault: its last 3 s are the baseline
+RECOVER_S = 60.0  # Ray's chaos tests give resources 60 s to return
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,23 @@ class Load:
             if now - fault_at > 4 and self.rate(now - 3, now) >= FULL * baseline:
                 if _first_success(self.answers, fault_at) is not None:
                     return
+
+
+def warmed(load: Load) -> tuple[float, float]:
+    """The fault's time and the baseline rate (successes a second) just before it."""
+    time.sleep(WARM_S)
+    now = load.now()
+    baseline = load.rate(now - 3, now)
+    assert baseline > 0, "no success before the fault: the service is not serving"
+    return now, baseline
+
+
+def running(deployment: str, app: str = "digits") -> int:
+    """Replicas of ``deployment`` the Serve controller calls RUNNING."""
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
 
 
 def _first_success(answers: list[Answer], after: float) -> float | None:
@@ -263,12 +282,12 @@ def kill_one(title: str) -> int:
     return procs[0].pid
 
 
-def chaos_settings(platform: Platform, port: int, **serve: object) -> object:
-    """The platform's store, served as for high availability: two replicas of each
-    tier and of the ingress, so that a dead one has a twin to take its requests."""
+def chaos_settings(storage_root: Path, port: int, **serve: object) -> Settings:
+    """A trained store, served as for high availability: two replicas of each tier and
+    of the ingress, so that a dead one has a twin to take its requests."""
     two = {"min_replicas": 2, "max_replicas": 2}
     return load_settings(
-        storage_root=platform.settings.storage_root,
+        storage_root=storage_root,
         serve={
             "port": port,
             "cheap_replicas": two,
@@ -285,9 +304,24 @@ def service(platform: Platform) -> Iterator[Endpoint]:
     modules, which shut theirs down)."""
     from ray import serve
 
-    yield deploy(chaos_settings(platform, free_port()), "digits", [dev_key(KEY)])
+    yield deploy(
+        chaos_settings(platform.settings.storage_root, free_port()), "digits", [dev_key(KEY)]
+    )
     serve.shutdown()
     wait_for_serve_gone()
 
 
-__all__ = ["Answer", "HeyRun", "Load", "Row", "hey", "kill_one", "record", "serve_processes"]
+__all__ = [
+    "Answer",
+    "HeyRun",
+    "Load",
+    "Row",
+    "RECOVER_S",
+    "chaos_settings",
+    "hey",
+    "kill_one",
+    "record",
+    "running",
+    "serve_processes",
+    "warmed",
+]

@@ -13,18 +13,8 @@ import pytest
 
 from app.serving import Endpoint
 from serve_graphs.builder import INGRESS, tier_deployment
-from tests.chaos.conftest import Load, kill_one, record, serve_processes
+from tests.chaos.conftest import RECOVER_S, Load, kill_one, record, running, serve_processes, warmed
 from tests.ray_platform import export_samples
-
-WARM_S = 4.0  # load before the fault: its last 3 s are the baseline
-RECOVER_S = 60.0  # Ray's chaos tests give resources 60 s to return
-
-
-def running(deployment: str) -> int:
-    from ray import serve
-
-    status = serve.status().applications["digits"].deployments[deployment]
-    return status.replica_states.get("RUNNING", 0)
 
 
 def wait_replaced(deployment: str, killed: int, killed_at: float, timeout_s: float = 90) -> float:
@@ -36,15 +26,6 @@ def wait_replaced(deployment: str, killed: int, killed_at: float, timeout_s: flo
             return time.monotonic() - killed_at
         assert time.monotonic() - killed_at < timeout_s, f"{deployment} was never replaced"
         time.sleep(0.25)
-
-
-def warmed(load: Load) -> tuple[float, float]:
-    """The fault's time and the baseline rate (successes a second) just before it."""
-    time.sleep(WARM_S)
-    now = load.now()
-    baseline = load.rate(now - 3, now)
-    assert baseline > 0, "no success before the fault: the service is not serving"
-    return now, baseline
 
 
 @pytest.mark.parametrize(

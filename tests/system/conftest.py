@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.chaos.conftest import pytest_terminal_summary  # noqa: F401 - the chaos table
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
