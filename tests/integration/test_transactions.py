@@ -493,3 +493,57 @@ def test_no_pii_or_secret_reaches_any_log_or_file_after_ingest_training_and_serv
         if '"event": ' in line and "{" in line
     }
     assert {"ingest.run", "train.epoch", "request"} <= kinds, kinds
+
+
+def test_a_data_worker_killed_mid_pass_leaves_the_same_version_and_nothing_half_written(
+    tmp_path: Path, clean_env: None
+) -> None:
+    """A Ray Data worker SIGKILLed while it reads, marks and writes a file (an OOM kill, a
+    lost node): Ray runs the task again, its output files are named for the task and
+    overwritten, so the version is the one an undisturbed ingest of the same bytes
+    makes: the same id, content hash, rows, quarantine and statistics, and in = valid +
+    quarantined. Had the run failed instead, no version of it may be published."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    raw = tmp_path / "raw"
+    generate_transactions(raw, rows=200_000, seed=5, fault_rate=0.01, fmt="csv",
+                          rows_per_shard=50_000)  # fmt: skip
+    killed: list[str] = []
+
+    def kill_a_pass_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                title = " ".join(proc.info["cmdline"] or [])
+                if title.startswith("ray::ReadRawFiles"):  # the pass's fused task
+                    time.sleep(0.3)  # into its file
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(title.strip())
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_pass_worker)
+    killer.start()
+    disturbed_store = settings_for(tmp_path / "disturbed")
+    try:
+        disturbed = ingest(disturbed_store, TRANSACTIONS, open_source(raw))
+    except Exception as exc:  # noqa: BLE001 - a clean failure is allowed; checked below
+        disturbed, failure = None, exc
+    killer.join()
+    assert killed, "no pass worker was seen to kill"
+    if disturbed is None:  # failed: it says why, and published nothing
+        print(f"the ingest failed after {killed}: {failure}")
+        assert str(failure)
+        assert not DatasetStore(disturbed_store.datasets_dir).manifests("transactions")
+        return
+    print(f"killed {killed}; the ingest completed")
+    undisturbed = ingest(settings_for(tmp_path / "undisturbed"), TRANSACTIONS, open_source(raw))
+    a, b = disturbed.manifest, undisturbed.manifest
+    assert a.version == b.version and a.content_hash == b.content_hash
+    assert (a.splits, a.quarantine_reasons, a.stats) == (b.splits, b.quarantine_reasons, b.stats)
+    assert a.rows_in == b.rows_in == a.rows_valid + a.rows_quarantined
