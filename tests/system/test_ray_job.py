@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,14 +22,21 @@ pytestmark = pytest.mark.slow
 
 
 def submit(
-    head: Head, storage: Path, *args: str, env: dict[str, str] | None = None
+    head: Head,
+    storage: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    no_wait: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
+    """`ray job submit` of `python -m app ARGS`; ``no_wait`` adds ``--no-wait`` and its
+    options (``--submission-id``), for a job the test acts on while it runs."""
     runtime_env = {"env_vars": {"SCALEDL_STORAGE_ROOT": str(storage), **(env or {})}}
     return subprocess.run(
         [
             str(BIN / "ray"),
             "job",
             "submit",
+            *(("--no-wait", *no_wait) if no_wait else ()),
             "--working-dir",
             str(REPO),
             "--runtime-env-json",
@@ -129,3 +137,64 @@ def test_a_failing_stage_fails_the_job_with_its_message(ray_head: Head, tmp_path
     )
     assert result.returncode != 0
     assert "no dataset version for workload 'digits'" in result.stdout + result.stderr
+
+
+def test_a_training_job_whose_driver_is_killed_continues_with_resume(
+    ray_head: Head, trained_store: Path, tmp_path: Path
+) -> None:
+    """The driver of a `ray job submit` training job SIGKILLed after its first registered
+    checkpoint (a node's OOM killer, a lost head pod): the job fails, its Ray Train
+    controller and workers go with it. The same run submitted again with `--resume`
+    continues from that checkpoint, and the model scores within 1 pt of the demo's
+    uninterrupted run of the same tier, epochs and dataset version."""
+    import shutil
+    import signal
+
+    import psutil
+
+    storage = tmp_path / "store"
+    shutil.copytree(trained_store / "datasets", storage / "datasets")  # the demo's version
+    run, job_id = "driver-killed", f"driver-killed-{time.time_ns()}"
+    started = submit(
+        ray_head, storage, "train", "--workload", "digits", "--tier", "cheap", "--epochs", "5",
+        "--run-name", run, no_wait=("--submission-id", job_id),
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    snapshot = storage / "runs" / run / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while not (snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]):
+        assert time.monotonic() < deadline, "the job registered no checkpoint"
+        time.sleep(0.1)
+    drivers = [
+        p for p in psutil.process_iter(["pid", "cmdline"])
+        if "--run-name" in (p.info["cmdline"] or []) and run in p.info["cmdline"]
+        and "app" in p.info["cmdline"]
+    ]  # fmt: skip
+    assert len(drivers) == 1, drivers
+    os.kill(drivers[0].pid, signal.SIGKILL)
+    status = ""
+    while f"Job '{job_id}' failed" not in status:
+        assert time.monotonic() < deadline, f"the job did not fail: {status}"
+        time.sleep(1)
+        said = subprocess.run(
+            [str(BIN / "ray"), "job", "status", job_id], env=ray_head.env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        status = said.stdout + said.stderr
+
+    resumed = submit(ray_head, storage, "train", "--workload", "digits", "--tier", "cheap",
+                     "--resume", run)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    def metrics(store: Path) -> dict[str, float]:
+        registry = Registry(f"sqlite:///{store / 'mlflow.db'}")
+        ref = registry.resolve("digits-cheap", "challenger")
+        return registry.client.get_run(ref.run_id).data.metrics
+
+    after, uninterrupted = metrics(storage), metrics(trained_store)
+    print(
+        f"resumed from step {after['resumed_from_step']:.0f}: test accuracy "
+        f"{after['test_accuracy']:.4f}, uninterrupted {uninterrupted['test_accuracy']:.4f}"
+    )
+    assert after["resumed_from_step"] > 0 and after["epochs_run"] == 5  # not from scratch
+    assert abs(after["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.01
