@@ -5,9 +5,22 @@ loaded, and the top-level keys, are :mod:`app.settings`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _label_selector(labels: dict[str, str]) -> dict[str, str]:
+    """Ray's own check of a label selector (``ray start --labels`` keys and values)."""
+    from ray._private.label_utils import validate_label_selector
+
+    problem = validate_label_selector(labels)
+    if problem:
+        raise ValueError(f"not a Ray label selector: {problem}")
+    return labels
+
+
+NodeLabels = Annotated[dict[str, str], AfterValidator(_label_selector)]
 
 
 class _Section(BaseModel):
@@ -70,6 +83,12 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (stages x data parallel).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     use_gpu: bool = Field(False, description="Train on GPU workers (NCCL) instead of CPU (gloo).")
+    node_labels: NodeLabels = Field(
+        {},
+        description="Ray node labels a training worker's node must carry (a label "
+        "selector), e.g. {'scaledl.io/pool': 'batch'}: the spot pool of "
+        "cluster/autoscaler/. Empty: any node.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU. fp16 needs a GPU."
     )
@@ -392,6 +411,12 @@ class ServeConfig(_Section):
     )
     tier_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per tier replica.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+    node_labels: NodeLabels = Field(
+        {},
+        description="Ray node labels the node of every replica (tiers and ingress) must "
+        "carry (a label selector), e.g. {'scaledl.io/pool': 'serve'}: the on-demand pool "
+        "of cluster/autoscaler/. Empty: any node.",
+    )
 
     @property
     def base_url(self) -> str:

@@ -58,6 +58,12 @@ def tier_deployment(tier: str) -> str:
     return f"{tier}-tier"
 
 
+def placement(num_cpus: float, node_labels: dict[str, str]) -> dict[str, Any]:
+    """A replica's ``ray_actor_options``: its CPUs, and the node labels it needs
+    (serve.node_labels: the serving pool of a cluster), if any."""
+    return {"num_cpus": num_cpus, **({"label_selector": node_labels} if node_labels else {})}
+
+
 def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     """The graph: an ingress and one deployment per tier; the ingress calls the cheap
     tier, which calls the expensive tier for the rows it is unsure of.
@@ -76,7 +82,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     tier = {
         t: TierModel.options(
             name=tier_deployment(t),
-            ray_actor_options={"num_cpus": serve_cfg.tier_num_cpus},
+            ray_actor_options=placement(serve_cfg.tier_num_cpus, serve_cfg.node_labels),
             max_ongoing_requests=serve_cfg.tier_max_ongoing_requests,
             max_queued_requests=serve_cfg.tier_max_queued_requests,
             user_config=configs[tier_deployment(t)],
@@ -91,7 +97,7 @@ def build_app(args: GraphArgs | dict[str, Any]) -> Application:
     cheap = tier["cheap"].bind(args.tracking_uri, expensive, escalation)
     return Ingress.options(
         name=INGRESS,
-        ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
+        ray_actor_options=placement(serve_cfg.ingress_num_cpus, serve_cfg.node_labels),
         max_ongoing_requests=serve_cfg.ingress_max_ongoing_requests,
         max_queued_requests=serve_cfg.ingress_max_queued_requests,
         # Shed load at the proxy with the same answer our own 503s give.

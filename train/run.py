@@ -206,6 +206,7 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            label_selector=cfg.node_labels or None,  # the training pool of a cluster
         ),
         run_config=RunConfig(
             name=run_name,

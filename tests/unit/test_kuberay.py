@@ -194,3 +194,35 @@ def test_a_pii_workloads_key_comes_from_a_secret_and_a_relative_root_is_refused(
     relative = load_settings(storage_root=Path("store"))
     with pytest.raises(ConfigError, match="must be absolute: run with SCALEDL_STORAGE_ROOT"):
         build(relative, "digits", config, {}, image="img:1")
+
+
+def worker_groups(manifests: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each RayService's and RayJob's worker groups, by file name."""
+    return {
+        name: (m["spec"].get("rayClusterConfig") or m["spec"]["rayClusterSpec"])["workerGroupSpecs"]
+        for name, m in manifests.items()
+        if m["kind"] in ("RayService", "RayJob")
+    }
+
+
+def test_node_labels_the_settings_select_are_on_the_groups_that_run_that_work(
+    tmp_path: Path, clean_env: None
+) -> None:
+    """With serve.node_labels and train.node_labels set, the serving group and each
+    training job's group carry those Ray node labels: otherwise no replica or training
+    worker could be placed. Without them (the default), no group has labels."""
+    pools = {"train": {"node_labels": {"pool": "batch"}}, "serve": {"node_labels": {"pool": "web"}}}
+    labelled = load_settings(storage_root=tmp_path / "store", api_key=SECRET, **pools)
+    calibrated(labelled, cheap="3", expensive="2", threshold=0.8)
+    out = generated(labelled)
+    for name in worker_groups(out):
+        as_written = yaml.safe_load(to_yaml(out[name]))
+        errors = list(validator(out[name]["kind"]).iter_errors(as_written))
+        assert not errors, (name, errors[0].message)
+    groups = worker_groups(out)
+    assert [g["labels"] for g in groups["rayservice.yaml"]] == [{"pool": "web"}]
+    for tier in TIERS:
+        assert [g["labels"] for g in groups[f"rayjob-train-{tier}.yaml"]] == [{"pool": "batch"}]
+    plain = load_settings(storage_root=tmp_path / "plain", api_key=SECRET)
+    calibrated(plain, cheap="3", expensive="2", threshold=0.8)
+    assert not any("labels" in g for gs in worker_groups(generated(plain)).values() for g in gs)
