@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,14 +38,23 @@ class Head:
     env: dict[str, str]
 
 
+WORKER_NODES = 3  # of 1 CPU each, beside a 1-CPU head
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    """A real `ray start --head --block`, stopped by SIGTERM to its pid (never `ray stop`).
+    """A real cluster of `ray start --block` processes: a head and three worker nodes
+    that join it, each stopped by SIGTERM to its pid (never `ray stop`).
 
-    Started as the README starts a cluster to join, after `export $(scaledl serve
-    transport)`: with the transport variables users get (serve.fast_transport)."""
+    Every node has 1 CPU, so that the two Ray Train workers (1 CPU each) must run on two
+    nodes. On one host Serve's per-node HAProxy of every node but the first fails to
+    bind the same ports (9101, 8404, the HTTP port) and restarts; requests go through
+    the first. A real cluster has a host per node. Started
+    as the README starts a cluster to join, after `export $(scaledl serve transport)`:
+    with the transport variables users get (serve.fast_transport). On one host, every
+    node shares the storage root, as the nodes of a real cluster share a volume."""
     temp_dir = Path(f"/tmp/scaledl-ray-{os.getpid()}")
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     transport = subprocess.run(
         [str(BIN / "scaledl"), "serve", "transport"],
         env=clean_env(), capture_output=True, text=True, timeout=60, check=True,
@@ -55,26 +65,30 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     # of test_ray_job it waited the whole 30 s, even with the Serve app removed first
     # (the actors the jobs leave behind keep theirs). The tests are over: stop at once.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--temp-dir={temp_dir}",
-            f"--port={free_port()}",
-            f"--dashboard-port={dashboard_port}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=4",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # A node joins only with the cluster's token (~/.ray/auth_token) in token mode: without
+    # it, its GCS client is refused (InvalidAuthToken) until `ray start` gives up.
+    env["RAY_AUTH_MODE"] = "token"
+
+    logs = tmp_path_factory.mktemp("ray-nodes")
+
+    def start(*args: str) -> subprocess.Popen:
+        # Each node's dashboard agent listens on 52365 unless told: on one host the
+        # second node's agent, and with it the node, would die on the taken port.
+        log = (logs / f"node-{len(nodes)}.log").open("w")
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}", *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    nodes: list[subprocess.Popen] = []
+
+    nodes.append(
+        start("--head", f"--temp-dir={temp_dir}", f"--port={gcs_port}",
+              f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1")
+    )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard_port}"
-    client_env = {**env, "RAY_ADDRESS": url, "RAY_AUTH_MODE": "token"}
+    client_env = {**env, "RAY_ADDRESS": url}
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -83,16 +97,49 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
                     break
             except httpx.HTTPError:
                 pass
-            if head.poll() is not None or time.monotonic() > deadline:
+            if nodes[0].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("ray start --head did not come up")
             time.sleep(1)
+        # One at a time: nodes started together on one host pick their free ports at
+        # once, and a raylet then died on "bind: Address already in use".
+        for joined in range(2, 2 + WORKER_NODES):
+            # A temp dir of its own: nodes sharing one unpack a job's working_dir into
+            # one folder, and one node's cleanup deleted it under another's job
+            # (FileNotFoundError from os.getcwd() in the job's driver).
+            nodes.append(
+                start(f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir}-{joined}")
+            )
+            while len(alive_nodes(client_env)) < joined:
+                if any(n.poll() is not None for n in nodes) or time.monotonic() > deadline:
+                    said = "".join(f.read_text()[-2000:] for f in sorted(logs.glob("*.log")))
+                    raise RuntimeError(f"the worker nodes did not join; their logs: {said}")
+                time.sleep(0.5)
         yield Head(url, client_env)
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for node in reversed(nodes):  # the workers first, then the head
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def alive_nodes(env: dict[str, str]) -> list[dict]:
+    """The cluster's live nodes, as `ray list nodes` reports them."""
+    return ray_state(env, "nodes", "state=ALIVE")
+
+
+def ray_state(env: dict[str, str], kind: str, *filters: str) -> list[dict]:
+    """`ray list KIND --detail` as JSON (the state API, through the dashboard)."""
+    said = subprocess.run(
+        [str(BIN / "ray"), "list", kind, "--detail", "--format=json", "--limit=10000",
+         *(f"--filter={f}" for f in filters)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert said.returncode == 0, said.stdout + said.stderr
+    if said.stdout.startswith("No resource"):  # what it prints for none, not []
+        return []
+    return json.loads(said.stdout)
 
 
 @dataclass(frozen=True)

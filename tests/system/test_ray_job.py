@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from app.cli.reports import SAMPLE_DIGIT
 from app.registry import Registry
 from tests.conftest import free_port
-from tests.system.conftest import BIN, REPO, Head, clean_env
+from tests.system.conftest import BIN, REPO, Head, clean_env, ray_state
 
 JOB_KEY = "job-key-for-the-system-test"
 
@@ -74,6 +75,11 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
         ref = Registry(f"sqlite:///{storage / 'mlflow.db'}").resolve(f"digits-{tier}")
         assert ref.tags["dataset_version"] == version
+    # Each node has 1 CPU and each Ray Train worker asks 1: the workers ran on two nodes
+    # and trained as one DeepSpeed group (gloo across them).
+    workers = ray_state(ray_head.env, "actors", "class_name=RayTrainWorker")
+    assert len(workers) == 4, workers  # 2 a tier
+    assert len({w["node_id"] for w in workers}) >= 2, workers
 
     calibrate = submit(ray_head, storage, "calibrate", "--workload", "digits", "--promote")
     assert calibrate.returncode == 0, calibrate.stdout[-3000:] + calibrate.stderr[-3000:]
@@ -122,6 +128,13 @@ def test_every_stage_runs_as_a_ray_job_and_the_service_answers(
             status = None
     assert status == 200, f"the YAML-deployed app never accepted its key (last: {status})"
 
+    # The CPUs back for the next tests' training: the application goes.
+    shutdown = subprocess.run(
+        [str(BIN / "serve"), "shutdown", "-a", ray_head.dashboard, "-y"],
+        env=ray_head.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+
 
 def scaledl_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
@@ -147,7 +160,6 @@ def test_a_training_job_whose_driver_is_killed_continues_with_resume(
     controller and workers go with it. The same run submitted again with `--resume`
     continues from that checkpoint, and the model scores within 1 pt of the demo's
     uninterrupted run of the same tier, epochs and dataset version."""
-    import shutil
     import signal
 
     import psutil
