@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,43 @@ def test_demo_trains_serves_and_reports_a_real_accuracy(demo_run: DemoRun) -> No
     assert "Loading configuration file" in prometheus_log.read_text()
     with socket.socket() as s:
         s.bind(("127.0.0.1", prometheus))  # free again
+
+
+def test_the_cluster_configs_are_written_from_the_demos_store(
+    trained_store: Path, tmp_path: Path
+) -> None:
+    """`scaledl cluster launcher` and `scaledl cluster manifests`, as a user runs them
+    where the registry can be read: each writes its files, and the launcher's config is
+    one `ray up` takes (Ray's own checks), its serve.yaml a Serve config whose
+    deployments serve the demo's cascade."""
+    import subprocess
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.system.conftest import BIN, clean_env
+
+    env = clean_env(SCALEDL_STORAGE_ROOT=str(trained_store.resolve()),
+                    SCALEDL_API_KEY="a-cluster-key-of-16+chars")  # fmt: skip
+    for command, written in (
+        ("launcher", {"cluster.yaml", "serve.yaml"}),
+        ("manifests", {"rayservice.yaml", "ingress.yaml", "rayjob-ingest.yaml",
+                       "rayjob-calibrate.yaml", "rayjob-train-cheap.yaml",
+                       "rayjob-train-expensive.yaml"}),
+    ):  # fmt: skip
+        out = tmp_path / command
+        said = subprocess.run(
+            [str(BIN / "scaledl"), "cluster", command, "--workload", "digits",
+             "--image", "registry.example/scaledl:1", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert {p.name for p in out.iterdir()} == written
+    validate_config(
+        prepare_config(yaml.safe_load((tmp_path / "launcher/cluster.yaml").read_text()))
+    )
+    serve = ServeDeploySchema.model_validate(
+        yaml.safe_load((tmp_path / "launcher/serve.yaml").read_text())
+    )
+    assert serve.applications[0].args["serve"]["node_labels"] == {"scaledl.io/pool": "serve"}
