@@ -197,6 +197,15 @@ def record(scenario: str, load: Load, fault_at: float, baseline: float, note: st
     return row
 
 
+def load_row(scenario: str, run: HeyRun, note: str) -> Row:
+    """The row of a load without a fault (hey's), counted as a scenario's: lost is what
+    got no answer, or any answer but 200, 429 or 503; no recovery to time."""
+    ok, shed = run.statuses[200], run.statuses[503] + run.statuses[429]
+    row = Row(scenario, run.sent, ok, shed, run.sent - ok - shed, math.nan, math.nan, note)
+    ROWS.append(row)
+    return row
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not ROWS:
         return
@@ -320,6 +329,7 @@ __all__ = [
     "chaos_settings",
     "hey",
     "kill_one",
+    "load_row",
     "record",
     "running",
     "serve_processes",

@@ -4,7 +4,6 @@ The replicas' memory stays flat and the p99 does not creep."""
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import psutil
 import pytest
 
 from app.serving import Endpoint
-from tests.chaos.conftest import ROWS, Row, hey, serve_processes
+from tests.chaos.conftest import hey, load_row, serve_processes
 
 REQUESTS = 20_000
 CLIENTS = 32
@@ -54,21 +53,13 @@ def test_20000_requests_at_70_percent_keep_memory_flat_and_p99_steady(
                    (slice(None, quarter), slice(-quarter, None)))  # fmt: skip
     growth = {pid: np.mean(v[-len(v) // 4 :]) / np.mean(v[: len(v) // 4]) for pid, v in rss.items()}
     worst = max(growth.values())
-    ROWS.append(
-        Row(
-            f"soak at 70 % ({0.7 * capacity:.0f} req/s)",
-            run.sent,
-            run.statuses[200],
-            run.statuses[503] + run.statuses[429],
-            run.sent - run.statuses[200] - run.statuses[503] - run.statuses[429],
-            math.nan,
-            math.nan,
-            note=f"{run.seconds:.0f} s; p99 {first * 1000:.0f} ms in the first quarter, "
-            f"{last * 1000:.0f} ms in the last; replica RSS last/first quarter at most "
-            f"{worst:.3f}x over {len(replicas)} replicas",
-        )
-    )
-    print(ROWS[-1])
+    row = load_row(
+        f"soak at 70 % ({0.7 * capacity:.0f} req/s)", run,
+        note=f"{run.seconds:.0f} s; p99 {first * 1000:.0f} ms in the first quarter, "
+        f"{last * 1000:.0f} ms in the last; replica RSS last/first quarter at most "
+        f"{worst:.3f}x over {len(replicas)} replicas",
+    )  # fmt: skip
+    print(row)
     assert run.statuses[200] == run.sent, run.statuses
     assert all(len(v) >= 8 for v in rss.values()), "a replica went away during the soak"
     assert worst <= 1.1, growth
