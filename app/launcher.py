@@ -6,8 +6,9 @@ interrupted, on-demand for what answers users):
 
 - ``head``: on-demand, and it runs no work (``CPU: 0``): the GCS, the dashboard, the jobs'
   drivers and the Serve controller live there, and no worker's loss touches them.
-- ``batch``: spot, from zero nodes: the training workers (``train.node_labels``) and Ray
-  Data's tasks. A preempted node is a killed worker: training resumes from its latest
+- ``batch``: spot, from zero nodes: the training workers (``train.node_labels``). Ray
+  Data's tasks are not pinned: they run where there are CPUs (not on the head). A
+  preempted node is a killed worker: training resumes from its latest
   checkpoint (``train.max_failures``), an ingest runs the lost tasks again
   (``tests/integration/test_transactions.py``), and a stopped job continues with
   ``scaledl train --resume``.
@@ -21,6 +22,7 @@ process of the cluster, a job's driver as well as a replica, starts with them.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from typing import Any
@@ -163,6 +165,4 @@ def _instance_cpus(instance_type: str) -> int:
 
 
 def _json(labels: dict[str, str]) -> str:
-    import json
-
     return json.dumps(labels, separators=(",", ":"))

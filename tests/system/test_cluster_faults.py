@@ -1,5 +1,6 @@
 """Faults of the cluster beneath a serving graph, under load, every request counted (the
-chaos tier's client and table, tests/chaos/conftest.py).
+chaos tier's client and table, tests/chaos/conftest.py): the GCS killed and restarted, a
+worker node lost, and a busy tier scaling out across nodes and back in.
 
 A ``ray.cluster_utils.Cluster`` of a head and two worker nodes whose GCS keeps its
 state in a local ``redis-server``, as KubeRay's GCS fault tolerance
