@@ -153,7 +153,7 @@ class ActorRollouts:
 
     async def _call(self, method: str, *args: object) -> dict[str, Any]:
         try:
-            handle = await asyncio.to_thread(self._handle)
+            handle = self._actor or await asyncio.to_thread(self._handle)  # looked up once
             return await getattr(handle, method).remote(*args)
         except Exception as exc:
             ours = find_scaledl_error(exc)
