@@ -42,6 +42,17 @@ SERVE_PORT = 8000  # the port KubeRay's serve service targets (the containers' "
 VOLUME = "store"
 
 
+def require_shared_root(settings: Settings, mounts: str) -> None:
+    """A cluster's nodes share the storage root by mounting one file system there, so it
+    must be an absolute path; ``mounts`` says what mounts it, for the error."""
+    if not settings.storage_root.is_absolute():
+        raise ConfigError(
+            f"storage_root {str(settings.storage_root)!r} is relative; {mounts} at the "
+            "storage root, so it must be absolute: run with SCALEDL_STORAGE_ROOT=/data/scaledl "
+            "(say), where this command can read the registry too"
+        )
+
+
 def public_paths(workload: str) -> list[tuple[str, str]]:
     """(pathType, path) of the routes the Ingress makes public: inference and health.
     Everything else the app serves (routes, rollouts, docs) stays internal."""
@@ -80,13 +91,7 @@ def manifests(
     ``ray_version``: the image's Ray (default: this one's)."""
     import ray
 
-    if not settings.storage_root.is_absolute():
-        raise ConfigError(
-            f"storage_root {str(settings.storage_root)!r} is relative; every pod mounts the "
-            "shared volume at the storage root, so it must be absolute: run with "
-            "SCALEDL_STORAGE_ROOT=/data/scaledl (say), where this command can read the "
-            "registry too"
-        )
+    require_shared_root(settings, "every pod mounts the shared volume")
     workload = get_workload(workload_name)
     version = ray_version or ray.__version__
     pods = _Pods(settings, image, volume_claim, transport, workload.has_pii, version)

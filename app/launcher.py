@@ -28,6 +28,7 @@ import shlex
 from typing import Any
 
 from app.errors import ConfigError
+from app.kuberay import require_shared_root
 from app.settings import Settings
 
 POOL = "scaledl.io/pool"
@@ -65,12 +66,7 @@ def launcher_config(
             f"serve.node_labels={SERVE}; got {settings.train.node_labels} and "
             f"{settings.serve.node_labels}: build the settings with pool_settings()"
         )
-    if not settings.storage_root.is_absolute():
-        raise ConfigError(
-            f"storage_root {str(settings.storage_root)!r} is relative; every node mounts the "
-            "shared file system (EFS, say) at the storage root, so it must be absolute: run "
-            "with SCALEDL_STORAGE_ROOT=/data/scaledl (say)"
-        )
+    require_shared_root(settings, "every node mounts the shared file system (EFS, say)")
     train = settings.train
     if train.cpus_per_worker > _instance_cpus(batch_type):
         raise ConfigError(
