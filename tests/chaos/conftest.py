@@ -284,11 +284,24 @@ def serve_processes(title: str) -> list[psutil.Process]:
 
 
 def kill_one(title: str) -> int:
-    """SIGKILL one process titled ``ray::<title>`` (a crash, an OOM kill); its pid."""
+    """SIGKILL one process titled ``ray::<title>`` (a crash, an OOM kill); its pid, once
+    it is dead. ``kill`` returns before the kernel has closed the process's sockets, and
+    a request routed to it in that window dies with it: it was in flight on it."""
     procs = serve_processes(title)
     assert procs, f"no process titled ray::{title}"
-    os.kill(procs[0].pid, signal.SIGKILL)
-    return procs[0].pid
+    victim = procs[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if victim.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError(f"ray::{title} (pid {victim.pid}) outlived SIGKILL by 10 s")
+    return victim.pid
 
 
 def chaos_settings(storage_root: Path, port: int, **serve: object) -> Settings:

@@ -59,7 +59,7 @@ def test_a_killed_replica_loses_no_request(
         assert row.lost == 0
     else:  # only requests it held when it died, each closed at once
         assert len(lost) <= load.clients
-        assert all(a.started <= died and a.ended < died + 2 for a in lost), lost
+        assert all(a.started <= died and a.ended < died + 2 for a in lost), (died, lost)
         assert {a.error.split(":")[0] for a in lost} <= {"RemoteProtocolError"}, lost
 
 
