@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from app.workloads import get_workload
-from data.validate import CompiledContract, RecordFastPath, check_rows
+from data.validate import check_rows
+from serve_graphs.api.contract import CompiledContract, RecordFastPath
 
 REPEATS_S = 2.0  # time budget per measurement
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from app.errors import DataContractError, InvalidRequest, PayloadTooLarge
 from app.workloads import Workload
-from data.validate import CompiledContract, RecordFastPath, check_rows, mismatch
+from data.validate import check_rows, mismatch
+from serve_graphs.api.contract import CompiledContract, RecordFastPath
 from serve_graphs.decide.cascade import Instances
 
 # Instances are checked by to_matrix / to_frame rather than by a pydantic union, whose

@@ -4,7 +4,8 @@ import pytest
 
 from app.errors import DataContractError
 from app.workloads import get_workload
-from data.validate import CompiledContract, check_rows
+from data.validate import check_rows
+from serve_graphs.api.contract import CompiledContract
 from tests.conftest import corrupt
 
 DIGITS = get_workload("digits")
@@ -117,7 +118,7 @@ ODD_FIELDS = [
 
 @pytest.mark.parametrize(("field", "value"), ODD_FIELDS)
 def test_the_record_fast_path_never_accepts_what_pandera_would_not(field, value) -> None:  # noqa: ANN001
-    from data.validate import RecordFastPath
+    from serve_graphs.api.contract import RecordFastPath
 
     schema = get_workload("transactions").instance_contract()
     records = transaction_records(3)
@@ -131,7 +132,7 @@ def test_the_record_fast_path_never_accepts_what_pandera_would_not(field, value)
 
 
 def test_the_record_fast_path_takes_valid_records_coerced_as_pandera_coerces_them() -> None:
-    from data.validate import RecordFastPath
+    from serve_graphs.api.contract import RecordFastPath
 
     schema = get_workload("transactions").instance_contract()
     frame = pd.DataFrame.from_records(transaction_records(200))
