@@ -118,9 +118,9 @@ class TrainConfig(_Section):
     cache_inputs_below_mb: float = Field(
         512,
         ge=0,
-        description="Featurized splits smaller than this are computed once and kept in the "
-        "object store instead of being re-read every epoch, and a data-parallel worker's "
-        "training shard under it is kept in the worker as tensors (0 disables both).",
+        description="A worker keeps what it reads of a split (its share; on a pipeline's "
+        "stages the whole split) as tensors when under this many MB of model inputs, and "
+        "streams it every epoch otherwise (0: always stream).",
     )
     max_failures: int = Field(
         1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."

@@ -34,6 +34,18 @@ def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any
     return read_parquet_v1(str(path), [*workload.feature_columns, workload.label_column])
 
 
+def head_of_split(settings: Settings, manifest: DatasetManifest, split: str, rows: int) -> Any:
+    """The first ``rows`` rows of a split's feature columns, as a pandas frame, read in
+    this process: only the row groups that hold them are read, so it costs the same on
+    a split of any size (no Ray Data executor to start for a few thousand rows)."""
+    import pyarrow.dataset
+
+    workload = get_workload(manifest.workload)
+    path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
+    dataset = pyarrow.dataset.dataset(path, format="parquet")
+    return dataset.head(rows, columns=list(workload.feature_columns)).to_pandas()
+
+
 def read_parquet_v1(path: str, columns: list[str]) -> Any:
     """``ray.data.read_parquet`` through Ray Data's V1 Parquet reader.
 

@@ -7,12 +7,6 @@ from typing import Any
 from app.sections import TrainConfig
 
 
-def steps_per_epoch(train_rows: int, cfg: TrainConfig) -> int:
-    """Optimizer steps per epoch: equal shares per data-parallel rank, partial batches dropped."""
-    micro_batches = (train_rows // cfg.data_parallel) // cfg.micro_batch_size
-    return max(1, micro_batches // cfg.grad_accumulation)
-
-
 def build_deepspeed_config(cfg: TrainConfig, *, total_steps: int) -> dict[str, Any]:
     warmup = max(1, int(total_steps * cfg.warmup_fraction))
     zero: dict[str, Any] = {"stage": cfg.zero_stage}

@@ -7,7 +7,8 @@
   batches, so each worker reads the whole split in a fixed order and keeps the batches
   of its data-parallel group.
 
-Both expose ``train_epoch``, ``evaluate`` and ``full_state_dict`` to the loop.
+Both read their splits through a ``Feed`` and expose ``train_epoch``, ``evaluate`` and
+``full_state_dict`` to the loop.
 ``train_epoch`` logs to MLflow every ``train.log_every_steps`` and counts every
 micro-batch into the run's live figures (train/metrics.py).
 """
@@ -20,13 +21,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.workloads import get_workload
-from train.deepspeed_config import steps_per_epoch
+from train.job import TrainJob, micro_batches_per_group
 from train.metrics import LiveFigures
 
 if TYPE_CHECKING:
     import torch
-
-    from train.loop import TrainJob
 
 StepLog = Callable[[int, dict[str, float]], None]
 
@@ -69,8 +68,11 @@ class _StepMeter:
         self.rows = self.window_rows = 0
         self.loss_sum = self.window_loss = 0.0
         self.started = self.window_started = time.perf_counter()
+        self.first_step_at = self.last_step_at = 0.0  # Unix times, for the run's phases
 
     def add(self, rows: int, loss: float, step: int, lr: float, *, stepped: bool) -> None:
+        self.last_step_at = time.time()
+        self.first_step_at = self.first_step_at or self.last_step_at
         self.live.add(rows, loss, stepped=stepped)
         self.rows += rows
         self.window_rows += rows
@@ -96,6 +98,8 @@ class _StepMeter:
         return {
             "train_loss": self.loss_sum / max(self.rows, 1),
             "samples_per_s": self.rows * self.width / seconds if seconds else 0.0,
+            "first_step_at": self.first_step_at,
+            "last_step_at": self.last_step_at,
         }
 
 
@@ -114,6 +118,56 @@ def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, floa
     return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
 
 
+class Feed:
+    """One split's (x, y) batches as this worker reads them, epoch after epoch.
+
+    A split under ``train.cache_inputs_below_mb`` (``TrainJob.caches``) is streamed once
+    and kept in the worker as tensors: Ray Data's per-batch iteration and collation
+    cost ~20 % of a worker's core on small models. A larger one streams every epoch,
+    through Ray Data's seeded local shuffle buffer.
+
+    The order is a function of the seed and the epoch alone (Ray hands shards out in
+    order, see ``run._fit``), so a seeded run is reproducible. ``salt`` tells apart
+    workers that hold different rows and may shuffle differently; workers that must
+    see the same batches (a pipeline's stages) pass the same salt.
+    """
+
+    def __init__(self, shard: Any, rows: int, job: TrainJob, *, salt: int = 0) -> None:
+        self.shard, self.rows, self.job, self.salt = shard, rows, job, salt
+        self.keep = job.caches(rows)
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def batches(
+        self, size: int, *, epoch: int | None, drop_last: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``size`` rows, shuffled for ``epoch``, or in stored order (None)."""
+        import torch
+
+        if not self.keep:
+            shuffled = epoch is not None
+            stream = self.shard.iter_torch_batches(
+                batch_size=size,
+                drop_last=drop_last,
+                local_shuffle_buffer_size=size * 8 if shuffled else None,
+                local_shuffle_seed=self.job.seed + epoch if shuffled else None,
+            )
+            yield from ((b["x"], b["y"]) for b in stream)
+            return
+        if self.cached is None:
+            parts = list(self.shard.iter_torch_batches(batch_size=4096))
+            self.cached = (torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts]))
+        x, y = self.cached
+        if epoch is None:
+            order = torch.arange(len(y))
+        else:
+            shuffle = torch.Generator().manual_seed(hash((self.job.seed, epoch, self.salt)))
+            order = torch.randperm(len(y), generator=shuffle)
+        end = len(order) - len(order) % size if drop_last else len(order)
+        for start in range(0, end, size):
+            idx = order[start : start + size]
+            yield x[idx], y[idx]
+
+
 class DataParallel:
     def __init__(self, job: TrainJob) -> None:
         deepspeed = import_deepspeed()
@@ -123,20 +177,23 @@ class DataParallel:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=job.deepspeed
         )
-        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def feed(self, shard: Any, rows: int) -> Feed:
+        """A split of ``rows``, of which Ray gave this worker ``shard``, its share."""
+        import torch.distributed as dist
+
+        return Feed(shard, rows, self.job, salt=dist.get_rank() if dist.is_initialized() else 0)
 
     def train_epoch(
-        self, shard: Any, epoch: int, log: StepLog, live: LiveFigures
+        self, feed: Feed, epoch: int, log: StepLog, live: LiveFigures
     ) -> dict[str, float]:
         import torch.nn.functional as F
 
         cfg, engine = self.job.train, self.engine
         engine.train()
         meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel, live)
-        # Whole accumulation windows only, the same count on every rank: an epoch (and
-        # the checkpoint after it) never ends with half-accumulated gradients.
-        micro_batches = steps_per_epoch(self.job.train_rows, cfg) * cfg.grad_accumulation
-        for x, y in itertools.islice(self._micro_batches(shard, epoch), micro_batches):
+        batches = feed.batches(cfg.micro_batch_size, epoch=epoch, drop_last=True)
+        for x, y in itertools.islice(batches, self.job.micro_batches_per_epoch):
             loss = F.cross_entropy(engine(x.to(self.dtype)), y)
             engine.backward(loss)
             stepped = engine.is_gradient_accumulation_boundary()
@@ -145,55 +202,18 @@ class DataParallel:
             meter.add(len(y), float(loss), engine.global_steps, lr, stepped=stepped)
         return meter.summary()
 
-    def _micro_batches(self, shard: Any, epoch: int) -> Iterator[tuple[Any, Any]]:
-        """This worker's (x, y) micro-batches for one epoch.
-
-        A shard under ``train.cache_inputs_below_mb`` is streamed once, kept as tensors
-        in the worker and reshuffled every epoch: Ray Data's per-batch iteration and
-        collation cost ~20 % of a worker's core on small models. Larger shards stream
-        every epoch.
-        """
-        import torch
-
-        cfg = self.job.train
-        if not self._cacheable():
-            batches = shard.iter_torch_batches(
-                batch_size=cfg.micro_batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.micro_batch_size * 8,
-                local_shuffle_seed=self.job.seed + epoch,
-            )
-            yield from ((b["x"], b["y"]) for b in batches)
-            return
-        if self.cached is None:
-            parts = list(shard.iter_torch_batches(batch_size=4096))
-            self.cached = (torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts]))
-        x, y = self.cached
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        shuffle = torch.Generator().manual_seed(hash((self.job.seed, epoch, rank)))
-        order = torch.randperm(len(y), generator=shuffle)
-        size = cfg.micro_batch_size
-        for start in range(0, len(order) - size + 1, size):
-            idx = order[start : start + size]
-            yield x[idx], y[idx]
-
-    def _cacheable(self) -> bool:
-        width = get_workload(self.job.workload).input_width + 1
-        megabytes = self.job.train_rows / self.job.train.data_parallel * width * 4 / 2**20
-        return megabytes < self.job.train.cache_inputs_below_mb
-
-    def evaluate(self, shard: Any) -> dict[str, float]:
+    def evaluate(self, feed: Feed) -> dict[str, float]:
         import torch
         import torch.nn.functional as F
 
         self.engine.eval()
         loss_sum = correct = rows = 0.0
         with torch.no_grad():
-            for batch in shard.iter_torch_batches(batch_size=256):
-                logits = self.engine(batch["x"].to(self.dtype)).float()
-                loss_sum += F.cross_entropy(logits, batch["y"], reduction="sum").item()
-                correct += (logits.argmax(1) == batch["y"]).sum().item()
-                rows += len(batch["y"])
+            for x, y in feed.batches(256, epoch=None, drop_last=False):
+                logits = self.engine(x.to(self.dtype)).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                rows += len(y)
         return _val_metrics(loss_sum, correct, rows)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -228,43 +248,40 @@ class Pipeline:
         )
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
 
-    def _pairs(self, shard: Any, rows: int, *, seed: int | None) -> Iterator[tuple[Any, Any]]:
+    def feed(self, shard: Any, rows: int) -> Feed:
+        """A split of ``rows``: every worker reads all of it (``shard``), in one order."""
+        return Feed(shard, rows, self.job)  # one salt: every stage shuffles alike
+
+    def _pairs(
+        self, feed: Feed, *, epoch: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This data-parallel group's (x, y) micro-batches, identical on every stage."""
         cfg = self.job.train
-        per_group = (rows // cfg.micro_batch_size) // cfg.data_parallel
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.micro_batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.micro_batch_size * 8 if seed is not None else None,
-            local_shuffle_seed=seed,
-        )
+        batches = feed.batches(cfg.micro_batch_size, epoch=epoch, drop_last=True)
         mine = itertools.islice(batches, self.dp_rank, None, cfg.data_parallel)
-        for batch in itertools.islice(mine, per_group):
-            yield batch["x"].to(self.dtype), batch["y"]
+        for x, y in itertools.islice(mine, micro_batches_per_group(feed.rows, cfg)):
+            yield x.to(self.dtype), y
 
     def train_epoch(
-        self, shard: Any, epoch: int, log: StepLog, live: LiveFigures
+        self, feed: Feed, epoch: int, log: StepLog, live: LiveFigures
     ) -> dict[str, float]:
         cfg, engine = self.job.train, self.engine
         engine.train()
         meter = _StepMeter(log, cfg.log_every_steps, cfg.data_parallel, live)
-        pairs = self._pairs(shard, self.job.train_rows, seed=self.job.seed + epoch)
-        steps = ((self.job.train_rows // cfg.micro_batch_size) // cfg.data_parallel) // (
-            cfg.grad_accumulation
-        )
+        pairs = self._pairs(feed, epoch=epoch)
         rows_per_step = cfg.micro_batch_size * cfg.grad_accumulation
-        for _ in range(steps):
+        for _ in range(self.job.steps_per_epoch):
             loss = engine.train_batch(data_iter=pairs)
             lr = float(engine.get_lr()[0])
             meter.add(rows_per_step, float(loss), engine.global_steps, lr, stepped=True)
         return meter.summary()
 
-    def evaluate(self, shard: Any) -> dict[str, float]:
+    def evaluate(self, feed: Feed) -> dict[str, float]:
         import torch.nn.functional as F
 
         self.engine.eval()
         loss_sum = correct = rows = 0.0
-        for x, y in self._pairs(shard, self.job.val_rows, seed=None):
+        for x, y in self._pairs(feed, epoch=None):
             _, logits = self.engine.eval_batch(
                 iter([(x, y)]), return_logits=True, num_micro_batches=1
             )

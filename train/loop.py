@@ -13,22 +13,22 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
 
 from app.errors import CheckpointError
 from app.logs import event as log_event
 from app.logs import events
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
-from app.sections import TrainConfig
 from app.workloads import Workload, get_workload
 from train.engines import DataParallel, Pipeline, build_engine
+from train.job import TrainJob
 from train.metrics import LiveFigures, published
 
 log = logging.getLogger("scaledl.train")
@@ -36,22 +36,23 @@ log = logging.getLogger("scaledl.train")
 MODEL_DIR = "model"
 
 
-class TrainJob(BaseModel):
-    """Everything a worker needs; crosses the Ray boundary as a dict."""
+@dataclass
+class Timeline:
+    """Unix times of this worker's run, sent with every report, so that the driver can
+    tell the fixed costs (start, DeepSpeed, the first read) from training
+    (train/run.py, ``Phases``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    worker_started_at: float
+    engine_ready_at: float = 0.0
+    first_step_at: float = 0.0
+    last_step_at: float = 0.0
 
-    workload: str
-    tier: str
-    dataset_version: str
-    train_rows: int
-    val_rows: int
-    seed: int
-    train: TrainConfig
-    deepspeed: dict[str, Any]
-    tracking_uri: str
-    mlflow_run_id: str
-    preprocessor: dict[str, Any] | None = None  # fitted with the dataset version, if any
+    def epoch(self, figures: dict[str, float]) -> dict[str, float]:
+        """An epoch's figures without its step times, which go here."""
+        first, last = figures.pop("first_step_at"), figures.pop("last_step_at")
+        self.first_step_at = self.first_step_at or first
+        self.last_step_at = last or self.last_step_at
+        return figures
 
 
 @dataclass
@@ -83,6 +84,7 @@ def _bound_workload(workload_name: str, preprocessor: str | None) -> Workload:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    timeline = Timeline(worker_started_at=time.time())
     import ray.train
     import torch
 
@@ -92,22 +94,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     trainer = build_engine(job)
     progress = load_checkpoint(trainer)
+    timeline.engine_ready_at = time.time()
     step_log = mlflow_step_logger(job)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train = trainer.feed(ray.train.get_dataset_shard("train"), job.train_rows)
+    val = trainer.feed(ray.train.get_dataset_shard("val"), job.val_rows)
     live = LiveFigures(job.train.data_parallel)
     metrics: dict[str, float] = {}
     with published(live, job.workload, job.tier):
         for epoch in range(progress.next_epoch, job.train.epochs):
             live.epoch = epoch
-            metrics = {"epoch": epoch, **trainer.train_epoch(train_shard, epoch, step_log, live)}
-            metrics.update(trainer.evaluate(val_shard))
+            figures = timeline.epoch(trainer.train_epoch(train, epoch, step_log, live))
+            metrics = {"epoch": epoch, **figures}
+            metrics.update(trainer.evaluate(val))
             metrics.update(global_step=trainer.engine.global_steps, **track(progress, metrics))
             stop = should_stop(progress, job.train.early_stopping_patience)
             checkpoint = stop or epoch + 1 == job.train.epochs or _due(epoch, job)
             step_log(trainer.engine.global_steps, metrics)
             epoch_event(job, metrics)
-            report_and_checkpoint(trainer, job, metrics, progress, checkpoint=checkpoint)
+            reported = {**metrics, **vars(timeline)}
+            report_and_checkpoint(trainer, job, reported, progress, checkpoint=checkpoint)
             if checkpoint:
                 live.checkpointed()
             if stop:

@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import CheckpointError, ConfigError
+from app.logs import event as log_event
+from app.logs import events
 from app.registry import ModelRef, Registry
 from app.sections import TrainConfig
 from app.settings import Settings
 from app.workloads import Workload, get_workload
-from data.splits import load_preprocessor, read_split
+from data.splits import head_of_split, load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore
-from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
+from train.deepspeed_config import build_deepspeed_config
 from train.evaluate import score
-from train.loop import MODEL_DIR, TrainJob, to_model_inputs, train_loop_per_worker
+from train.job import TrainJob, steps_per_epoch
+from train.loop import MODEL_DIR, to_model_inputs, train_loop_per_worker
 from train.quantize import CALIBRATION_ROWS, int8_variant
 
 # Ray Data needs a CPU beside the trainers to stream shards, or training stalls.
@@ -45,6 +48,49 @@ class TrainOutcome:
     run_name: str
     checkpoints: int
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fixed_seconds(self) -> float:
+        """What the run cost besides its steps (setup before the first, wind-down,
+        scoring and registration after the last)."""
+        return self.seconds - self.phases.get("train", 0.0)
+
+
+class Phases:
+    """Seconds of each phase of one run, in the order they ran. The workers' part comes
+    from the Unix times they report (loop.Timeline); the driver's is timed here.
+
+    - ``prepare``: the checks, the MLflow run, the job;
+    - ``workers_start``: Ray Train's controller and worker group, torch's process group;
+    - ``engine_init``: DeepSpeed's import and ``initialize``, a resume's checkpoint load;
+    - ``first_step``: the first read of the data and the first step;
+    - ``train``: first step to last, with each epoch's validation and checkpoint;
+    - ``wind_down``: the last validation and checkpoint, the workers' exit;
+    - ``checkpoint_copy``, ``int8``, ``test``, ``register``: after ``fit``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.at = time.time()
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        """``name`` ran from the previous mark until ``at`` (now)."""
+        at = time.time() if at is None else at
+        self.seconds[name] = round(max(0.0, at - self.at), 3)
+        self.at = at
+
+    def workers(self, reported: dict[str, Any]) -> None:
+        """The workers' phases, from the times the last report carried (a run that
+        recovered from a failure: its last worker group's)."""
+        for name, key in (
+            ("workers_start", "worker_started_at"),
+            ("engine_init", "engine_ready_at"),
+            ("first_step", "first_step_at"),
+            ("train", "last_step_at"),
+        ):
+            self.mark(name, float(reported[key]))
+        self.mark("wind_down")
 
 
 def train_tier(
@@ -61,7 +107,7 @@ def train_tier(
     ``resume`` names an earlier run: it continues from that run's latest checkpoint with
     that run's own configuration.
     """
-    started = time.perf_counter()
+    started, phases = time.perf_counter(), Phases()
     registry = Registry(settings.tracking_uri, settings.artifacts_dir)
     if resume:
         job, run_name = _load_job(settings, resume), resume
@@ -82,13 +128,36 @@ def train_tier(
         job = _new_job(settings, workload, tier, dataset_ref, run_name, registry)
     manifest = DatasetStore(settings.datasets_dir).get(workload.name, job.dataset_version)
     try:
+        phases.mark("prepare")
         result = _fit(settings, manifest, job, run_name)
-        outcome = _evaluate_and_register(settings, registry, manifest, job, run_name, result)
+        phases.workers(result.metrics)
+        outcome = _evaluate_and_register(
+            settings, registry, manifest, job, run_name, result, phases
+        )
+        outcome = dataclasses.replace(
+            outcome, seconds=time.perf_counter() - started, phases=phases.seconds
+        )
+        registry.log_metrics(
+            job.mlflow_run_id,
+            {"fixed_cost_s": outcome.fixed_seconds}
+            | {f"phase_{name}_s": s for name, s in phases.seconds.items()},
+        )
     except BaseException:
         registry.finish_run(job.mlflow_run_id, status="FAILED")
         raise
     registry.finish_run(job.mlflow_run_id)
-    return dataclasses.replace(outcome, seconds=time.perf_counter() - started)
+    log_event(
+        events("train"),
+        "train.phases",
+        run_id=run_name,
+        mlflow_run_id=job.mlflow_run_id,
+        workload=job.workload,
+        tier=job.tier,
+        seconds=round(outcome.seconds, 3),
+        fixed_seconds=round(outcome.fixed_seconds, 3),
+        **{f"{name}_s": s for name, s in phases.seconds.items()},
+    )
+    return outcome
 
 
 def check_cluster_fits(cfg: TrainConfig) -> None:
@@ -135,7 +204,16 @@ def _new_job(
     check_layout(workload, tier, cfg)
     manifest = DatasetStore(settings.datasets_dir).get(workload.name, dataset_ref)
     preprocessor = load_preprocessor(settings, manifest)
-    total_steps = steps_per_epoch(manifest.splits["train"], cfg) * cfg.epochs
+    steps = steps_per_epoch(manifest.splits["train"], cfg)
+    if steps < 1:
+        global_batch = cfg.micro_batch_size * cfg.grad_accumulation * cfg.data_parallel
+        raise ConfigError(
+            f"dataset {workload.name} {manifest.version} has {manifest.splits['train']} "
+            f"training rows, fewer than one optimizer step of {global_batch} (micro batch x "
+            "accumulation x data parallel): ingest more rows, or lower train.micro_batch_size "
+            "or train.grad_accumulation"
+        )
+    total_steps = steps * cfg.epochs
     deepspeed = build_deepspeed_config(cfg, total_steps=total_steps)
     tags = {
         "workload": workload.name,
@@ -193,12 +271,13 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_S_ENV_VAR, CONTROLLER_POLL_S)
     cfg = job.train
     datasets = {split: _model_inputs(settings, manifest, split, job) for split in ("train", "val")}
-    if cfg.pipeline_stages > 1:
-        # Every stage of a pipe reads the whole split in the same order (see engines.py).
-        order = ExecutionOptions(preserve_order=True)
-        data_config = DataConfig(datasets_to_split=[], execution_options=order)
-    else:
-        data_config = DataConfig(datasets_to_split="all")
+    # Blocks reach the workers in the dataset's order, and a split's are dealt out in
+    # that order, so a seeded run reads the same rows in the same order every time.
+    # (Locality hints, which would deal by where blocks live, are off with it.)
+    ordered = ExecutionOptions(preserve_order=True)
+    # Every stage of a pipe reads the whole split (see engines.Pipeline).
+    split = "all" if cfg.pipeline_stages == 1 else []
+    data_config = DataConfig(datasets_to_split=split, execution_options=ordered)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(),
@@ -225,8 +304,9 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
 
 
 def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job: TrainJob) -> Any:
-    """The split as model inputs, streamed; small ones are computed once, not every epoch."""
-    dataset = read_split(settings, manifest, split).map_batches(
+    """The split as model inputs, lazily: the workers stream it, and keep what is small
+    enough as tensors (engines.Feed)."""
+    return read_split(settings, manifest, split).map_batches(
         to_model_inputs,
         fn_kwargs={
             "workload_name": manifest.workload,
@@ -234,9 +314,6 @@ def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job
         },
         batch_format="pandas",
     )
-    width = get_workload(manifest.workload).input_width + 1
-    megabytes = manifest.splits[split] * width * 4 / 2**20
-    return dataset.materialize() if megabytes < job.train.cache_inputs_below_mb else dataset
 
 
 def _evaluate_and_register(
@@ -246,6 +323,7 @@ def _evaluate_and_register(
     job: TrainJob,
     run_name: str,
     result: Any,
+    phases: Phases,
 ) -> TrainOutcome:
     """Score the best checkpoint and its INT8 twin on the test split; register both."""
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
@@ -257,10 +335,12 @@ def _evaluate_and_register(
         model_dir = Path(tmp) / MODEL_DIR
         with best.as_directory() as checkpoint_dir:
             shutil.copytree(Path(checkpoint_dir) / MODEL_DIR, model_dir)
-        calibration = read_split(settings, manifest, "val").limit(CALIBRATION_ROWS).to_pandas()
-        features = calibration[list(get_workload(job.workload).feature_columns)]
-        int8 = int8_variant(model_dir, Path(tmp) / "int8", features)
+        phases.mark("checkpoint_copy")
+        calibration = head_of_split(settings, manifest, "val", CALIBRATION_ROWS)
+        int8 = int8_variant(model_dir, Path(tmp) / "int8", calibration)
+        phases.mark("int8")
         both = score(test, {"fp32": model_dir, "int8": int8.directory})
+        phases.mark("test")
         scores, int8_scores = both["fp32"], both["int8"]
         metrics = {
             "test_accuracy": scores.accuracy,
@@ -289,6 +369,7 @@ def _evaluate_and_register(
                 "speedup_batch64": f"{int8.speedup:.2f}",
             },
         )
+    phases.mark("register")
     checkpoints = len(
         [p for p in (settings.runs_dir / run_name).glob("checkpoint_*") if p.is_dir()]
     )

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -21,7 +22,7 @@ from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from data.versions import DatasetStore
 from tests.ray_platform import Platform, Scraped, export_samples
-from train.deepspeed_config import steps_per_epoch
+from train.job import samples_per_epoch
 from train.metrics import TAG_KEYS
 from train.run import TrainOutcome, check_cluster_fits, train_tier
 
@@ -43,11 +44,7 @@ def samples_counted(run_id: str) -> float | None:
 
 def samples_trained(cfg: TrainConfig, train_rows: int, epochs: int) -> int:
     """Samples a run of ``epochs`` processes, every data-parallel worker together."""
-    if cfg.pipeline_stages > 1:  # engines.Pipeline: steps of whole accumulation windows
-        steps = ((train_rows // cfg.micro_batch_size) // cfg.data_parallel) // cfg.grad_accumulation
-    else:
-        steps = steps_per_epoch(train_rows, cfg)
-    return steps * cfg.grad_accumulation * cfg.micro_batch_size * cfg.data_parallel * epochs
+    return samples_per_epoch(train_rows, cfg) * epochs
 
 
 def train_rows(platform: Platform) -> int:
@@ -74,6 +71,16 @@ def test_each_tier_trains_to_a_real_accuracy_and_is_registered_with_lineage(
     assert len(steps) >= 6 and all(m.step % 10 == 0 for m in steps)
     model = load_model(registry.download(ref))
     assert (model.meta.tier, model.meta.dataset_version) == (tier, platform.dataset_version)
+    # Where the run's time went, in order; what is not training is its fixed cost.
+    phases = outcome.phases
+    assert list(phases) == [
+        "prepare", "workers_start", "engine_init", "first_step", "train", "wind_down",
+        "checkpoint_copy", "int8", "test", "register",
+    ]  # fmt: skip
+    assert all(s >= 0 for s in phases.values()) and phases["train"] > 0
+    assert sum(phases.values()) == pytest.approx(outcome.seconds, abs=1.0)
+    assert run.data.metrics["fixed_cost_s"] == pytest.approx(outcome.fixed_seconds)
+    assert run.data.metrics["phase_engine_init_s"] == pytest.approx(phases["engine_init"])
 
 
 def test_an_int8_twin_is_registered_beside_each_tier(platform: Platform) -> None:
@@ -337,3 +344,36 @@ def test_a_new_run_may_not_reuse_an_existing_runs_name(platform: Platform) -> No
     with pytest.raises(ConfigError, match=f"continue it with --resume {name}"):
         train_tier(platform.settings, DIGITS, "cheap", run_name=name)
     assert len(client.search_runs([experiment])) == before  # no MLflow run left open
+
+
+def test_a_seeded_run_is_reproducible(ray_cluster: None, tmp_path: Path) -> None:
+    """Two runs of one config with one seed on one version give the same figures, down to
+    every logged step: Ray deals a split's blocks to the workers in order (run._fit),
+    and every shuffle is seeded (engines.Feed). The version is ingested from four
+    files, so that each split has several blocks to deal out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.pipeline import ingest
+    from data.sources import open_source
+
+    frame = DIGITS.builtin_source()
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), 4)):
+        path = tmp_path / "raw" / f"part-{i}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(frame.iloc[part], preserve_index=False), path)
+    settings = load_settings(storage_root=tmp_path / "store", train={"epochs": 2}, seed=7)
+    version = ingest(settings, DIGITS, open_source(tmp_path / "raw")).manifest.version
+    train_dir = DatasetStore(settings.datasets_dir).split_dir("digits", version, "train")
+    assert len(list(train_dir.glob("*.parquet"))) == 4
+
+    registry = Registry(settings.tracking_uri)
+    runs = [train_tier(settings, DIGITS, "cheap", run_name=f"seeded-{i}") for i in (1, 2)]
+    steps = [
+        [(m.step, m.value) for m in registry.client.get_metric_history(r.model.run_id, "step_loss")]
+        for r in runs
+    ]
+    figures = ("train_loss", "val_accuracy", "test_accuracy", "int8_test_accuracy", "test_ece")
+    first, second = ({k: r.metrics[k] for k in figures} for r in runs)
+    assert first == second
+    assert steps[0] == steps[1] and len(steps[0]) >= 5

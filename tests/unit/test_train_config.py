@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from app.errors import ConfigError
 from app.sections import TrainConfig
 from app.workloads import get_workload
-from train.deepspeed_config import build_deepspeed_config, steps_per_epoch
+from train.deepspeed_config import build_deepspeed_config
+from train.job import samples_per_epoch, steps_per_epoch
 from train.run import check_layout
 
 
@@ -47,6 +48,16 @@ def test_steps_per_epoch_counts_equal_shares_and_accumulation() -> None:
     assert steps_per_epoch(1271, TrainConfig(num_workers=2, micro_batch_size=16)) == 39
     assert steps_per_epoch(1271, TrainConfig(num_workers=2, grad_accumulation=2)) == 19
     assert steps_per_epoch(1271, TrainConfig(num_workers=2, pipeline_stages=2)) == 79
+    # Whole accumulation windows only; none at all is 0 (train_tier refuses the run).
+    assert steps_per_epoch(40, TrainConfig(num_workers=2, grad_accumulation=2)) == 0
+
+
+def test_samples_per_epoch_counts_every_group_and_drops_partial_windows() -> None:
+    assert samples_per_epoch(1271, TrainConfig(num_workers=2)) == 39 * 16 * 2
+    assert (
+        samples_per_epoch(1271, TrainConfig(num_workers=2, grad_accumulation=2)) == 19 * 2 * 16 * 2
+    )
+    assert samples_per_epoch(1271, TrainConfig(num_workers=2, pipeline_stages=2)) == 79 * 16
 
 
 @pytest.mark.parametrize(

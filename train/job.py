@@ -1,0 +1,77 @@
+"""A training run as its workers see it: the job, and how one epoch of it divides into
+micro-batches and optimizer steps.
+
+The driver (train/run.py) writes the job; the workers' loop (train/loop.py) and engines
+(train/engines.py) read it. The batch arithmetic lives here only, so that the DeepSpeed
+scheduler's step count, the engines' loops, the run's sample counts and the tests agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from app.sections import TrainConfig
+from app.workloads import get_workload
+
+
+class TrainJob(BaseModel):
+    """Everything a worker needs; crosses the Ray boundary as a dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workload: str
+    tier: str
+    dataset_version: str
+    train_rows: int
+    val_rows: int
+    seed: int
+    train: TrainConfig
+    deepspeed: dict[str, Any]
+    tracking_uri: str
+    mlflow_run_id: str
+    preprocessor: dict[str, Any] | None = None  # fitted with the dataset version, if any
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.train_rows, self.train)
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return micro_batches_per_epoch(self.train_rows, self.train)
+
+    def caches(self, rows: int) -> bool:
+        """Whether a worker keeps its share of a split of ``rows`` as tensors."""
+        return keeps_in_memory(self.workload, rows, self.train)
+
+
+def micro_batches_per_group(rows: int, cfg: TrainConfig) -> int:
+    """Whole micro-batches of a split that each data-parallel group gets: an equal
+    share, the remainder dropped. (With pipeline stages, a group is one pipe.)"""
+    return rows // (cfg.micro_batch_size * cfg.data_parallel)
+
+
+def steps_per_epoch(rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch, the same on every rank: whole accumulation windows
+    only, so that an epoch (and the checkpoint after it) never ends half-accumulated."""
+    return micro_batches_per_group(rows, cfg) // cfg.grad_accumulation
+
+
+def micro_batches_per_epoch(rows: int, cfg: TrainConfig) -> int:
+    """Micro-batches each data-parallel group runs per epoch."""
+    return steps_per_epoch(rows, cfg) * cfg.grad_accumulation
+
+
+def samples_per_epoch(rows: int, cfg: TrainConfig) -> int:
+    """Samples one epoch trains on, every data-parallel group together."""
+    return micro_batches_per_epoch(rows, cfg) * cfg.micro_batch_size * cfg.data_parallel
+
+
+def keeps_in_memory(workload: str, rows: int, cfg: TrainConfig) -> bool:
+    """Whether what a worker reads of a split of ``rows`` is small enough to keep as
+    tensors (``train.cache_inputs_below_mb``) instead of streaming it every epoch: its
+    share under data parallelism, the whole split on a pipeline's stages."""
+    width = get_workload(workload).input_width + 1  # the features and the label
+    share = rows if cfg.pipeline_stages > 1 else rows / cfg.data_parallel
+    return share * width * 4 / 2**20 < cfg.cache_inputs_below_mb
