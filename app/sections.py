@@ -115,12 +115,13 @@ class TrainConfig(_Section):
         2, ge=1, description="Best checkpoints (by val accuracy) kept; the latest is kept too."
     )
     log_every_steps: int = Field(10, ge=1, description="Optimizer steps between MLflow metrics.")
-    cache_inputs_below_mb: float = Field(
-        512,
+    cache_inputs_below_mb: float | None = Field(
+        None,
         ge=0,
         description="A worker keeps what it reads of a split (its share; on a pipeline's "
         "stages the whole split) as tensors when under this many MB of model inputs, and "
-        "streams it every epoch otherwise (0: always stream).",
+        "streams it every epoch otherwise (0: always stream). Unset: 5 % of the memory of "
+        "the worker's node (its container's limit where it has one).",
     )
     max_failures: int = Field(
         1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."

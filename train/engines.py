@@ -118,13 +118,26 @@ def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, floa
     return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
 
 
+def open_feeds(job: TrainJob) -> tuple[Feed, Feed]:
+    """The run's train and val splits as this worker reads them: Ray gives a
+    data-parallel worker its share of each, a pipeline's workers all of it."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    salt = 0 if job.train.pipeline_stages > 1 else rank  # a pipe's stages shuffle alike
+    return (
+        Feed(ray.train.get_dataset_shard("train"), job.train_rows, job, salt=salt),
+        Feed(ray.train.get_dataset_shard("val"), job.val_rows, job, salt=salt),
+    )
+
+
 class Feed:
     """One split's (x, y) batches as this worker reads them, epoch after epoch.
 
-    A split under ``train.cache_inputs_below_mb`` (``TrainJob.caches``) is streamed once
-    and kept in the worker as tensors: Ray Data's per-batch iteration and collation
-    cost ~20 % of a worker's core on small models. A larger one streams every epoch,
-    through Ray Data's seeded local shuffle buffer.
+    A split under the cache limit (``job.cache_limit_mb``: a share of the node's memory
+    by default) is streamed once and kept in the worker as tensors: Ray Data's
+    per-batch iteration and collation cost ~20 % of a worker's core on small models. A
+    larger one streams every epoch, through Ray Data's seeded local shuffle buffer.
 
     The order is a function of the seed and the epoch alone (Ray hands shards out in
     order, see ``run._fit``), so a seeded run is reproducible. ``salt`` tells apart
@@ -136,6 +149,12 @@ class Feed:
         self.shard, self.rows, self.job, self.salt = shard, rows, job, salt
         self.keep = job.caches(rows)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        parts = list(self.shard.iter_torch_batches(batch_size=4096))
+        return torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts])
 
     def batches(
         self, size: int, *, epoch: int | None, drop_last: bool
@@ -154,8 +173,7 @@ class Feed:
             yield from ((b["x"], b["y"]) for b in stream)
             return
         if self.cached is None:
-            parts = list(self.shard.iter_torch_batches(batch_size=4096))
-            self.cached = (torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts]))
+            self.cached = self._read_all()
         x, y = self.cached
         if epoch is None:
             order = torch.arange(len(y))
@@ -177,12 +195,6 @@ class DataParallel:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=job.deepspeed
         )
-
-    def feed(self, shard: Any, rows: int) -> Feed:
-        """A split of ``rows``, of which Ray gave this worker ``shard``, its share."""
-        import torch.distributed as dist
-
-        return Feed(shard, rows, self.job, salt=dist.get_rank() if dist.is_initialized() else 0)
 
     def train_epoch(
         self, feed: Feed, epoch: int, log: StepLog, live: LiveFigures
@@ -216,6 +228,13 @@ class DataParallel:
                 rows += len(y)
         return _val_metrics(loss_sum, correct, rows)
 
+    def held(self) -> dict[str, int | str]:
+        """What of the model this rank holds: every parameter, or under ZeRO-3 its
+        partition of each (``ds_tensor``)."""
+        params = self.engine.module.parameters()
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        return {"parameters_held": int(held)}
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's fp32 weights (every rank takes part; ZeRO-3 gathers)."""
         import deepspeed
@@ -247,10 +266,6 @@ class Pipeline:
             model=module, model_parameters=module.parameters(), config=job.deepspeed
         )
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
-
-    def feed(self, shard: Any, rows: int) -> Feed:
-        """A split of ``rows``: every worker reads all of it (``shard``), in one order."""
-        return Feed(shard, rows, self.job)  # one salt: every stage shuffles alike
 
     def _pairs(
         self, feed: Feed, *, epoch: int | None
@@ -291,6 +306,17 @@ class Pipeline:
                 correct += (logits.argmax(1) == y).sum().item()
                 rows += len(y)
         return _val_metrics(loss_sum, correct, rows)
+
+    def held(self) -> dict[str, int | str]:
+        """What of the model this rank holds: its stage's layers (``first-last``, as
+        indices of the whole model's) and their parameters, no other stage's."""
+        module = self.engine.module
+        first, last = module._local_start, module._local_stop - 1  # set by partitioning
+        return {
+            "stage": int(module.stage_id),
+            "layers": f"{first}-{last}",
+            "parameters_held": int(sum(p.numel() for p in module.parameters())),
+        }
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's fp32 weights: every stage's layers, gathered to all ranks.

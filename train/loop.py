@@ -27,7 +27,7 @@ from app.logs import events
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
 from app.workloads import Workload, get_workload
-from train.engines import DataParallel, Pipeline, build_engine
+from train.engines import DataParallel, Pipeline, build_engine, open_feeds
 from train.job import TrainJob
 from train.metrics import LiveFigures, published
 
@@ -85,19 +85,17 @@ def _bound_workload(workload_name: str, preprocessor: str | None) -> Workload:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     timeline = Timeline(worker_started_at=time.time())
-    import ray.train
     import torch
 
     job = TrainJob.model_validate(config)
     torch.manual_seed(job.seed)
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    train, val = open_feeds(job)
     trainer = build_engine(job)
     progress = load_checkpoint(trainer)
     timeline.engine_ready_at = time.time()
     step_log = mlflow_step_logger(job)
-    train = trainer.feed(ray.train.get_dataset_shard("train"), job.train_rows)
-    val = trainer.feed(ray.train.get_dataset_shard("val"), job.val_rows)
     live = LiveFigures(job.train.data_parallel)
     metrics: dict[str, float] = {}
     with published(live, job.workload, job.tier):
@@ -110,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             stop = should_stop(progress, job.train.early_stopping_patience)
             checkpoint = stop or epoch + 1 == job.train.epochs or _due(epoch, job)
             step_log(trainer.engine.global_steps, metrics)
-            epoch_event(job, metrics)
+            epoch_event(job, metrics, trainer.held())
             reported = {**metrics, **vars(timeline)}
             report_and_checkpoint(trainer, job, reported, progress, checkpoint=checkpoint)
             if checkpoint:
@@ -120,9 +118,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def epoch_event(job: TrainJob, metrics: dict[str, float]) -> None:
+def epoch_event(job: TrainJob, metrics: dict[str, float], held: dict[str, int | str]) -> None:
     """Every rank's JSON line for an epoch, in its worker's log (app/logs.py): the run,
-    the rank and the step, so a stalled or diverging rank shows in the logs too."""
+    the rank and the step, so a stalled or diverging rank shows in the logs too; and
+    what of the model the rank holds (``engines.*.held``: its pipeline stage and layers,
+    its parameters), so the layout can be checked from the logs."""
     import ray.train
 
     context = ray.train.get_context()
@@ -139,6 +139,7 @@ def epoch_event(job: TrainJob, metrics: dict[str, float]) -> None:
         rank=context.get_world_rank(),
         epoch=int(metrics["epoch"]),
         step=int(metrics["global_step"]),
+        **held,
         **figures,
     )
 

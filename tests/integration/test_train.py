@@ -122,6 +122,55 @@ def test_pipeline_and_data_parallel_combine_and_train_as_well_as_data_parallel(
     # 4 workers, 2 stages: the run's samples are counted once, not once per stage.
     expected = samples_trained(settings.train, train_rows(platform), epochs=6)
     assert samples_counted(outcome.run_name) == expected
+    # Each rank holds its own stage's layers and parameters only (its epoch events say
+    # so): the two stages split the layers between them, and their parameters add up
+    # to the model's, on each of the 2 pipes.
+    held = {e["rank"]: e for e in epoch_events(outcome.run_name) if e["epoch"] == 0}
+    whole = sum(p.numel() for p in DIGITS.build_model("expensive").parameters())
+    layers = len(DIGITS.layers("expensive"))
+    stages = defaultdict(set)
+    for rank in held.values():
+        stages[rank["stage"]].add((rank["layers"], rank["parameters_held"]))
+        assert 0 < rank["parameters_held"] < whole
+    assert sorted(stages) == [0, 1] and all(len(s) == 1 for s in stages.values()), stages
+    (first, p0), (second, p1) = (next(iter(stages[i])) for i in (0, 1))
+    assert (first.split("-")[0], second.split("-")[1]) == ("0", str(layers - 1))
+    assert int(first.split("-")[1]) + 1 == int(second.split("-")[0])
+    assert p0 + p1 == whole and len(held) == 4
+    # The pipeline's loss curve follows data parallel's, epoch by epoch (logged at each
+    # epoch's last step; the same global batch gives both the same steps).
+    registry = Registry(settings.tracking_uri)
+    piped, parallel = (
+        {m.step: m.value for m in registry.client.get_metric_history(run_id, "train_loss")}
+        for run_id in (outcome.model.run_id, platform.outcomes["expensive"].model.run_id)
+    )
+    piped.pop(0, None), parallel.pop(0, None)  # the run's summary, logged without a step
+    assert sorted(piped) == sorted(parallel) and len(piped) == 6
+    for step, loss in piped.items():  # from ~1.3 down to a few hundredths
+        assert abs(loss - parallel[step]) <= 0.05 + 0.15 * parallel[step], (piped, parallel)
+
+
+def test_data_parallel_ranks_hold_the_whole_model(platform: Platform) -> None:
+    """ZeRO-1 shards optimizer state, not parameters: each of the cheap run's 2 ranks
+    holds every parameter (contrast ZeRO-3 in the killed-worker test)."""
+    whole = sum(p.numel() for p in DIGITS.build_model("cheap").parameters())
+    events = epoch_events(platform.outcomes["cheap"].run_name)
+    assert {e["rank"]: e["parameters_held"] for e in events} == {0: whole, 1: whole}
+
+
+def epoch_events(run_name: str) -> list[dict]:
+    """The train.epoch events every rank of ``run_name`` logged (JSON lines on stderr)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    events = []
+    for f in logs.rglob("worker-*.err"):  # rglob: exited workers' logs move to logs/old/
+        for line in f.read_text(errors="replace").splitlines():
+            if '"train.epoch"' in line and run_name in line:
+                event = json.loads(line)
+                if event.get("event") == "train.epoch" and event["run_id"] == run_name:
+                    events.append(event)
+    return events
 
 
 def test_rank_0_reports_the_runs_progress_to_rays_metrics_export(platform: Platform) -> None:
@@ -254,20 +303,34 @@ def _resume_lines() -> list[str]:
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes(platform: Platform) -> None:
-    settings = load_settings(storage_root=platform.settings.storage_root, train={"epochs": 6})
+    """ZeRO-3 with its parameters and optimizer state offloaded to the CPU (DeepSpeed's
+    cpu_adam, JIT-built once into ~/.cache/torch_extensions): each rank holds half of
+    every parameter, and a rank killed mid-run is replaced from the sharded checkpoint.
+    On this CPU-only machine "offloaded to the CPU" moves no memory: the test proves
+    the modes run, shard and resume, not what offloading saves; that needs a GPU, and no
+    GPU run of them has been made yet."""
+    zero3 = {"zero_stage": 3, "offload_params": True, "offload_optimizer": True}
+    settings = load_settings(
+        storage_root=platform.settings.storage_root, train={"epochs": 6, **zero3}
+    )
     outcome = _train_while_killing(settings, "expensive", "killed-and-recovered")
     resumed_at = outcome.metrics["resumed_from_step"]
     assert resumed_at > 0
     assert any(f"step {resumed_at:.0f}" in line for line in _resume_lines())
     uninterrupted = platform.outcomes["expensive"].metrics["test_accuracy"]
     assert abs(outcome.metrics["test_accuracy"] - uninterrupted) <= 0.01
+    whole = sum(p.numel() for p in DIGITS.build_model("expensive").parameters())
+    held = [e["parameters_held"] for e in epoch_events("killed-and-recovered")]
+    assert held and all(whole / 2 <= h < whole / 2 + 1000 for h in held), (held, whole)
 
 
 def test_a_stopped_run_continues_with_resume(platform: Platform) -> None:
     settings = load_settings(
         storage_root=platform.settings.storage_root,
-        # No caching: this run streams its shard from Ray Data every epoch.
-        train={"epochs": 4, "max_failures": 0, "cache_inputs_below_mb": 0},
+        # No caching: this run streams its shard from Ray Data every epoch. ZeRO-0:
+        # plain data parallelism, each rank a whole optimizer (the other stages are the
+        # platform's 1 and 2 and the killed-worker test's 3).
+        train={"epochs": 4, "max_failures": 0, "cache_inputs_below_mb": 0, "zero_stage": 0},
     )
     with pytest.raises(Exception, match="(?i)fail|died|killed"):
         _train_while_killing(settings, "cheap", "stopped-run")

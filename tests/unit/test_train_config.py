@@ -81,3 +81,24 @@ def test_more_stages_than_layers_is_refused() -> None:
     check_layout(digits, "cheap", TrainConfig(num_workers=3, pipeline_stages=3))
     with pytest.raises(ConfigError, match="digits-cheap has only 3 layers"):
         check_layout(digits, "cheap", TrainConfig(num_workers=4, pipeline_stages=4))
+
+
+def test_a_worker_keeps_a_split_by_its_nodes_memory_unless_told_a_limit() -> None:
+    """digits: 65 float32 values a row. Unset, the limit is 5 % of this node's memory
+    (a share of 1 M rows: 124 MB on 2 workers); a set limit wins; on a pipeline's stages
+    every worker reads the whole split."""
+    from ray._common.utils import get_system_memory
+
+    from train.job import CACHE_SHARE_OF_NODE_MEMORY, cache_limit_mb, keeps_in_memory
+
+    auto = TrainConfig()
+    assert cache_limit_mb(auto) == pytest.approx(
+        CACHE_SHARE_OF_NODE_MEMORY * get_system_memory() / 2**20
+    )
+    per_worker_mb = 1_000_000 / 2 * 65 * 4 / 2**20
+    assert keeps_in_memory("digits", 1_000_000, auto) == (per_worker_mb < cache_limit_mb(auto))
+    assert not keeps_in_memory("digits", 1_000_000, TrainConfig(cache_inputs_below_mb=100))
+    assert keeps_in_memory("digits", 1_000_000, TrainConfig(cache_inputs_below_mb=200))
+    piped = TrainConfig(num_workers=2, pipeline_stages=2, cache_inputs_below_mb=200)
+    assert not keeps_in_memory("digits", 1_000_000, piped)  # 248 MB: the whole split
+    assert not keeps_in_memory("digits", 10, TrainConfig(cache_inputs_below_mb=0))
