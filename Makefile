@@ -48,17 +48,18 @@ test-unit: install
 test-rules:
 	cd cluster/prometheus && promtool check config prometheus.yml && promtool test rules tests/*.yml
 
+# The Ray tiers print their 15 slowest tests: the suite's budget is 25 minutes.
 # The chaos tier (faults under load, every request counted; it prints its table at the
 # end) runs in the integration tier's pytest session, after it: both use one Ray cluster
 # and one trained platform (tests/ray_platform.py). `make test-chaos` runs it alone.
 test-integration: install
-	$(PYTEST) tests/integration tests/chaos -q
+	$(PYTEST) tests/integration tests/chaos -q --durations=15
 
 test-chaos: install
 	$(PYTEST) tests/chaos -q
 
 test-system: install
-	$(PYTEST) tests/system -q
+	$(PYTEST) tests/system -q --durations=15
 
 clean:
 	rm -rf $(VENV) .scaledl
