@@ -8,6 +8,11 @@ Ray Train's 2 workers is plain torch DDP over gloo on 2 processes x 1 thread, da
 memory, at the same micro and global batch; DeepSpeed without Ray (the platform's own
 DeepSpeed config, torch.multiprocessing) separates Ray Train's cost from DeepSpeed's.
 
+A second table is each 2-process run's fixed cost: its seconds outside the training
+steps (process start, rendezvous, DeepSpeed; for Ray Train also its workers, the last
+checkpoint, test scoring, INT8 and registration, by phase: train/run.py's Phases),
+against plain DDP's.
+
     .venv/bin/python -m bench.train            # about 10 minutes on 2 cores
     .venv/bin/python -m bench.train --quick    # what make test runs: 1 Ray Train run, 1 epoch
 """
@@ -19,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -133,7 +139,7 @@ def _rank(rank: int, engine: str, port: int, data: tuple, micro_batch: int, epoc
             net.backward(F.cross_entropy(net(xb), yb))
             net.step()
 
-    rate = 0.0
+    rate = stepping = 0.0
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch + rank))
         dist.barrier()
@@ -142,14 +148,27 @@ def _rank(rank: int, engine: str, port: int, data: tuple, micro_batch: int, epoc
             idx = order[i * micro_batch : (i + 1) * micro_batch]
             step(x[idx], y[idx])
         dist.barrier()
-        rate = steps * micro_batch * world / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        rate, stepping = steps * micro_batch * world / seconds, stepping + seconds
     if rank == 0:
-        out.put(rate)  # type: ignore[attr-defined]
+        out.put((rate, stepping))  # type: ignore[attr-defined]
     dist.destroy_process_group()
 
 
-def two_processes(engine: str, data: tuple, micro_batch: int, epochs: int) -> float:
-    """Global samples/s of the last epoch of :func:`_rank` on 2 processes."""
+@dataclass(frozen=True)
+class Run:
+    samples_per_s: float  # global, the last epoch's
+    seconds: float  # the whole run, as its caller waits for it
+    stepping: float  # first step to last
+    phases: dict[str, float] | None = None  # Ray Train's, by phase
+
+    @property
+    def fixed(self) -> float:
+        return self.seconds - self.stepping
+
+
+def two_processes(engine: str, data: tuple, micro_batch: int, epochs: int) -> Run:
+    """:func:`_rank` on 2 processes: its last epoch's global samples/s, and its time."""
     import socket
 
     import torch.multiprocessing as mp
@@ -158,19 +177,22 @@ def two_processes(engine: str, data: tuple, micro_batch: int, epochs: int) -> fl
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = mp.get_context("spawn").SimpleQueue()
+    started = time.perf_counter()
     mp.start_processes(_rank, args=(engine, port, data, micro_batch, epochs, out),
                        nprocs=2, join=True, start_method="spawn")  # fmt: skip
-    return out.get()
+    rate, stepping = out.get()
+    return Run(rate, time.perf_counter() - started, stepping)
 
 
-def ray_train(root: Path, version: str, micro_batch: int, epochs: int, **train: object) -> float:
+def ray_train(root: Path, version: str, micro_batch: int, epochs: int, **train: object) -> Run:
     from train.run import train_tier
 
     settings = load_settings(
         storage_root=root, train={"epochs": epochs, "micro_batch_size": micro_batch, **train}
     )
     outcome = train_tier(settings, DIGITS, TIER, dataset_ref=version)
-    return outcome.metrics["samples_per_s"]  # the last epoch's, global
+    rate = outcome.metrics["samples_per_s"]  # the last epoch's, global
+    return Run(rate, outcome.seconds, outcome.phases["train"], outcome.phases)
 
 
 def main() -> None:
@@ -197,7 +219,7 @@ def main() -> None:
         settings = load_settings(storage_root=root / "store")
         manifest = ingest(settings, DIGITS, local_source(make_source(root, replicas))).manifest
         version, store = manifest.version, root / "store"
-        table = []
+        table, fixed = [], {}
         for mb in micro_batches:
             base = plain_torch(settings, version, 1, mb, plain_epochs)
             data = _train_arrays(settings, version)
@@ -224,7 +246,12 @@ def main() -> None:
                     ("Ray Train + DeepSpeed pipeline, 2 stages", 2,
                      ray_train(store, version, mb, ray_epochs, num_workers=2, pipeline_stages=2)),
                 ]  # fmt: skip
-            table += [(mb, name, cores, rate, rate / cores / base) for name, cores, rate in runs]
+            runs = [(name, cores, r if isinstance(r, Run) else Run(r, 0.0, 0.0))  # plain: rates
+                    for name, cores, r in runs]  # fmt: skip
+            table += [(mb, name, cores, r.samples_per_s, r.samples_per_s / cores / base)
+                      for name, cores, r in runs]  # fmt: skip
+            if mb == micro_batches[0]:
+                fixed = {name: r for name, cores, r in runs if r.seconds and cores == 2}
     ray.shutdown()
     print(
         f"training throughput, digits {TIER} tier, {manifest.splits['train']:,} train rows; "
@@ -250,6 +277,25 @@ def main() -> None:
               f"Ray Train's share: {ray_ds / plain_ds:.2f}x")  # fmt: skip
     if pipe is not None:  # not in --quick
         print(f"pipeline vs data parallel (2 workers, mb 64): {pipe / data:.2f}x samples/s")
+    print_fixed_costs(fixed, micro_batches[0], ray_epochs)
+
+
+def print_fixed_costs(runs: dict[str, Run], micro_batch: int, epochs: int) -> None:
+    """Each 2-process run's seconds outside its steps, against plain DDP's."""
+    ddp = runs["plain torch DDP, gloo, 2 x 1 thread"].fixed
+    print(f"\nfixed cost per run: mb {micro_batch}, 2 processes, {epochs} epoch(s); steps = first "
+          "to last (Ray Train: with each epoch's validation and checkpoint)")  # fmt: skip
+    print(f"| {'setup':<42} | run s | steps s | fixed s | fixed vs plain DDP |")
+    print(f"|{'-' * 44}|------:|--------:|--------:|-------------------:|")
+    for name, run in runs.items():
+        print(
+            f"| {name:<42} | {run.seconds:>5.1f} | {run.stepping:>7.1f} | {run.fixed:>7.1f} "
+            f"| {run.fixed / ddp:>17.1f}x |"
+        )
+    for name, run in runs.items():
+        if run.phases:
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in run.phases.items() if k != "train")
+            print(f"{name}, fixed cost by phase (s): {shown}")
 
 
 if __name__ == "__main__":

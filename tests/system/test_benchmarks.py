@@ -48,7 +48,8 @@ TABLES = {
     "data_pipeline": r"^\| rows \| engine \| seconds \| rows/s \| vs plain \| peak RSS MiB \|$",
     "read_split": r"^\| dataset \| split \| files \| rows \| reader \| seconds \|",
     "online_validation": r"^\|\s+rows \| pandera ms \| fast path ms \| speed-up \|$",
-    "train": r"^\| mb\s+\| setup\s+\| cores \| samples/s \|",
+    "train": r"^\| mb\s+\| setup\s+\| cores \| samples/s \|"  # and then its fixed costs:
+    r"(?s:.*)^\| setup\s+\| run s \| steps s \|",
     "train_gpu": r"^(no CUDA device: skipped|\| batch \| samples/s)",
 }
 
