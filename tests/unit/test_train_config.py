@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -102,3 +104,22 @@ def test_a_worker_keeps_a_split_by_its_nodes_memory_unless_told_a_limit() -> Non
     piped = TrainConfig(num_workers=2, pipeline_stages=2, cache_inputs_below_mb=200)
     assert not keeps_in_memory("digits", 1_000_000, piped)  # 248 MB: the whole split
     assert not keeps_in_memory("digits", 10, TrainConfig(cache_inputs_below_mb=0))
+
+
+def test_a_version_too_small_for_one_optimizer_step_is_refused_with_what_to_change(
+    tmp_path: Path,
+) -> None:
+    """1 training row, 2 workers x micro batch 16: not one step. Refused before an MLflow
+    run or a worker exists (the registry is never reached)."""
+    from app.settings import load_settings
+    from tests.unit.test_split_and_versions import published
+    from train.run import _new_job
+
+    settings = load_settings(storage_root=tmp_path)
+    published(settings.datasets_dir, "abc123")
+    with pytest.raises(
+        ConfigError,
+        match=r"has 1 training rows, fewer than one optimizer step of 32 .*"
+        r"lower train.micro_batch_size",
+    ):
+        _new_job(settings, get_workload("digits"), "cheap", "latest", "run", registry=None)  # type: ignore[arg-type]
