@@ -150,12 +150,6 @@ class Feed:
         self.keep = job.caches(rows)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        parts = list(self.shard.iter_torch_batches(batch_size=4096))
-        return torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts])
-
     def batches(
         self, size: int, *, epoch: int | None, drop_last: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -173,7 +167,8 @@ class Feed:
             yield from ((b["x"], b["y"]) for b in stream)
             return
         if self.cached is None:
-            self.cached = self._read_all()
+            parts = list(self.shard.iter_torch_batches(batch_size=4096))
+            self.cached = (torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts]))
         x, y = self.cached
         if epoch is None:
             order = torch.arange(len(y))

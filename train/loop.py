@@ -96,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     progress = load_checkpoint(trainer)
     timeline.engine_ready_at = time.time()
     step_log = mlflow_step_logger(job)
+    held = trainer.held()  # what of the model this rank holds: fixed for the run
     live = LiveFigures(job.train.data_parallel)
     metrics: dict[str, float] = {}
     with published(live, job.workload, job.tier):
@@ -108,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             stop = should_stop(progress, job.train.early_stopping_patience)
             checkpoint = stop or epoch + 1 == job.train.epochs or _due(epoch, job)
             step_log(trainer.engine.global_steps, metrics)
-            epoch_event(job, metrics, trainer.held())
+            epoch_event(job, metrics, held)
             reported = {**metrics, **vars(timeline)}
             report_and_checkpoint(trainer, job, reported, progress, checkpoint=checkpoint)
             if checkpoint:

@@ -17,7 +17,6 @@ import pytest
 from app.errors import CheckpointError, ConfigError
 from app.model_artifact import INT8, load_model
 from app.registry import Registry
-from app.sections import TrainConfig
 from app.settings import Settings, load_settings
 from app.workloads import get_workload
 from data.versions import DatasetStore
@@ -40,11 +39,6 @@ def samples_counted(run_id: str) -> float | None:
     ]
     assert len(found) <= 1, f"several series for run {run_id}: {found}"
     return found[0] if found else None
-
-
-def samples_trained(cfg: TrainConfig, train_rows: int, epochs: int) -> int:
-    """Samples a run of ``epochs`` processes, every data-parallel worker together."""
-    return samples_per_epoch(train_rows, cfg) * epochs
 
 
 def train_rows(platform: Platform) -> int:
@@ -120,7 +114,7 @@ def test_pipeline_and_data_parallel_combine_and_train_as_well_as_data_parallel(
     assert '"pipeline_stages":2' in run.data.params["train"]
     assert '"train_batch_size": 32' in run.data.params["deepspeed"]  # 16 x 2 pipes
     # 4 workers, 2 stages: the run's samples are counted once, not once per stage.
-    expected = samples_trained(settings.train, train_rows(platform), epochs=6)
+    expected = samples_per_epoch(train_rows(platform), settings.train) * 6
     assert samples_counted(outcome.run_name) == expected
     # Each rank holds its own stage's layers and parameters only (its epoch events say
     # so): the two stages split the layers between them, and their parameters add up
@@ -204,7 +198,7 @@ def test_rank_0_reports_the_runs_progress_to_rays_metrics_export(platform: Platf
     loss = values("loss")
     assert all(v > 0 for v in loss) and loss[-1] < loss[0]
     # Samples: exactly what the run trained, every data-parallel worker counted once.
-    expected = samples_trained(platform.settings.train, train_rows(platform), epochs=6)
+    expected = samples_per_epoch(train_rows(platform), platform.settings.train) * 6
     assert samples_counted(outcome.run_name) == expected
     assert values("samples_total")[-1] <= expected
 
