@@ -39,7 +39,8 @@ def test_a_killed_replica_loses_no_request(
     Serve starts a replacement.
 
     An ingress replica holds the HTTP requests themselves: those it was serving when it
-    died get their connection closed without an answer (HAProxy does not replay a
+    died, and any HAProxy sent it on a pooled connection in the instant before marking
+    it down, get their connection closed without an answer (HAProxy does not replay a
     request it has sent), and no other is lost. That is the one documented loss here
     (README, "Faults")."""
     x, _ = test_rows
@@ -57,9 +58,10 @@ def test_a_killed_replica_loses_no_request(
     assert row.succeeded > 0 and row.full_capacity_s < RECOVER_S
     if deployment != INGRESS:
         assert row.lost == 0
-    else:  # only requests it held when it died, each closed at once
+    else:  # only requests it held when it died, or that HAProxy sent it over a pooled
+        # connection before marking it down (~0.1 s), each closed at once
         assert len(lost) <= load.clients
-        assert all(a.started <= died and a.ended < died + 2 for a in lost), (died, lost)
+        assert all(a.started <= died + 0.5 and a.ended < died + 2 for a in lost), (died, lost)
         assert {a.error.split(":")[0] for a in lost} <= {"RemoteProtocolError"}, lost
 
 
