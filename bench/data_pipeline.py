@@ -1,17 +1,19 @@
-"""The ingest pipeline on Ray Data vs the same transforms in one plain process.
+"""The ingest pipeline on Ray Data vs the same code on a 2-process pool.
 
 Both sides run the very same ``data.pipeline.ingest`` (contract check, PII
 pseudonymization and redaction, split, Parquet write, cross-batch uniqueness, the
-preprocessor and column statistics fitted on the train split, the manifest); only the
-engine of the one pass over the records differs: Ray Data streaming over a local
-cluster, or a loop that reads, marks and writes one block at a time with pyarrow and
-pandas. Each run is a fresh child process, and its peak memory is the largest sum of
-RSS over the child and all its descendants (the Ray cluster included), sampled every
-50 ms. Both sides read the same generated files, in the same run.
+preprocessor and column statistics fitted on the train split, the manifest), and the
+same per-piece work in the pass (data/readers.read_piece, data/marking.mark_rows and
+write_rows); only the engine that runs the pieces differs: Ray Data streaming over a
+local cluster, or a ``multiprocessing`` pool of 2 processes (fair on 2 cores). Each run
+is a fresh child process, and its peak memory is the largest sum of RSS over the child
+and all its descendants (the Ray cluster or the pool included), sampled every 50 ms.
+Both sides read the same generated files, in the same run: shards of 250,000 rows, or
+one single file (``--layout single``).
 
-    .venv/bin/python -m bench.data_pipeline                  # 1 M and 4 M rows, Parquet
-    .venv/bin/python -m bench.data_pipeline --sizes 200000   # a quick look
-    .venv/bin/python -m bench.data_pipeline --quick          # what make test runs: 10,000 rows
+    .venv/bin/python -m bench.data_pipeline          # 1 M and 4 M rows, Parquet shards
+    .venv/bin/python -m bench.data_pipeline --format csv --layout single --sizes 2000000 20000000
+    .venv/bin/python -m bench.data_pipeline --quick  # what make test runs
 """
 
 from __future__ import annotations
@@ -28,29 +30,27 @@ import time
 from datetime import date
 from pathlib import Path
 
-ENGINES = ("plain", "ray")
+ENGINES = ("pool", "ray")
 PII_KEY = "bench-pii-key-0123456789abcdef"
+SHARD_ROWS = 250_000
 
 
-def local_pass(source, columns, rows_dir, mark) -> None:  # noqa: ANN001 - a data.marking.Pass
-    """The single-process baseline: read, mark and write one block at a time."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def pool_pass(filesystem, pieces, columns, out, mark) -> None:  # noqa: ANN001 - a data.marking.Pass
+    """The baseline engine: the pieces on a pool of 2 processes, one piece a task."""
+    import multiprocessing
 
-    from data.marking import SPLIT_COLUMN
-    from data.readers import read_stream
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        tasks = [(filesystem, piece, columns, out, mark) for piece in pieces]
+        pool.map(piece_task, tasks, chunksize=1)
 
-    for i, path in enumerate(source.paths):
-        with source.filesystem.open_input_file(path) as f:
-            for j, block in enumerate(read_stream(f, path, columns)):
-                table = mark(block)
-                for split in pc.unique(table.column(SPLIT_COLUMN)).to_pylist():
-                    part = table.filter(pc.equal(table.column(SPLIT_COLUMN), split))
-                    out = rows_dir / f"{SPLIT_COLUMN}={split}"
-                    out.mkdir(parents=True, exist_ok=True)
-                    pq.write_table(
-                        part.drop_columns([SPLIT_COLUMN]), out / f"{i:05d}-{j:05d}.parquet"
-                    )
+
+def piece_task(task: tuple) -> None:
+    """What one of Ray Data's fused read tasks does: read, mark and write a piece."""
+    from data.marking import write_rows
+    from data.readers import read_piece
+
+    filesystem, piece, columns, out, mark = task
+    write_rows((mark(block) for block in read_piece(filesystem, piece, columns)), out)
 
 
 def child(engine: str, source: str, store: str) -> None:
@@ -71,7 +71,7 @@ def child(engine: str, source: str, store: str) -> None:
             seconds = time.perf_counter() - started
     else:
         started = time.perf_counter()
-        result = ingest(settings, workload, open_source(source), run_pass=local_pass)
+        result = ingest(settings, workload, open_source(source), run_pass=pool_pass)
         seconds = time.perf_counter() - started
     m = result.manifest
     print(json.dumps({"seconds": seconds, "rows_in": m.rows_in, "valid": m.rows_valid}))
@@ -131,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--format", default="parquet", choices=["parquet", "csv", "jsonl"])
+    parser.add_argument("--layout", default="shards", choices=["shards", "single"])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--fault-rate", type=float, default=0.01)
     parser.add_argument("--quick", action="store_true", help="one size of 10,000 rows")
     parser.add_argument("--child", nargs=3, metavar=("ENGINE", "SOURCE", "STORE"))
@@ -148,43 +150,47 @@ def main() -> None:
         for size in args.sizes:
             raw = Path(tmp) / f"raw-{size}"
             faults = ("nulls", "range", "categories", "duplicates", "malformed")
-            generate_transactions(
-                raw, rows=size, seed=1, fault_rate=args.fault_rate, faults=faults, fmt=args.format
-            )
-            for engine in ENGINES:
-                results[size, engine] = measure(engine, raw, Path(tmp) / f"store-{size}-{engine}")
-                r = results[size, engine]
+            shard = size if args.layout == "single" else SHARD_ROWS
+            generate_transactions(raw, rows=size, seed=1, fault_rate=args.fault_rate,
+                                  faults=faults, fmt=args.format, rows_per_shard=shard)  # fmt: skip
+            size_bytes = sum(f.stat().st_size for f in raw.iterdir())
+            for engine in args.engines:
+                r = measure(engine, raw, Path(tmp) / f"store-{size}-{engine}")
+                results[size, engine] = {**r, "bytes": size_bytes}
                 rate, peak = r["rows_in"] / r["seconds"], r["peak_rss"] / 2**20
                 print(
-                    f"  {size:>9,} {engine:<5} {r['seconds']:7.1f} s {rate:>9,.0f} rows/s "
+                    f"  {size:>10,} {engine:<5} {r['seconds']:7.1f} s {rate:>9,.0f} rows/s "
                     f"peak {peak:,.0f} MiB",
                     file=sys.stderr,
                 )
+            for store in Path(tmp).glob(f"store-{size}-*"):  # the disk holds one size at a time
+                subprocess.run(["rm", "-rf", str(raw), str(store)], check=True)
     print(report(results, args))
 
 
 def report(results: dict[tuple[int, str], dict], args: argparse.Namespace) -> str:
-    sizes = args.sizes
+    sizes, engines = args.sizes, args.engines
+    base = engines[0]
     lines = [
-        f"ingest pipeline, transactions, {args.format}, fault rate {args.fault_rate:g}; "
-        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"ingest pipeline, transactions, {args.format} {args.layout}, fault rate "
+        f"{args.fault_rate:g}; {date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        "| rows | engine | seconds | rows/s | vs plain | peak RSS MiB |",
-        "|-----:|--------|--------:|-------:|---------:|-------------:|",
+        f"| rows | input MB | engine | seconds | rows/s | vs {base} | peak RSS MiB |",
+        "|-----:|---------:|--------|--------:|-------:|---------:|-------------:|",
     ]
     for size in sizes:
-        base = results[size, "plain"]
-        for engine in ENGINES:
+        first = results[size, base]
+        for engine in engines:
             r = results[size, engine]
             rate = r["rows_in"] / r["seconds"]
-            ratio = rate / (base["rows_in"] / base["seconds"])
+            ratio = rate / (first["rows_in"] / first["seconds"])
             lines.append(
-                f"| {size:,} | {engine} | {r['seconds']:.1f} | {rate:,.0f} | {ratio:.2f}x | "
-                f"{r['peak_rss'] / 2**20:,.0f} |"
+                f"| {size:,} | {r['bytes'] / 1e6:,.0f} | {engine} | {r['seconds']:.1f} | "
+                f"{rate:,.0f} | {ratio:.2f}x | {r['peak_rss'] / 2**20:,.0f} |"
             )
     if len(sizes) >= 2:
         small, large = min(sizes), max(sizes)
-        for engine in ENGINES:
+        for engine in engines:
             growth = results[large, engine]["peak_rss"] / results[small, engine]["peak_rss"]
             lines.append(f"peak memory {engine}: {large:,} rows / {small:,} rows = {growth:.2f}x")
     return "\n".join(lines)

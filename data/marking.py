@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
 
 from app.errors import DataContractError
 from app.workloads import Workload, get_workload
 from data.pii import PiiKey, redact_series
-from data.readers import ERROR, ROW, SOURCE, TEXT, RawFiles
-from data.sources import RawSource
+from data.readers import ERROR, ROW, SOURCE, TEXT, Piece, RawFiles
 from data.split import assign_split
 from data.validate import arrow_schema, check_rows
 from data.versions import QUARANTINE
 
 if TYPE_CHECKING:
     import pyarrow
+    import pyarrow.fs
+    from ray.data._internal.execution.interfaces import TaskContext
 
 SPLIT_COLUMN = "split"
 REASON_COLUMN = "_quarantine_reason"
@@ -149,39 +154,106 @@ def records_json(frame: pd.DataFrame) -> list[str]:
 
 
 Mark = Callable[[pd.DataFrame], "pyarrow.Table"]
-Pass = Callable[[RawSource, list[str], Path, Mark], None]
 
 
-def ray_pass(source: RawSource, columns: list[str], rows_dir: Path, mark: Mark) -> None:
-    """The streaming pass on Ray Data: read, mark and write, a block at a time.
+@dataclass(frozen=True)
+class Output:
+    """Where the pass writes. Each split's rows go under ``rows`` (``split=<name>/``,
+    Hive style). For the id's uniqueness across the run, the id, lineage and file of
+    every valid row also go under ``ids``, hashed by id into ``buckets`` folders (0: the
+    id need not be unique), so that each bucket can be checked alone."""
 
-    Output files are ``part-<task>-<i>.parquet`` in each split's folder. There is one
-    read task per file, in the files' content order, so a name depends on what was read,
-    never on Ray's random write UUID (which its default names carry)."""
+    rows: Path
+    ids: Path
+    id_column: str
+    buckets: int
+
+
+Pass = Callable[["pyarrow.fs.FileSystem", list[Piece], list[str], Output, Mark], None]
+FILE_COLUMN = "_file"
+
+
+def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
+    """Write one read task's marked tables as they come, a row group each, so memory
+    holds one block. Its files are named for its first row (``part-<file>-<record>``),
+    so names depend on what was read, never on how the work was scheduled, and a task
+    that runs again overwrites what its first attempt left."""
+    import pyarrow
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    writers: dict[Path, pq.ParquetWriter] = {}
+    name = None
+
+    def write(path: Path, table: pyarrow.Table) -> None:
+        if path not in writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writers[path] = pq.ParquetWriter(path, table.schema)
+        writers[path].write_table(table)
+
+    try:
+        for table in tables:
+            if table.num_rows == 0:
+                continue
+            name = name or f"part-{table[SOURCE][0].as_py()[:16]}-{table[ROW][0].as_py():012d}"
+            splits = table.column(SPLIT_COLUMN)
+            for split in pc.unique(splits).to_pylist():
+                part = table.filter(pc.equal(splits, split)).drop_columns([SPLIT_COLUMN])
+                file = f"{SPLIT_COLUMN}={split}/{name}.parquet"
+                write(out.rows / file, part)
+                if out.buckets and split != QUARANTINE:
+                    lineage = part.select([out.id_column, SOURCE, ROW])
+                    lineage = lineage.append_column(
+                        FILE_COLUMN, pyarrow.array([file] * len(lineage), pyarrow.string())
+                    )
+                    bucket = id_buckets(lineage.column(0), out.buckets)
+                    for b in np.unique(bucket):
+                        write(out.ids / f"{b:05d}" / f"{name}-{split}.parquet",
+                              lineage.filter(bucket == b))  # fmt: skip
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def id_buckets(ids: pyarrow.ChunkedArray, buckets: int) -> np.ndarray:
+    """Which bucket each id hashes to: the same id, the same bucket, in any task."""
+    hashes = pd.util.hash_array(ids.to_numpy(zero_copy_only=False).astype(str))
+    return (hashes % np.uint64(buckets)).astype(np.int64)
+
+
+class RowsSink(Datasink[None]):
+    """Ray Data's end of the pass: :func:`write_rows` for each task's blocks. (Ray's own
+    Parquet sink lists a task's blocks first, so a task would hold a whole file.)"""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> None:
+        write_rows((BlockAccessor.for_block(b).to_arrow() for b in blocks), self.out)
+
+
+def ray_pass(
+    filesystem: pyarrow.fs.FileSystem,
+    pieces: list[Piece],
+    columns: list[str],
+    out: Output,
+    mark: Mark,
+) -> None:
+    """The streaming pass on Ray Data: read, mark and write, a block at a time, one task
+    per piece of a file (data/readers.py), so a large file uses every core."""
     import ray.data
-    from ray.data import SaveMode
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}"
 
     (
         ray.data.read_datasource(
-            RawFiles(source.paths, columns=columns, filesystem=source.filesystem),
-            # One read task per file, not split further: then read, mark and write fuse
+            RawFiles(pieces, columns=columns, filesystem=filesystem),
+            # One read task per piece, not split further: then read, mark and write fuse
             # into one task and no block crosses the object store.
-            override_num_blocks=len(source.paths),
+            override_num_blocks=len(pieces),
         )
         .map_batches(
             mark,
-            batch_size=None,  # a block as read: never concatenated with another file's
+            batch_size=None,  # a block as read: never concatenated with another piece's
             batch_format="pandas",
         )
-        .write_parquet(
-            str(rows_dir),
-            partition_cols=[SPLIT_COLUMN],
-            filename_provider=PartNames(),
-            mode=SaveMode.OVERWRITE,  # a fresh staging folder; lets names carry no UUID
-        )
+        .write_datasink(RowsSink(out))
     )

@@ -40,16 +40,18 @@ from app.settings import Settings
 from app.workloads import Workload
 from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
 from data.marking import (
+    FILE_COLUMN,
     RAW_COLUMN,
     REASON_COLUMN,
     SPLIT_COLUMN,
+    Output,
     Pass,
     mark_rows,
     ray_pass,
     records_json,
 )
 from data.pii import load_pii_key
-from data.readers import ROW, SOURCE
+from data.readers import ROW, SOURCE, Piece
 from data.sources import (
     RawSource,
     builtin_raw_file,
@@ -75,8 +77,9 @@ from data.versions import (
 if TYPE_CHECKING:
     import pyarrow
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"  # 3: files named for their first row, pieces of files, a multiset hash
 STATS_BATCH_ROWS = 65_536
+ID_BUCKET_ROWS = 1_000_000  # ids per bucket of the uniqueness check, on average
 # Settings that say where a run's figures go, or whether a run fails, not what its
 # version holds: left out of the version id (a new gateway is not a new dataset) and of
 # the manifest (a URL may carry credentials). on_unreadable_file only decides whether a
@@ -127,10 +130,9 @@ def ingest(
     source = source or local_source(
         builtin_raw_file(workload, settings.storage_root.resolve() / "raw")
     )
-    sources = in_content_order(
-        [_describe(source, path, workload, cfg.on_unreadable_file) for path in source.paths]
-    )
-    raw = source
+    described = [_describe(source, path, workload, cfg.on_unreadable_file) for path in source.paths]
+    pieces_of = {file.path: pieces for file, pieces in described}
+    sources = in_content_order([file for file, _ in described])
     # The pass reads the files in content order, so that the output (file names, which
     # occurrence of an id stays) never depends on how the files were named or listed.
     readable = [s for s in sources if s.unreadable is None]
@@ -139,7 +141,6 @@ def ingest(
             f"none of the {len(sources)} files of the source can be read: "
             + "; ".join(s.unreadable or "" for s in sources[:3])
         )
-    source = RawSource(source.uri, source.filesystem, [s.path for s in readable])
     version = version_id(
         {
             "pipeline": PIPELINE_VERSION,
@@ -159,7 +160,7 @@ def ingest(
     parent = parent_of(store, workload.name, sources, parent_ref)
 
     staging = store.staging_dir(workload.name)
-    sources = [_kept(raw, s, staging, workload) if s.unreadable else s for s in sources]
+    sources = [_kept(source, s, staging, workload) if s.unreadable else s for s in sources]
     mark = functools.partial(
         mark_rows,
         workload_name=workload.name,
@@ -169,8 +170,18 @@ def ingest(
         sha256_of={s.path: s.sha256 for s in readable},
     )
     try:
-        run_pass(source, list(workload.contract().columns), staging / "rows", mark)
-        duplicates_moved(staging / "rows", workload, [s.sha256 for s in sources])
+        pieces = [piece for s in readable for piece in pieces_of[s.path]]
+        unique = workload.contract().columns[workload.id_column].unique
+        rows_in = sum(s.rows for s in readable)
+        out = Output(
+            rows=staging / "rows",
+            ids=staging / "ids",
+            id_column=workload.id_column,
+            buckets=-(-rows_in // ID_BUCKET_ROWS) if unique else 0,
+        )
+        run_pass(source.filesystem, pieces, list(workload.contract().columns), out, mark)
+        duplicates_moved(out, workload, [s.sha256 for s in sources])
+        shutil.rmtree(out.ids, ignore_errors=True)
         preprocessor, stats = _fit_on_train(staging / "rows", workload)
         if preprocessor is not None:
             (staging / PREPROCESSOR).write_text(preprocessor.model_dump_json(indent=2))
@@ -226,20 +237,23 @@ def push_figures(cfg: IngestConfig, store: DatasetStore, run: DatasetManifest) -
     push_ingest_figures(cfg.pushgateway_url, run, latest, cfg)
 
 
-def _describe(source: RawSource, path: str, workload: Workload, unreadable: str) -> SourceFile:
-    """One raw file, checked. ``unreadable`` (ingest.on_unreadable_file): 'fail' raises
-    for a file that cannot be read; 'quarantine' reads it through once, as the pass will,
-    and describes one that cannot be read with the reason (the pass leaves it out)."""
+def _describe(
+    source: RawSource, path: str, workload: Workload, unreadable: str
+) -> tuple[SourceFile, list[Piece]]:
+    """One raw file, checked, and the pieces the pass reads it in. ``unreadable``
+    (ingest.on_unreadable_file): 'fail' raises for a file that cannot be read;
+    'quarantine' reads it through once, as the pass will, and describes one that cannot
+    be read with the reason (the pass leaves it out)."""
     try:
-        size, sha256, rows = describe_file(source, path, workload)
+        file = describe_file(source, path, workload)
         if unreadable == "quarantine":
-            read_through(source, path, list(workload.contract().columns))
+            read_through(source, file.pieces, list(workload.contract().columns))
     except DataContractError as exc:
         if unreadable == "fail":
             raise
         size, sha256 = file_digest(source, path)
-        return SourceFile(path=path, size=size, sha256=sha256, rows=0, unreadable=str(exc))
-    return SourceFile(path=path, size=size, sha256=sha256, rows=rows)
+        return SourceFile(path=path, size=size, sha256=sha256, rows=0, unreadable=str(exc)), []
+    return SourceFile(path=path, size=file.size, sha256=file.sha256, rows=file.records), file.pieces
 
 
 def _kept(source: RawSource, file: SourceFile, staging: Path, workload: Workload) -> SourceFile:
@@ -286,61 +300,42 @@ def parent_of(
     return found.version if found else None
 
 
-def _valid_files(rows_dir: Path) -> list[Path]:
-    return sorted(f for s in SPLITS for f in (rows_dir / f"{SPLIT_COLUMN}={s}").glob("*.parquet"))
-
-
-def duplicates_moved(rows_dir: Path, workload: Workload, source_order: list[str]) -> int:
+def duplicates_moved(out: Output, workload: Workload, source_order: list[str]) -> int:
     """Enforce the id's uniqueness across the whole run, not just within a batch.
 
     The first occurrence (by source file, in ``source_order`` of their SHA-256s, then
-    record number) stays; later ones move to the quarantine. Reads the id column of
-    every file, then the lineage of the repeated ids only, then rewrites the files that
-    hold a later occurrence one at a time, so memory stays bounded by one file. Returns
-    how many rows moved.
+    record number) stays; later ones move to the quarantine. The pass hashed every valid
+    row's id, lineage and file into buckets (:class:`Output`); each bucket is read alone
+    for its repeated ids, so memory holds one bucket (``ID_BUCKET_ROWS`` rows or so),
+    whatever the run's size. Then only the files that hold a later occurrence are
+    rewritten, one at a time. Returns how many rows moved.
     """
     import pyarrow
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     id_column = workload.id_column
-    if not workload.contract().columns[id_column].unique:
+    repeated = []
+    for bucket in sorted(out.ids.glob("*")) if out.buckets else []:
+        lineage = pq.read_table(bucket).to_pandas()
+        repeated.append(lineage[lineage.duplicated(id_column, keep=False)])
+    candidates = pd.concat(repeated, ignore_index=True) if repeated else pd.DataFrame()
+    if candidates.empty:
         return 0
-    files = _valid_files(rows_dir)
-    ids = [pq.read_table(f, columns=[id_column]).column(0).to_numpy() for f in files]
-    if not ids:
-        return 0
-    values, counts = np.unique(np.concatenate(ids), return_counts=True)
-    repeated = pyarrow.array(values[counts > 1])
-    if len(repeated) == 0:
-        return 0
-    holders = [f for f, v in zip(files, ids, strict=True) if np.isin(v, repeated).any()]
-    del ids
     order = {sha256: i for i, sha256 in enumerate(source_order)}
-    candidates = pd.concat(
-        [
-            pq.read_table(
-                f, columns=[id_column, SOURCE, ROW], filters=[(id_column, "in", repeated)]
-            )
-            .to_pandas()
-            .assign(_file=str(f))
-            for f in holders
-        ],
-        ignore_index=True,
-    )
     candidates["_order"] = candidates[SOURCE].map(order)
     candidates = candidates.sort_values(["_order", ROW], kind="stable")
     later = candidates[candidates.duplicated(id_column, keep="first")]
     moved = []
-    for f, gone in later.groupby("_file", sort=True):
-        table = pq.read_table(f)
+    for file, gone in later.groupby(FILE_COLUMN, sort=True):
+        table = pq.read_table(out.rows / file)
         keys = pc.binary_join_element_wise(
             table.column(SOURCE), pc.cast(table.column(ROW), pyarrow.string()), "#"
         )
         mask = pc.is_in(keys, pyarrow.array((gone[SOURCE] + "#" + gone[ROW].astype(str)).tolist()))
         moved.append(_as_duplicate(table.filter(mask), workload))
-        pq.write_table(table.filter(pc.invert(mask)), f)
-    quarantine = rows_dir / f"{SPLIT_COLUMN}={QUARANTINE}"
+        pq.write_table(table.filter(pc.invert(mask)), out.rows / file)
+    quarantine = out.rows / f"{SPLIT_COLUMN}={QUARANTINE}"
     quarantine.mkdir(exist_ok=True)
     merged = pyarrow.concat_tables(moved)
     pq.write_table(merged, quarantine / "duplicates.parquet")
@@ -369,17 +364,26 @@ def _as_duplicate(rows: pyarrow.Table, workload: Workload) -> pyarrow.Table:
 
 
 def _train_batches(rows_dir: Path, columns: list[str]) -> Callable[[], Iterator[pd.DataFrame]]:
-    """The train split in a fixed order, whatever order the writer left rows in: files
-    by name, rows by lineage (pyarrow's threaded writer does not keep the order). The
-    statistics' sample and float sums, and the preprocessor's, depend on it."""
+    """The train split in a fixed order and fixed batches, whatever order the writer left
+    rows in: files by name (which is lineage order), rows by lineage. The statistics'
+    sample and float sums, and the preprocessor's, depend on it."""
+    import pyarrow
     import pyarrow.parquet as pq
 
     def batches() -> Iterator[pd.DataFrame]:
+        held: list[pyarrow.Table] = []  # rows carried over to the next file's
         for f in sorted((rows_dir / f"{SPLIT_COLUMN}=train").glob("*.parquet")):
             table = pq.read_table(f, columns=[*columns, SOURCE, ROW])
-            table = table.sort_by([(SOURCE, "ascending"), (ROW, "ascending")]).select(columns)
-            for batch in table.to_batches(max_chunksize=STATS_BATCH_ROWS):
-                yield batch.to_pandas()
+            held.append(table.sort_by([(SOURCE, "ascending"), (ROW, "ascending")]).select(columns))
+            # Batches of STATS_BATCH_ROWS across files, so that float sums are the same
+            # however the pass cut its output into files.
+            rows = pyarrow.concat_tables(held)
+            whole = rows.num_rows // STATS_BATCH_ROWS * STATS_BATCH_ROWS
+            for start in range(0, whole, STATS_BATCH_ROWS):
+                yield rows.slice(start, STATS_BATCH_ROWS).to_pandas()
+            held = [rows.slice(whole)]
+        if held and held[0].num_rows:
+            yield held[0].to_pandas()
 
     return batches
 
@@ -481,20 +485,28 @@ def _manifest(
 def rows_digest(rows_dir: Path) -> str:
     """12 hex digits that stand for the rows of every partition, whatever the files are
     named or cut, and whatever order rows are in: a SHA-256 over each partition's name,
-    its column names and the sorted 64-bit hashes of its rows. One file in memory at a
-    time, and 8 bytes per row."""
+    its column names, its row count and two sums (mod 2**64) of its rows' 64-bit hashes,
+    each under its own key (a multiset hash). One file in memory at a time."""
     import pyarrow.parquet as pq
 
     digest = hashlib.sha256()
+    keys = ("scaledl-rows-a01", "scaledl-rows-b02")  # hash_pandas_object wants 16 bytes
     for partition in sorted(p for p in rows_dir.iterdir() if p.is_dir()):
-        hashes, names = [], None
+        names, rows, sums = None, 0, np.zeros(len(keys), np.uint64)
         for f in sorted(partition.glob("*.parquet")):
             frame = pq.read_table(f).to_pandas()
             names = names or list(frame.columns)
-            hashes.append(pd.util.hash_pandas_object(frame[names], index=False).to_numpy())
-        digest.update(f"{partition.name}\n{names}\n".encode())
-        if hashes:
-            digest.update(np.sort(np.concatenate(hashes)).tobytes())
+            rows += len(frame)
+            sums += np.array(  # arrays of uint64 wrap around silently
+                [
+                    pd.util.hash_pandas_object(frame[names], index=False, hash_key=key)
+                    .to_numpy()
+                    .sum(dtype=np.uint64)
+                    for key in keys
+                ],
+                np.uint64,
+            )
+        digest.update(f"{partition.name}\n{names}\n{rows}\n".encode() + sums.tobytes())
     return digest.hexdigest()[:12]
 
 

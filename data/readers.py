@@ -1,6 +1,10 @@
 """Reading raw files for Ray Data: Parquet, CSV and JSON lines, with nothing dropped.
 
-:class:`RawFiles` is a Ray Data datasource. Every block it yields holds the file's
+A file is read in :class:`Piece` s, each one read task: a byte range of whole lines of
+a CSV or JSON lines file, or a range of row groups of a Parquet file
+(data/sources.describe_file cuts them while it hashes the file). So memory is bounded
+by a piece, not by a file, and one large file keeps every core busy. :class:`RawFiles`
+is the Ray Data datasource of a run's pieces. Every block it yields holds the file's
 columns plus four of its own:
 
 - ``_source``: the file the row came from;
@@ -21,12 +25,13 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import Datasource, ReadTask
 
 from app.errors import DataContractError
 from data.pii import redact_fragments
@@ -34,6 +39,7 @@ from data.validate import mismatch
 
 if TYPE_CHECKING:
     import pyarrow
+    import pyarrow.fs
 
 SOURCE = "_source"
 ROW = "_row"
@@ -41,6 +47,8 @@ ERROR = "_error"
 TEXT = "_text"
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 BLOCK_ROWS = 65_536
+PIECE_BYTES = 16 << 20  # of a CSV or JSON lines file: about 160,000 transactions in CSV
+PIECE_ROWS = 262_144  # of a Parquet file, in whole row groups
 BOM = b"\xef\xbb\xbf"  # Excel's UTF-8 exports start with one
 MAX_TEXT = 500  # characters of an unparseable line kept (redacted) in the quarantine
 
@@ -49,37 +57,88 @@ def file_format(path: str) -> str | None:
     return EXTENSIONS.get(PurePosixPath(path).suffix.lower())
 
 
-class RawFiles(FileBasedDatasource):
-    """Raw files of one workload; ``columns`` are the contract's columns."""
+@dataclass(frozen=True)
+class Piece:
+    """What one read task reads of one file: bytes ``[start, stop)`` that begin and end
+    on a line boundary (CSV, JSON lines), or row groups ``[start, stop)`` (Parquet);
+    ``first`` is the record number (``_row``) of its first record."""
 
-    _FILE_EXTENSIONS = [ext.lstrip(".") for ext in EXTENSIONS]
-
-    def __init__(self, paths: list[str], *, columns: list[str], **kwargs) -> None:  # noqa: ANN003
-        super().__init__(paths, **kwargs)
-        self.columns = columns
-
-    def _open_input_source(self, filesystem, path, **open_args):  # noqa: ANN001, ANN202
-        if file_format(path) == "parquet":  # Parquet needs random access to its footer
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pd.DataFrame]:
-        return read_stream(f, path, self.columns)
+    path: str
+    start: int
+    stop: int
+    first: int
 
 
-def read_stream(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
-    """The blocks of one open file (random access for Parquet), by its extension."""
-    kind = file_format(path)
-    if kind == "parquet":
-        return read_parquet(f, path, columns)
-    if kind == "csv":
-        return read_csv(f.readall(), path, columns)
-    if kind == "jsonl":
-        return read_jsonl(f.readall(), path, columns)
-    raise DataContractError(f"{path}: unsupported file type; use .parquet, .csv or .jsonl")
+class RawFiles(Datasource):
+    """The pieces of one workload's raw files, one read task each, in the order given;
+    ``columns`` are the contract's columns."""
+
+    def __init__(
+        self, pieces: list[Piece], *, columns: list[str], filesystem: pyarrow.fs.FileSystem
+    ) -> None:
+        super().__init__()
+        self.pieces, self.columns, self.filesystem = pieces, columns, filesystem
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, **_: object) -> list[ReadTask]:
+        from ray.data.block import BlockMetadata
+
+        def task(piece: Piece) -> ReadTask:
+            fs, columns = self.filesystem, self.columns
+            return ReadTask(
+                lambda: read_piece(fs, piece, columns),
+                BlockMetadata(
+                    num_rows=None, size_bytes=None, input_files=[piece.path], exec_stats=None
+                ),  # fmt: skip
+            )
+
+        return [task(p) for p in self.pieces]
 
 
-def read_parquet(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
+def read_piece(
+    filesystem: pyarrow.fs.FileSystem, piece: Piece, columns: list[str]
+) -> Iterator[pd.DataFrame]:
+    """The blocks of one piece of a file, by the file's extension."""
+    kind, path = file_format(piece.path), piece.path
+    with filesystem.open_input_file(path) as f:
+        if kind == "parquet":
+            yield from read_parquet(f, path, columns, range(piece.start, piece.stop), piece.first)
+            return
+        if kind not in ("csv", "jsonl"):
+            raise DataContractError(f"{path}: unsupported file type; use .parquet, .csv or .jsonl")
+        f.seek(piece.start)
+        data = f.read(piece.stop - piece.start)
+        if kind == "jsonl":
+            yield from read_jsonl(data, path, columns, first_line=piece.first)
+        elif piece.start == 0:
+            yield from read_csv(data, path, columns)
+        else:  # the header, then this piece's lines: its first line is line `first`
+            f.seek(0)
+            yield from read_csv(first_line(f) + data, path, columns, first_line=piece.first - 1)
+
+
+def first_line(f: pyarrow.NativeFile) -> bytes:
+    """The first line of an open file, its newline included, read a block at a time."""
+    line = b""
+    while chunk := f.read(1 << 16):
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return line + chunk[: end + 1]
+        line += chunk
+    return line
+
+
+def read_parquet(
+    f: pyarrow.NativeFile,
+    path: str,
+    columns: list[str],
+    row_groups: Iterable[int] | None = None,
+    first: int = 1,
+) -> Iterator[pd.DataFrame]:
+    """Row groups ``row_groups`` (default: all) of a Parquet file, whose first row is
+    record ``first``."""
     import pyarrow.parquet as pq
 
     try:
@@ -88,8 +147,11 @@ def read_parquet(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterat
         raise DataContractError(
             f"{path} is not a readable Parquet file ({exc}): re-export it or remove it"
         ) from None
-    offset = 0
-    batches = parquet.iter_batches(batch_size=BLOCK_ROWS, columns=columns)
+    offset = first - 1
+    groups = range(parquet.num_row_groups) if row_groups is None else list(row_groups)
+    if not groups:
+        return
+    batches = parquet.iter_batches(batch_size=BLOCK_ROWS, columns=columns, row_groups=groups)
     while True:
         try:
             batch = next(batches, None)
@@ -104,8 +166,12 @@ def read_parquet(f: pyarrow.NativeFile, path: str, columns: list[str]) -> Iterat
         offset += len(frame)
 
 
-def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
-    """All columns as text; bad lines kept as records with ``_error``."""
+def read_csv(
+    data: bytes, path: str, columns: list[str], first_line: int = 1
+) -> Iterator[pd.DataFrame]:
+    """All columns as text; bad lines kept as records with ``_error``. ``data`` starts
+    with the header, which is line ``first_line`` of the file (a piece's lines follow
+    the file's header)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -153,7 +219,9 @@ def read_csv(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFram
             TEXT: [_redacted(t) for t in invalid.values()],
         }
     )
-    yield from _blocks(pd.concat([frame, _unparsed(broken, path, columns)], ignore_index=True))
+    records = pd.concat([frame, _unparsed(broken, path, columns)], ignore_index=True)
+    records[ROW] += first_line - 1
+    yield from _blocks(records)
 
 
 def _blank_non_utf8_lines(data: bytes) -> tuple[bytes, dict[int, str]]:
@@ -172,14 +240,17 @@ def _blank_non_utf8_lines(data: bytes) -> tuple[bytes, dict[int, str]]:
     return b"\n".join(lines) + b"\n", bad
 
 
-def read_jsonl(data: bytes, path: str, columns: list[str]) -> Iterator[pd.DataFrame]:
-    """One JSON object per line with exactly the contract's fields; else ``_error``."""
-    lines = data.removeprefix(BOM).split(b"\n")
+def read_jsonl(
+    data: bytes, path: str, columns: list[str], first_line: int = 1
+) -> Iterator[pd.DataFrame]:
+    """One JSON object per line with exactly the contract's fields; else ``_error``.
+    ``data`` starts at line ``first_line`` of the file."""
+    lines = (data.removeprefix(BOM) if first_line == 1 else data).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     expected = set(columns)
     records, rows, broken = [], [], []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_line):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:

@@ -12,11 +12,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from app.errors import ConfigError, DataContractError
 from app.workloads import Workload
-from data.readers import EXTENSIONS, check_columns, csv_header, file_format, read_stream
+from data.readers import (
+    EXTENSIONS,
+    PIECE_BYTES,
+    PIECE_ROWS,
+    Piece,
+    check_columns,
+    csv_header,
+    file_format,
+    read_piece,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -88,19 +97,34 @@ def local_source(path: Path) -> RawSource:
     return RawSource(str(path), pafs.LocalFileSystem(), [str(path.resolve())])
 
 
-def describe_file(source: RawSource, path: str, workload: Workload) -> tuple[int, str, int]:
-    """(size, sha256, records) of one raw file, after checking its columns.
+class Described(NamedTuple):
+    size: int
+    sha256: str
+    records: int
+    pieces: list[Piece]  # what the read tasks read, in order
+
+
+def describe_file(source: RawSource, path: str, workload: Workload) -> Described:
+    """One raw file, checked, hashed, counted and cut into pieces, in one read.
 
     Records: Parquet's row count from its footer; for CSV the physical lines after the
-    header, for JSON lines every physical line. An unreadable or empty file, or one with
-    a missing or extra column, is refused here, naming the file, before anything runs.
+    header, for JSON lines every physical line. Pieces: about ``PIECE_BYTES`` of whole
+    lines each (the first line of a CSV, its header, belongs to the first), or about
+    ``PIECE_ROWS`` rows of whole row groups. An unreadable or empty file, or one with a
+    missing or extra column, is refused here, naming the file, before anything runs.
     """
     kind = file_format(path)
     expected = list(workload.contract().columns)
     digest, size, newlines, first, last = hashlib.sha256(), 0, 0, b"", b"\n"
+    cuts = [(0, 1)]  # (byte offset, line number) where each piece starts
     with source.filesystem.open_input_stream(path) as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            # The first line break at or after PIECE_BYTES past the last cut ends a piece.
+            at = max(cuts[-1][0] + PIECE_BYTES - size, 0)
+            while at < len(chunk) and (end := chunk.find(b"\n", at)) >= 0:
+                cuts.append((size + end + 1, newlines + chunk.count(b"\n", 0, end + 1) + 1))
+                at = end + 1 + PIECE_BYTES
             size += len(chunk)
             newlines += chunk.count(b"\n")
             if not first:
@@ -112,13 +136,18 @@ def describe_file(source: RawSource, path: str, workload: Workload) -> tuple[int
         )
     lines = newlines + (last != b"\n")
     if kind == "parquet":
-        records = _parquet_rows(source, path, expected)
-    elif kind == "csv":
-        csv_header(first, path, expected)
-        records = lines - 1
+        records, pieces = _parquet_pieces(source, path, expected)
     else:
-        records = lines
-    return size, digest.hexdigest(), records
+        if kind == "csv":
+            csv_header(first, path, expected)
+        records = lines - (kind == "csv")
+        ends = [start for start, _ in cuts[1:] if start < size] + [size]
+        pieces = [
+            Piece(path, start, stop, line) for (start, line), stop in zip(cuts, ends, strict=False)
+        ]
+        if kind == "csv":  # a CSV's records start on line 2
+            pieces[0] = Piece(path, 0, pieces[0].stop, 2)
+    return Described(size, digest.hexdigest(), records, pieces)
 
 
 def file_digest(source: RawSource, path: str) -> tuple[int, str]:
@@ -131,26 +160,34 @@ def file_digest(source: RawSource, path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def read_through(source: RawSource, path: str, columns: list[str]) -> None:
+def read_through(source: RawSource, pieces: list[Piece], columns: list[str]) -> None:
     """Read one file to its end with the pass's own reader, keeping nothing: what the
     reader refuses (a damaged Parquet page, a CSV it cannot line up) raises here, naming
     the file, instead of in the middle of the pass."""
-    with source.filesystem.open_input_file(path) as fh:
-        for _ in read_stream(fh, path, columns):
+    for piece in pieces:
+        for _ in read_piece(source.filesystem, piece, columns):
             pass
 
 
-def _parquet_rows(source: RawSource, path: str, expected: list[str]) -> int:
+def _parquet_pieces(source: RawSource, path: str, expected: list[str]) -> tuple[int, list[Piece]]:
+    """A Parquet file's rows (from its footer), and its row groups cut into pieces."""
     import pyarrow.parquet as pq
 
     try:
         with source.filesystem.open_input_file(path) as fh:
-            parquet = pq.ParquetFile(fh)
-            names, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+            meta = pq.ParquetFile(fh).metadata
+            names, rows = meta.schema.to_arrow_schema().names, meta.num_rows
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataContractError(
             f"{path} is not a readable Parquet file ({exc}): re-export it or remove it from "
             "the source"
         ) from None
     check_columns(names, expected, path)
-    return rows
+    pieces, start, first = [], 0, 1
+    for group in range(len(sizes) + 1):
+        held = sum(sizes[start:group])
+        if group == len(sizes) or (held and held + sizes[group] > PIECE_ROWS):
+            pieces.append(Piece(path, start, group, first))
+            start, first = group, first + held
+    return rows, pieces

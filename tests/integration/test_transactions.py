@@ -265,7 +265,10 @@ def test_renamed_reordered_copies_give_the_same_version_files_rows_and_statistic
 
     fa, fb = files(a.path), files(b.path)
     assert list(fa) == list(fb)
-    assert all(re.fullmatch(r"rows/split=\w+/(part-\d{5}-\d+|duplicates)\.parquet", n) for n in fa)
+    assert all(
+        re.fullmatch(r"rows/split=\w+/(part-[0-9a-f]{16}-\d{12}|duplicates)\.parquet", n)
+        for n in fa
+    )
     for name, frame in fa.items():
         pd.testing.assert_frame_equal(frame, fb[name], obj=name)
     assert ma.parent is None and mb.parent is None
@@ -280,6 +283,37 @@ def test_renamed_reordered_copies_give_the_same_version_files_rows_and_statistic
     assert subset.manifest.version != ma.version and subset.manifest.parent is None
     same = ingest(settings_for(tmp_path / "a"), TRANSACTIONS, open_source(copies))
     assert same.reused and same.manifest.version == ma.version
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_one_large_file_in_pieces_and_ids_in_buckets_is_the_version_of_one_read(
+    tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """One large file is cut into pieces that run as read tasks of their own (so memory
+    holds a piece, and the file uses every core), and the id's uniqueness is checked a
+    hash bucket at a time. Cut small here (pieces of 64 KiB, buckets of 1,000 ids): the
+    same version, rows, quarantine (ids repeated across pieces included), content hash
+    and statistics as one piece and one bucket."""
+    from data import pipeline, sources
+
+    raw = tmp_path / "raw"
+    generate_transactions(raw, rows=6000, seed=4, fault_rate=0.1, fmt=fmt,
+                          rows_per_shard=6000)  # fmt: skip
+    whole = ingest(settings_for(tmp_path / "whole"), TRANSACTIONS, open_source(raw))
+    monkeypatch.setattr(sources, "PIECE_BYTES", 64 << 10)
+    monkeypatch.setattr(pipeline, "ID_BUCKET_ROWS", 1000)
+    pieced = ingest(settings_for(tmp_path / "pieced"), TRANSACTIONS, open_source(raw))
+    mw, mp = whole.manifest, pieced.manifest
+    assert mw.version == mp.version and mw.rows_in == mp.rows_in > 4000
+    assert mw.quarantine_reasons["txn_id: field_uniqueness"] > 0
+    assert (mp.splits, mp.quarantine_reasons) == (mw.splits, mw.quarantine_reasons)
+    assert mp.content_hash == mw.content_hash
+    assert mp.stats == mw.stats
+    train = [
+        len(list((r.path / "rows" / "split=train").glob("*.parquet"))) for r in (whole, pieced)
+    ]
+    assert train[0] == 1 and train[1] >= 8, train
+    assert not (pieced.path / "ids").exists()  # the buckets are not part of the version
 
 
 def test_same_inputs_same_version_changed_inputs_a_child_version(

@@ -45,7 +45,7 @@ def store(trained_store: Path) -> Path:
 
 # The header line of each table a benchmark prints (train_gpu: its skip line without CUDA).
 TABLES = {
-    "data_pipeline": r"^\| rows \| engine \| seconds \| rows/s \| vs plain \| peak RSS MiB \|$",
+    "data_pipeline": r"^\| rows \| input MB \| engine \| seconds \| rows/s \| vs pool \| peak RSS",
     "read_split": r"^\| dataset \| split \| files \| rows \| reader \| seconds \|",
     "online_validation": r"^\|\s+rows \| pandera ms \| fast path ms \| speed-up \|$",
     "train": r"^\| mb\s+\| setup\s+\| cores \| samples/s \|"  # and then its fixed costs:

@@ -1,5 +1,7 @@
 """Corrupted raw files against the readers the ingest runs (data/sources.describe_file,
-then data/readers.read_stream, which Ray Data's RawFiles calls per file): truncation,
+which cuts a file into pieces, then data/readers.read_piece, which Ray Data's RawFiles
+calls per piece; the pieces here are 1 KiB, so a corruption often sits across a cut or
+in a piece of its own): truncation,
 bit flips, another encoding, a BOM in the middle, NUL bytes, a huge line, 10,000
 columns. Every file is refused with a DataContractError that names it, or it
 reconciles: the records read (parsed or kept with why not) are the records counted.
@@ -18,8 +20,9 @@ import pytest
 
 from app.errors import DataContractError
 from app.workloads import get_workload
+from data import sources
 from data.generate import generate_transactions
-from data.readers import read_stream
+from data.readers import read_piece
 from data.sources import describe_file, local_source
 
 TRANSACTIONS = get_workload("transactions")
@@ -112,16 +115,26 @@ def cases() -> list[tuple[str, str, int]]:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("fmt", "kind", "seed"), cases())
 def test_a_corrupted_file_is_refused_by_name_or_reconciles(
-    clean: dict[str, bytes], tmp_path: Path, fmt: str, kind: str, seed: int
+    clean: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    kind: str,
+    seed: int,
 ) -> None:
+    monkeypatch.setattr(sources, "PIECE_BYTES", 1024)
     data = CORRUPTIONS[kind](clean[fmt], random.Random(seed))
     path = tmp_path / f"corrupt-{seed}.{fmt}"
     path.write_bytes(data)
     source = local_source(path)
     try:
-        _, _, counted = describe_file(source, source.paths[0], TRANSACTIONS)
-        with source.filesystem.open_input_file(source.paths[0]) as f:
-            read = sum(len(block) for block in read_stream(f, source.paths[0], COLUMNS))
+        described = describe_file(source, source.paths[0], TRANSACTIONS)
+        counted = described.records
+        read = sum(
+            len(block)
+            for piece in described.pieces
+            for block in read_piece(source.filesystem, piece, COLUMNS)
+        )
     except DataContractError as exc:
         assert path.name in str(exc), str(exc)
         return

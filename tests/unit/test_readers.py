@@ -152,3 +152,47 @@ def test_names_that_could_be_pii_are_counted_not_shown() -> None:
         "record: unexpected field (20 characters, not shown)",
     ]
     assert not any(h in text for h in HOSTILE for text in out[TEXT])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_file_read_in_pieces_gives_every_record_once_with_its_number(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:  # noqa: ANN001
+    """A large file is cut into pieces that run as separate read tasks: together they
+    give exactly the records of one read of the whole file, with the same record
+    numbers, errors and redacted texts, bad lines, a BOM and a cut-off last line
+    included."""
+    import pyarrow.parquet as pq
+
+    from app.workloads import get_workload
+    from data import sources
+    from data.generate import generate_transactions
+    from data.readers import read_piece
+    from data.sources import describe_file, local_source
+
+    workload = get_workload("transactions")
+    columns = list(workload.contract().columns)
+    faults = ("nulls", "malformed") if fmt != "parquet" else ("nulls",)
+    report = generate_transactions(tmp_path / "raw", rows=400, seed=3, fault_rate=0.1,
+                                   faults=faults, fmt=fmt)  # fmt: skip
+    path = report.files[0]
+    if fmt == "parquet":  # row groups of 30 rows, so that there is something to cut
+        pq.write_table(pq.read_table(path), path, row_group_size=30)
+    else:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes() + b'99,"cut off')
+    source = local_source(path)
+
+    def read(**cut: int) -> tuple[int, pd.DataFrame, int]:
+        for name, value in cut.items():
+            monkeypatch.setattr(sources, name, value)
+        described = describe_file(source, source.paths[0], workload)
+        blocks = [b for p in described.pieces for b in read_piece(source.filesystem, p, columns)]
+        return len(described.pieces), frame(blocks), described.records
+
+    one, whole, records = read()
+    many, pieced, _ = read(PIECE_BYTES=2000, PIECE_ROWS=50)
+    assert one == 1 and many > 4
+    assert len(whole) == records
+    pd.testing.assert_frame_equal(pieced, whole)
+    if fmt != "parquet":
+        assert whole[ERROR].notna().sum() > 3  # bad lines were among the cut ones
