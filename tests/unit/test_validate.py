@@ -29,6 +29,41 @@ def test_each_broken_row_gets_the_rule_it_broke(digits_frame: pd.DataFrame) -> N
 
 
 @pytest.mark.parametrize(
+    ("faults", "passes"),
+    [(("nulls", "range", "categories"), 1), (("types", "nulls", "range"), 2)],
+)
+def test_a_batch_is_validated_once_unless_a_failed_coercion_hides_checks(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, faults: tuple[str, ...], passes: int
+) -> None:  # noqa: ANN001
+    """Bad rows that each fail a check row by row cost one pandera pass: the rest of
+    the batch, already coerced, is the answer, the same as validating the good rows
+    alone. A value that cannot be coerced (a word for an amount) makes pandera fail
+    that column's checks as a whole, so the rest is validated once more."""
+    from data.generate import generate_transactions
+    from data.readers import read_csv
+
+    transactions = get_workload("transactions")
+    contract = transactions.contract().update_column("txn_id", unique=False)
+    report = generate_transactions(tmp_path, rows=400, seed=2, fault_rate=0.05, faults=faults,
+                                   fmt="csv")  # fmt: skip
+    columns = list(contract.columns)
+    frame = pd.concat(read_csv(report.files[0].read_bytes(), "t.csv", columns))[columns]
+    calls = []
+    validate = type(contract).validate
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(contract), "validate", counted)
+    valid, reasons = check_rows(frame, contract, where="t.csv")
+    assert len(calls) == passes and 0 < reasons.notna().sum() < len(frame)
+    expected = validate(contract, frame[reasons.isna().to_numpy()].reset_index(drop=True))
+    pd.testing.assert_frame_equal(valid.reset_index(drop=True), expected)
+    assert list(valid.index) == list(reasons.index[reasons.isna()])
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         (lambda f: f.drop(columns=["px_10"]), "missing column 'px_10'"),
