@@ -208,8 +208,8 @@ def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
                     )
                     bucket = id_buckets(lineage.column(0), out.buckets)
                     for b in np.unique(bucket):
-                        write(out.ids / f"{b:05d}" / f"{name}-{split}.parquet",
-                              lineage.filter(bucket == b))  # fmt: skip
+                        held = out.ids / f"{b:05d}" / f"{name}-{split}.parquet"
+                        write(held, lineage.filter(bucket == b))
     finally:
         for writer in writers.values():
             writer.close()

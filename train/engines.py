@@ -134,10 +134,12 @@ def open_feeds(job: TrainJob) -> tuple[Feed, Feed]:
 class Feed:
     """One split's (x, y) batches as this worker reads them, epoch after epoch.
 
-    A split under the cache limit (``job.cache_limit_mb``: a share of the node's memory
-    by default) is streamed once and kept in the worker as tensors: Ray Data's
-    per-batch iteration and collation cost ~20 % of a worker's core on small models. A
-    larger one streams every epoch, through Ray Data's seeded local shuffle buffer.
+    A split under the cache limit (``train.cache_inputs_below_mb``: a share of the
+    node's memory by default) is streamed once and kept in the worker as tensors: Ray
+    Data's per-batch iteration and collation cost ~20 % of a worker's core on small
+    models. A larger one streams every epoch, through Ray Data's seeded local shuffle
+    buffer, as large as the cache limit (``job.shuffle_window``), so memory stays
+    bounded by the limit either way.
 
     The order is a function of the seed and the epoch alone (Ray hands shards out in
     order, see ``run._fit``), so a seeded run is reproducible. ``salt`` tells apart
@@ -148,6 +150,7 @@ class Feed:
     def __init__(self, shard: Any, rows: int, job: TrainJob, *, salt: int = 0) -> None:
         self.shard, self.rows, self.job, self.salt = shard, rows, job, salt
         self.keep = job.caches(rows)
+        self.kind = "cached" if self.keep else "streamed"
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def batches(
@@ -161,7 +164,7 @@ class Feed:
             stream = self.shard.iter_torch_batches(
                 batch_size=size,
                 drop_last=drop_last,
-                local_shuffle_buffer_size=size * 8 if shuffled else None,
+                local_shuffle_buffer_size=self.job.shuffle_window if shuffled else None,
                 local_shuffle_seed=self.job.seed + epoch if shuffled else None,
             )
             yield from ((b["x"], b["y"]) for b in stream)

@@ -41,6 +41,10 @@ class TrainJob(BaseModel):
     def micro_batches_per_epoch(self) -> int:
         return micro_batches_per_epoch(self.train_rows, self.train)
 
+    @property
+    def shuffle_window(self) -> int:
+        return shuffle_window(self.workload, self.train)
+
     def caches(self, rows: int) -> bool:
         """Whether a worker keeps its share of a split of ``rows`` as tensors."""
         return keeps_in_memory(self.workload, rows, self.train)
@@ -77,9 +81,20 @@ def keeps_in_memory(workload: str, rows: int, cfg: TrainConfig) -> bool:
     """Whether what a worker reads of a split of ``rows`` is small enough to keep as
     tensors instead of streaming it every epoch: its share under data parallelism, the
     whole split on a pipeline's stages. Asked on the worker, of its own node."""
-    width = get_workload(workload).input_width + 1  # the features and the label
     share = rows if cfg.pipeline_stages > 1 else rows / cfg.data_parallel
-    return share * width * 4 / 2**20 < cache_limit_mb(cfg)
+    return share < rows_in_cache_limit(workload, cfg)
+
+
+def shuffle_window(workload: str, cfg: TrainConfig) -> int:
+    """Rows a worker that streams its split shuffles among: as many as the cache limit
+    holds (so a split just over the limit is shuffled almost whole), and never fewer
+    than 8 micro-batches."""
+    return max(8 * cfg.micro_batch_size, int(rows_in_cache_limit(workload, cfg)))
+
+
+def rows_in_cache_limit(workload: str, cfg: TrainConfig) -> float:
+    width = get_workload(workload).input_width + 1  # the features and the label, float32
+    return cache_limit_mb(cfg) * 2**20 / (width * 4)
 
 
 def cache_limit_mb(cfg: TrainConfig) -> float:

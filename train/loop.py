@@ -96,7 +96,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     progress = load_checkpoint(trainer)
     timeline.engine_ready_at = time.time()
     step_log = mlflow_step_logger(job)
-    held = trainer.held()  # what of the model this rank holds: fixed for the run
+    # What of the model this rank holds, and whether it keeps its data or streams it:
+    # fixed for the run.
+    held = {**trainer.held(), "feed": train.kind}
     live = LiveFigures(job.train.data_parallel)
     metrics: dict[str, float] = {}
     with published(live, job.workload, job.tier):
@@ -123,7 +125,8 @@ def epoch_event(job: TrainJob, metrics: dict[str, float], held: dict[str, int | 
     """Every rank's JSON line for an epoch, in its worker's log (app/logs.py): the run,
     the rank and the step, so a stalled or diverging rank shows in the logs too; and
     what of the model the rank holds (``engines.*.held``: its pipeline stage and layers,
-    its parameters), so the layout can be checked from the logs."""
+    its parameters), so the layout can be checked from the logs; and whether it keeps
+    its train split in memory or streams it (``feed``: cached or streamed)."""
     import ray.train
 
     context = ray.train.get_context()

@@ -533,7 +533,7 @@ def test_a_data_worker_killed_mid_pass_leaves_the_same_version_and_nothing_half_
     tmp_path: Path, clean_env: None
 ) -> None:
     """A Ray Data worker SIGKILLed while it reads, marks and writes a file (an OOM kill, a
-    lost node): Ray runs the task again, its output files are named for the task and
+    lost node): Ray runs the task again, its output files are named for their first row and
     overwritten, so the version is the one an undisturbed ingest of the same bytes
     makes: the same id, content hash, rows, quarantine and statistics, and in = valid +
     quarantined. Had the run failed instead, no version of it may be published."""
