@@ -160,8 +160,9 @@ Mark = Callable[[pd.DataFrame], "pyarrow.Table"]
 class Output:
     """Where the pass writes. Each split's rows go under ``rows`` (``split=<name>/``,
     Hive style). For the id's uniqueness across the run, the id, lineage and file of
-    every valid row also go under ``ids``, hashed by id into ``buckets`` folders (0: the
-    id need not be unique), so that each bucket can be checked alone."""
+    every valid row also go under ``ids``, one file a task, with the bucket its id
+    hashes to (``_bucket``, of ``buckets``; 0: the id need not be unique), a row group
+    a bucket, so that each bucket can be read alone."""
 
     rows: Path
     ids: Path
@@ -171,18 +172,21 @@ class Output:
 
 Pass = Callable[["pyarrow.fs.FileSystem", list[Piece], list[str], Output, Mark], None]
 FILE_COLUMN = "_file"
+BUCKET_COLUMN = "_bucket"
 
 
 def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
-    """Write one read task's marked tables as they come, a row group each, so memory
-    holds one block. Its files are named for its first row (``part-<file>-<record>``),
-    so names depend on what was read, never on how the work was scheduled, and a task
-    that runs again overwrites what its first attempt left."""
+    """Write one read task's marked tables as they come, a row group each. Its files
+    are named for its first row (``part-<file>-<record>``), so names depend on what was
+    read, never on how the work was scheduled, and a task that runs again overwrites
+    what its first attempt left. (Ray Data's write step keeps a task's blocks until the
+    task ends, so on Ray a task holds one piece of a file, not one block.)"""
     import pyarrow
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     writers: dict[Path, pq.ParquetWriter] = {}
+    lineage: list[pyarrow.Table] = []
     name = None
 
     def write(path: Path, table: pyarrow.Table) -> None:
@@ -202,14 +206,15 @@ def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
                 file = f"{SPLIT_COLUMN}={split}/{name}.parquet"
                 write(out.rows / file, part)
                 if out.buckets and split != QUARANTINE:
-                    lineage = part.select([out.id_column, SOURCE, ROW])
-                    lineage = lineage.append_column(
-                        FILE_COLUMN, pyarrow.array([file] * len(lineage), pyarrow.string())
-                    )
-                    bucket = id_buckets(lineage.column(0), out.buckets)
-                    for b in np.unique(bucket):
-                        held = out.ids / f"{b:05d}" / f"{name}-{split}.parquet"
-                        write(held, lineage.filter(bucket == b))
+                    ids = part.select([out.id_column, SOURCE, ROW])
+                    ids = ids.append_column(FILE_COLUMN, pyarrow.array([file] * len(ids)))
+                    bucket = id_buckets(ids.column(0), out.buckets)
+                    lineage.append(ids.append_column(BUCKET_COLUMN, pyarrow.array(bucket)))
+        if lineage:
+            ids = pyarrow.concat_tables(lineage).sort_by(BUCKET_COLUMN)
+            bounds = np.flatnonzero(np.diff(ids.column(BUCKET_COLUMN).to_numpy())) + 1
+            for start, stop in zip([0, *bounds], [*bounds, ids.num_rows], strict=True):
+                write(out.ids / f"{name}.parquet", ids.slice(start, stop - start))
     finally:
         for writer in writers.values():
             writer.close()

@@ -40,6 +40,7 @@ from app.settings import Settings
 from app.workloads import Workload
 from data.features import ColumnStats, Preprocessor, column_stats, fit_preprocessor
 from data.marking import (
+    BUCKET_COLUMN,
     FILE_COLUMN,
     RAW_COLUMN,
     REASON_COLUMN,
@@ -179,6 +180,7 @@ def ingest(
             id_column=workload.id_column,
             buckets=-(-rows_in // ID_BUCKET_ROWS) if unique else 0,
         )
+        out.rows.mkdir(parents=True)  # there even when no file holds a record
         run_pass(source.filesystem, pieces, list(workload.contract().columns), out, mark)
         duplicates_moved(out, workload, [s.sha256 for s in sources])
         shutil.rmtree(out.ids, ignore_errors=True)
@@ -306,19 +308,22 @@ def duplicates_moved(out: Output, workload: Workload, source_order: list[str]) -
     The first occurrence (by source file, in ``source_order`` of their SHA-256s, then
     record number) stays; later ones move to the quarantine. The pass hashed every valid
     row's id, lineage and file into buckets (:class:`Output`); each bucket is read alone
-    for its repeated ids, so memory holds one bucket (``ID_BUCKET_ROWS`` rows or so),
-    whatever the run's size. Then only the files that hold a later occurrence are
-    rewritten, one at a time. Returns how many rows moved.
+    for its repeated ids, so memory holds one bucket (``ID_BUCKET_ROWS`` rows or so) and
+    the repeated ids, whatever the run's size. Then only the files that hold a later
+    occurrence are rewritten, one at a time. Returns how many rows moved.
     """
     import pyarrow
     import pyarrow.compute as pc
+    import pyarrow.dataset
     import pyarrow.parquet as pq
 
     id_column = workload.id_column
     repeated = []
-    for bucket in sorted(out.ids.glob("*")) if out.buckets else []:
-        lineage = pq.read_table(bucket).to_pandas()
-        repeated.append(lineage[lineage.duplicated(id_column, keep=False)])
+    if out.buckets and out.ids.is_dir():
+        lineage = pyarrow.dataset.dataset(out.ids, format="parquet")
+        for bucket in range(out.buckets):  # a row group per bucket and file: the rest skipped
+            ids = lineage.to_table(filter=pc.field(BUCKET_COLUMN) == bucket).to_pandas()
+            repeated.append(ids[ids.duplicated(id_column, keep=False)])
     candidates = pd.concat(repeated, ignore_index=True) if repeated else pd.DataFrame()
     if candidates.empty:
         return 0

@@ -51,6 +51,9 @@ PIECE_BYTES = 16 << 20  # of a CSV or JSON lines file: about 160,000 transaction
 PIECE_ROWS = 262_144  # of a Parquet file, in whole row groups
 BOM = b"\xef\xbb\xbf"  # Excel's UTF-8 exports start with one
 MAX_TEXT = 500  # characters of an unparseable line kept (redacted) in the quarantine
+QUOTED_LINE_BREAKS = (
+    "{path}: quoted values with line breaks are not supported: re-export without them"
+)
 
 
 def file_format(path: str) -> str | None:
@@ -110,6 +113,8 @@ def read_piece(
             raise DataContractError(f"{path}: unsupported file type; use .parquet, .csv or .jsonl")
         f.seek(piece.start)
         data = f.read(piece.stop - piece.start)
+        if kind == "csv" and piece.stop < f.size():
+            _refuse_a_quote_open_at_the_cut(data, path)
         if kind == "jsonl":
             yield from read_jsonl(data, path, columns, first_line=piece.first)
         elif piece.start == 0:
@@ -117,6 +122,34 @@ def read_piece(
         else:  # the header, then this piece's lines: its first line is line `first`
             f.seek(0)
             yield from read_csv(first_line(f) + data, path, columns, first_line=piece.first - 1)
+
+
+def _refuse_a_quote_open_at_the_cut(data: bytes, path: str) -> None:
+    """A piece that ends inside a quoted value (a line break in quotes, right at the
+    cut) would parse cleanly on both sides of it, as two cut records: refuse the file as
+    read_csv refuses a quoted line break inside a piece."""
+    last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
+    if b'"' in last and _quote_left_open(last):
+        raise DataContractError(QUOTED_LINE_BREAKS.format(path=path))
+
+
+def _quote_left_open(line: bytes) -> bool:
+    """Whether a CSV line ends inside a quoted field: a quote opens one only at a
+    field's start, and ``""`` inside is an escaped quote (pyarrow's default dialect)."""
+    quoted, at_start, i = False, True, 0
+    while i < len(line):
+        c = line[i : i + 1]
+        if quoted:
+            if c == b'"' and line[i + 1 : i + 2] == b'"':
+                i += 1
+            elif c == b'"':
+                quoted = False
+        else:
+            if c == b'"' and at_start:
+                quoted = True
+            at_start = c == b","
+        i += 1
+    return quoted
 
 
 def first_line(f: pyarrow.NativeFile) -> bytes:
@@ -204,8 +237,8 @@ def read_csv(
     good = np.setdiff1d(np.arange(2, lines + 1), np.fromiter(invalid, int, len(invalid)))
     if len(good) != table.num_rows:
         raise DataContractError(
-            f"{path}: read {table.num_rows} rows from {len(good)} well-formed lines; quoted "
-            "values with line breaks are not supported: re-export without them"
+            f"{path}: read {table.num_rows} rows from {len(good)} well-formed lines; "
+            + QUOTED_LINE_BREAKS.format(path=path).removeprefix(f"{path}: ")
         )
     frame = _with_lineage(table.to_pandas(), path, good)
     for number, text in not_utf8.items():

@@ -184,10 +184,11 @@ def _parquet_pieces(source: RawSource, path: str, expected: list[str]) -> tuple[
             "the source"
         ) from None
     check_columns(names, expected, path)
-    pieces, start, first = [], 0, 1
+    pieces, start, first, held = [], 0, 1, 0  # held: rows of groups [start, group)
     for group in range(len(sizes) + 1):
-        held = sum(sizes[start:group])
         if group == len(sizes) or (held and held + sizes[group] > PIECE_ROWS):
             pieces.append(Piece(path, start, group, first))
-            start, first = group, first + held
+            start, first, held = group, first + held, 0
+        if group < len(sizes):
+            held += sizes[group]
     return rows, pieces

@@ -222,6 +222,18 @@ def test_hostile_names_leak_no_pii_into_errors_stderr_manifests_or_the_quarantin
         assert not leaked, f"{where} holds {leaked}"
 
 
+def test_files_that_hold_no_record_are_refused_with_what_to_fix(
+    tmp_path: Path, clean_env: None
+) -> None:
+    """A CSV of a header only: the pass writes nothing, and the run is refused by the
+    gate, saying what to check, not by a missing folder."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "empty.csv").write_text(",".join(TRANSACTIONS.contract().columns) + "\n")
+    with pytest.raises(DataContractError, match="hold no rows: check --source"):
+        ingest(settings_for(tmp_path), TRANSACTIONS, open_source(raw))
+
+
 def test_pii_needs_a_key_outside_dev(tmp_path: Path, clean_env: None) -> None:
     raw = tmp_path / "raw"
     generate_transactions(raw, rows=100)

@@ -196,3 +196,24 @@ def test_a_file_read_in_pieces_gives_every_record_once_with_its_number(
     pd.testing.assert_frame_equal(pieced, whole)
     if fmt != "parquet":
         assert whole[ERROR].notna().sum() > 3  # bad lines were among the cut ones
+
+
+def test_a_quoted_line_break_right_at_a_cut_is_refused_like_one_inside_a_piece(tmp_path) -> None:  # noqa: ANN001
+    """A cut right after a line that opens a quoted value would leave both pieces
+    parsing cleanly (``"a`` and ``b"``), two halves of one record. The file is refused
+    instead, as a quoted line break inside a piece is."""
+    import pyarrow.fs as pafs
+
+    from data.readers import Piece, read_piece
+
+    head, tail = b'id,amount,email\n1,2,a@b.io\n3,"4\n', b'5",c@d.io\n6,7,e@f.io\n'
+    path = tmp_path / "x.csv"
+    path.write_bytes(head + tail)
+    fs = pafs.LocalFileSystem()
+    with pytest.raises(DataContractError, match=r"x\.csv: quoted values with line breaks"):
+        list(read_piece(fs, Piece(str(path), 0, len(head), 2), COLUMNS))
+    with pytest.raises(DataContractError, match=r"x\.csv: .*quoted values with line breaks"):
+        list(read_piece(fs, Piece(str(path), 0, len(head + tail), 2), COLUMNS))
+    fine = b'id,amount,email\n1,"2,5",a@b.io\n3,4,"c""d@e.io"\n'  # quotes closed at the cut
+    path.write_bytes(fine + b"6,7,e@f.io\n")
+    assert len(frame(read_piece(fs, Piece(str(path), 0, len(fine), 2), COLUMNS))) == 2
