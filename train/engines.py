@@ -138,8 +138,8 @@ class Feed:
     node's memory by default) is streamed once and kept in the worker as tensors: Ray
     Data's per-batch iteration and collation cost ~20 % of a worker's core on small
     models. A larger one streams every epoch, through Ray Data's seeded local shuffle
-    buffer, as large as the cache limit (``job.shuffle_window``), so memory stays
-    bounded by the limit either way.
+    buffer, sized by the cache limit (``job.shuffle_rows``), so memory stays bounded
+    by the limit either way.
 
     The order is a function of the seed and the epoch alone (Ray hands shards out in
     order, see ``run._fit``), so a seeded run is reproducible. ``salt`` tells apart
@@ -164,7 +164,9 @@ class Feed:
             stream = self.shard.iter_torch_batches(
                 batch_size=size,
                 drop_last=drop_last,
-                local_shuffle_buffer_size=self.job.shuffle_window if shuffled else None,
+                local_shuffle_buffer_size=max(self.job.shuffle_rows, size * 8)
+                if shuffled
+                else None,
                 local_shuffle_seed=self.job.seed + epoch if shuffled else None,
             )
             yield from ((b["x"], b["y"]) for b in stream)

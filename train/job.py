@@ -32,6 +32,7 @@ class TrainJob(BaseModel):
     tracking_uri: str
     mlflow_run_id: str
     preprocessor: dict[str, Any] | None = None  # fitted with the dataset version, if any
+    shuffle_rows: int = 0  # a streamed split's shuffle window (shuffle_window); 0: 8 batches
 
     @property
     def steps_per_epoch(self) -> int:
@@ -40,10 +41,6 @@ class TrainJob(BaseModel):
     @property
     def micro_batches_per_epoch(self) -> int:
         return micro_batches_per_epoch(self.train_rows, self.train)
-
-    @property
-    def shuffle_window(self) -> int:
-        return shuffle_window(self.workload, self.train)
 
     def caches(self, rows: int) -> bool:
         """Whether a worker keeps its share of a split of ``rows`` as tensors."""
@@ -86,10 +83,12 @@ def keeps_in_memory(workload: str, rows: int, cfg: TrainConfig) -> bool:
 
 
 def shuffle_window(workload: str, cfg: TrainConfig) -> int:
-    """Rows a worker that streams its split shuffles among: as many as the cache limit
-    holds (so a split just over the limit is shuffled almost whole), and never fewer
-    than 8 micro-batches."""
-    return max(8 * cfg.micro_batch_size, int(rows_in_cache_limit(workload, cfg)))
+    """Rows a worker that streams its split shuffles among: a third of what the cache
+    limit holds (Ray's shuffling batcher fills to 1.5 windows and copies them as it
+    compacts, so memory stays within the limit), and never fewer than 8 micro-batches.
+    Taken once, on the driver (``TrainJob.shuffle_rows``): a pipeline's stages must
+    shuffle alike, whatever the memory of the nodes they run on."""
+    return max(8 * cfg.micro_batch_size, int(rows_in_cache_limit(workload, cfg) / 3))
 
 
 def rows_in_cache_limit(workload: str, cfg: TrainConfig) -> float:

@@ -25,7 +25,7 @@ from data.splits import head_of_split, load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config
 from train.evaluate import score
-from train.job import TrainJob, steps_per_epoch
+from train.job import TrainJob, shuffle_window, steps_per_epoch
 from train.loop import MODEL_DIR, to_model_inputs, train_loop_per_worker
 from train.quantize import CALIBRATION_ROWS, int8_variant
 
@@ -244,6 +244,7 @@ def _new_job(
         tracking_uri=settings.tracking_uri,
         mlflow_run_id=run_id,
         preprocessor=preprocessor.model_dump() if preprocessor else None,
+        shuffle_rows=shuffle_window(workload.name, cfg),
     )
     run_dir = settings.runs_dir / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
