@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,8 +164,9 @@ def main() -> None:
                     f"peak {peak:,.0f} MiB",
                     file=sys.stderr,
                 )
-            for store in Path(tmp).glob(f"store-{size}-*"):  # the disk holds one size at a time
-                subprocess.run(["rm", "-rf", str(raw), str(store)], check=True)
+            for engine in args.engines:  # one size on disk at a time
+                shutil.rmtree(Path(tmp) / f"store-{size}-{engine}")
+            shutil.rmtree(raw)
     print(report(results, args))
 
 

@@ -51,9 +51,7 @@ PIECE_BYTES = 16 << 20  # of a CSV or JSON lines file: about 160,000 transaction
 PIECE_ROWS = 262_144  # of a Parquet file, in whole row groups
 BOM = b"\xef\xbb\xbf"  # Excel's UTF-8 exports start with one
 MAX_TEXT = 500  # characters of an unparseable line kept (redacted) in the quarantine
-QUOTED_LINE_BREAKS = (
-    "{path}: quoted values with line breaks are not supported: re-export without them"
-)
+QUOTED_LINE_BREAKS = "quoted values with line breaks are not supported: re-export without them"
 
 
 def file_format(path: str) -> str | None:
@@ -94,7 +92,7 @@ class RawFiles(Datasource):
                 lambda: read_piece(fs, piece, columns),
                 BlockMetadata(
                     num_rows=None, size_bytes=None, input_files=[piece.path], exec_stats=None
-                ),  # fmt: skip
+                ),
             )
 
         return [task(p) for p in self.pieces]
@@ -130,7 +128,7 @@ def _refuse_a_quote_open_at_the_cut(data: bytes, path: str) -> None:
     read_csv refuses a quoted line break inside a piece."""
     last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
     if b'"' in last and _quote_left_open(last):
-        raise DataContractError(QUOTED_LINE_BREAKS.format(path=path))
+        raise DataContractError(f"{path}: {QUOTED_LINE_BREAKS}")
 
 
 def _quote_left_open(line: bytes) -> bool:
@@ -238,7 +236,7 @@ def read_csv(
     if len(good) != table.num_rows:
         raise DataContractError(
             f"{path}: read {table.num_rows} rows from {len(good)} well-formed lines; "
-            + QUOTED_LINE_BREAKS.format(path=path).removeprefix(f"{path}: ")
+            f"{QUOTED_LINE_BREAKS}"
         )
     frame = _with_lineage(table.to_pandas(), path, good)
     for number, text in not_utf8.items():
