@@ -255,32 +255,38 @@ def _registered_checkpoints(run_dir: Path) -> int:
 
 
 def _kill_a_worker_after(run_dir: Path, checkpoints: int) -> None:
-    """Kill a worker once ``checkpoints`` are registered: early enough that training
-    is still running, late enough that there is a checkpoint to resume from."""
+    """Kill a worker of the run once ``checkpoints`` are registered: early enough that
+    training is still running, late enough that there is a checkpoint to resume from.
+    The worker is one that logged an epoch of this run (its events carry its pid): an
+    earlier run's worker still exiting has the same process title, and killing it
+    once left this run untouched (resumed_from_step -1)."""
     deadline = time.monotonic() + 300
     while _registered_checkpoints(run_dir) < checkpoints:
         assert time.monotonic() < deadline, "no checkpoint was registered"
-        time.sleep(0.2)
-    import ray
-
-    # Workers are children of this test cluster's raylet: never another cluster's.
-    node = ray._private.worker._global_node
-    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    workers = [
-        p for p in raylet.children(recursive=True)
-        if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")
-    ]  # fmt: skip
-    assert workers, "no Ray Train worker to kill"
-    os.kill(workers[0].pid, signal.SIGKILL)
+        time.sleep(0.1)
+    pids = sorted({e["process"] for e in epoch_events(run_dir.name)})
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    assert alive, f"the run's workers {pids} exited before the kill: the run ended first"
+    os.kill(alive[0], signal.SIGKILL)
 
 
 def _train_while_killing(settings: Settings, tier: str, run_name: str) -> TrainOutcome:
-    killer = threading.Thread(target=_kill_a_worker_after, args=(settings.runs_dir / run_name, 1))
+    failed: list[BaseException] = []
+
+    def kill() -> None:
+        try:
+            _kill_a_worker_after(settings.runs_dir / run_name, 1)
+        except BaseException as exc:  # the test's failure, not a thread's stray warning
+            failed.append(exc)
+
+    killer = threading.Thread(target=kill)
     killer.start()
     try:
         return train_tier(settings, DIGITS, tier, run_name=run_name)
     finally:
         killer.join()
+        if failed:
+            raise failed[0]
 
 
 def _resume_lines() -> list[str]:
