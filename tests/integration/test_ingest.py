@@ -79,10 +79,21 @@ def test_builtin_set_becomes_a_reconciled_version_and_reruns_reuse_it(
 def test_each_split_reads_back_whole_and_the_callers_data_context_is_left_alone(
     store_settings: Settings,
 ) -> None:
+    import os
+
+    import ray
     from ray.data import DataContext
 
-    manifest = ingest(store_settings, DIGITS).manifest
+    from data.marking import tasks_at_once
+
     context = DataContext.get_current()
+    limits = context.execution_options.resource_limits
+    manifest = ingest(store_settings, DIGITS).manifest
+    # The pass ran one task a core (the test cluster has 4 CPUs, this host may have 2),
+    # under a limit of its own: the caller's is as it was.
+    cpus, cores = ray.cluster_resources()["CPU"], os.cpu_count()
+    assert tasks_at_once() == (cores if cpus > cores else None)
+    assert context.execution_options.resource_limits == limits
     before = context.use_datasource_v2
     try:
         for v2 in (True, False):  # read_split turns Ray's V2 reader off for its read only
