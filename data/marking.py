@@ -180,20 +180,19 @@ def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
     are named for its first row (``part-<file>-<record>``), so names depend on what was
     read, never on how the work was scheduled, and a task that runs again overwrites
     what its first attempt left. (Ray Data's write step keeps a task's blocks until the
-    task ends, so on Ray a task holds one piece of a file, not one block.)"""
+    task ends, so on Ray a task holds one piece of a file, not one block.) Each file's
+    footer holds its part of the content hash (:func:`rows_part`)."""
     import pyarrow
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    writers: dict[Path, pq.ParquetWriter] = {}
+    parts: dict[Path, _Part] = {}
     lineage: list[pyarrow.Table] = []
     name = None
 
     def write(path: Path, table: pyarrow.Table) -> None:
-        if path not in writers:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writers[path] = pq.ParquetWriter(path, table.schema)
-        writers[path].write_table(table)
+        if path not in parts:
+            parts[path] = _Part(path, table.schema)
+        parts[path].write(table)
 
     try:
         for table in tables:
@@ -216,8 +215,62 @@ def write_rows(tables: Iterable[pyarrow.Table], out: Output) -> None:
             for start, stop in zip([0, *bounds], [*bounds, ids.num_rows], strict=True):
                 write(out.ids / f"{name}.parquet", ids.slice(start, stop - start))
     finally:
-        for writer in writers.values():
-            writer.close()
+        for part in parts.values():
+            part.close()
+
+
+def write_whole(path: Path, table: pyarrow.Table, part: np.ndarray | None = None) -> None:
+    """One output file written at once (the uniqueness check's rewrites), with the
+    footer :func:`write_rows` gives its files; ``part``: the rows' part, if known."""
+    whole = _Part(path, table.schema)
+    try:
+        whole.write(table, part)
+    finally:
+        whole.close()
+
+
+def footer_part(path: Path) -> np.ndarray:
+    """The part of the content hash an output file's footer holds (:func:`rows_part`)."""
+    import pyarrow.parquet as pq
+
+    return np.array(json.loads(pq.read_metadata(path).metadata[ROWS_PART_KEY]), np.uint64)
+
+
+# Each output file's footer holds its rows' part of the version's content hash, so that
+# the hash (data.pipeline.rows_digest) reads footers, not rows: the row count and two
+# sums (mod 2**64) of the rows' 64-bit hashes, each under its own key (hash_pandas_object
+# takes 16 bytes). Sums, so that they add up the same however rows are cut into files.
+ROWS_PART_KEY = b"scaledl.rows_part"
+_ROW_HASH_KEYS = ("scaledl-rows-a01", "scaledl-rows-b02")
+
+
+def rows_part(table: pyarrow.Table) -> np.ndarray:
+    """[rows, sum under the first key, sum under the second] of ``table``, as uint64."""
+    frame = table.to_pandas()
+    sums = [
+        pd.util.hash_pandas_object(frame, index=False, hash_key=key).to_numpy().sum(dtype=np.uint64)
+        for key in _ROW_HASH_KEYS
+    ]
+    return np.array([len(frame), *sums], np.uint64)  # uint64 arrays wrap around silently
+
+
+class _Part:
+    """An output Parquet file written a table at a time, its rows' part in its footer."""
+
+    def __init__(self, path: Path, schema: pyarrow.Schema) -> None:
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(path, schema)
+        self.part = np.zeros(1 + len(_ROW_HASH_KEYS), np.uint64)
+
+    def write(self, table: pyarrow.Table, part: np.ndarray | None = None) -> None:
+        self.writer.write_table(table)
+        self.part += rows_part(table) if part is None else part
+
+    def close(self) -> None:
+        self.writer.add_key_value_metadata({ROWS_PART_KEY: json.dumps(self.part.tolist())})
+        self.writer.close()
 
 
 def id_buckets(ids: pyarrow.ChunkedArray, buckets: int) -> np.ndarray:

@@ -47,9 +47,12 @@ from data.marking import (
     SPLIT_COLUMN,
     Output,
     Pass,
+    footer_part,
     mark_rows,
     ray_pass,
     records_json,
+    rows_part,
+    write_whole,
 )
 from data.pii import load_pii_key
 from data.readers import ROW, SOURCE, Piece
@@ -338,12 +341,13 @@ def duplicates_moved(out: Output, workload: Workload, source_order: list[str]) -
             table.column(SOURCE), pc.cast(table.column(ROW), pyarrow.string()), "#"
         )
         mask = pc.is_in(keys, pyarrow.array((gone[SOURCE] + "#" + gone[ROW].astype(str)).tolist()))
-        moved.append(_as_duplicate(table.filter(mask), workload))
-        pq.write_table(table.filter(pc.invert(mask)), out.rows / file)
-    quarantine = out.rows / f"{SPLIT_COLUMN}={QUARANTINE}"
-    quarantine.mkdir(exist_ok=True)
+        gone_rows = table.filter(mask)
+        moved.append(_as_duplicate(gone_rows, workload))
+        # The footer's part less the rows that go (sums mod 2**64): not every row hashed again.
+        part = footer_part(out.rows / file) - rows_part(gone_rows)
+        write_whole(out.rows / file, table.filter(pc.invert(mask)), part)
     merged = pyarrow.concat_tables(moved)
-    pq.write_table(merged, quarantine / "duplicates.parquet")
+    write_whole(out.rows / f"{SPLIT_COLUMN}={QUARANTINE}" / "duplicates.parquet", merged)
     return merged.num_rows
 
 
@@ -490,27 +494,18 @@ def _manifest(
 def rows_digest(rows_dir: Path) -> str:
     """12 hex digits that stand for the rows of every partition, whatever the files are
     named or cut, and whatever order rows are in: a SHA-256 over each partition's name,
-    its column names, its row count and two sums (mod 2**64) of its rows' 64-bit hashes,
-    each under its own key (a multiset hash). One file in memory at a time."""
+    its column names, and the sum of its files' parts (data.marking.rows_part: the row
+    count and two keyed sums of the rows' hashes, a multiset hash), read from their
+    footers, where the pass wrote them."""
     import pyarrow.parquet as pq
 
     digest = hashlib.sha256()
-    keys = ("scaledl-rows-a01", "scaledl-rows-b02")  # hash_pandas_object wants 16 bytes
     for partition in sorted(p for p in rows_dir.iterdir() if p.is_dir()):
-        names, rows, sums = None, 0, np.zeros(len(keys), np.uint64)
+        names, total = None, np.zeros(3, np.uint64)
         for f in sorted(partition.glob("*.parquet")):
-            frame = pq.read_table(f).to_pandas()
-            names = names or list(frame.columns)
-            rows += len(frame)
-            sums += np.array(  # arrays of uint64 wrap around silently
-                [
-                    pd.util.hash_pandas_object(frame[names], index=False, hash_key=key)
-                    .to_numpy()
-                    .sum(dtype=np.uint64)
-                    for key in keys
-                ],
-                np.uint64,
-            )
+            names = names or pq.read_schema(f).names
+            total += footer_part(f)
+        rows, sums = int(total[0]), total[1:]
         digest.update(f"{partition.name}\n{names}\n{rows}\n".encode() + sums.tobytes())
     return digest.hexdigest()[:12]
 
