@@ -140,11 +140,15 @@ class Sigterm:
 
 
 @contextmanager
-def sigterm_as_interrupt(stop: Sigterm) -> Iterator[None]:
-    """While the session runs, SIGTERM (systemd, Kubernetes, `kill`) stops it as Ctrl-C
+def sigterm_as_interrupt(stop: Sigterm | None = None) -> Iterator[None]:
+    """While it lasts, SIGTERM (systemd, Kubernetes, `kill`) stops the process as Ctrl-C
     does, with a KeyboardInterrupt, and is noted in ``stop``. It replaces the handler
-    ``ray.init`` sets, which exits the same way (SystemExit) but leaves no note. Main
-    thread only: Python runs handlers there."""
+    ``ray.init`` sets, which exits the same way (SystemExit) but leaves no note.
+
+    Ctrl-C (SIGINT) raises KeyboardInterrupt too, even where the process inherited it
+    ignored: a command started in the background of a shell script does, and Python then
+    keeps it so. `kill -INT` to its process group left `scaledl serve` serving, and its
+    cluster running. Main thread only: Python runs handlers there."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -152,14 +156,17 @@ def sigterm_as_interrupt(stop: Sigterm) -> Iterator[None]:
         return
 
     def interrupt(*_: object) -> None:
-        stop.received = True
+        if stop is not None:
+            stop.received = True
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -35,6 +35,7 @@ import yaml
 
 from app.cli.base import CliState, console
 from app.errors import ConfigError, ServiceUnavailable
+from app.runtime import sigterm_as_interrupt
 
 # The config and rules this command runs, in the checkout (an editable install's source).
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "cluster" / "prometheus"
@@ -321,26 +322,6 @@ def running(plan: MonitorPlan) -> Iterator[subprocess.Popen]:
         yield proc
     finally:
         _stop(proc)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (how `kill` and Kubernetes stop a process) handled as Ctrl-C, and Ctrl-C as
-    Python's own, from the first moment, so that either one, even during start-up, leaves
-    through ``running``'s stop."""
-
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    # A command started in the background of a shell inherits SIGINT ignored, and Python
-    # then keeps it so: `kill -INT` would not stop this one, nor its Prometheus.
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
 
 
 def wait_until_stopped(proc: subprocess.Popen, plan: MonitorPlan) -> None:

@@ -4,7 +4,10 @@ stops it: a signal to its whole process group. Nothing of the cluster is left be
 and the next start on the same port serves.
 
 First SIGTERM to the group (systemd's KillMode=control-group, a CI runner), then SIGINT
-to the group (Ctrl-C in a terminal), each after a request was answered.
+to the group (Ctrl-C in a terminal), each after a request was answered. Each start
+inherits SIGINT ignored, as a command started with `&` in a shell script does: Python
+then keeps it ignored unless the command takes it back, and `scaledl serve` once went on
+serving after SIGINT to its group.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def start_serving(store: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
         env=clean_env(SCALEDL_STORAGE_ROOT=str(store), SCALEDL_SERVE__PORT=str(port),
                       SCALEDL_API_KEY=KEY),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # `scaledl serve &`
     )  # fmt: skip
     lines: list[str] = []
     ready = threading.Event()
@@ -80,7 +84,13 @@ def test_serve_stopped_by_a_signal_to_its_process_group_leaves_nothing_and_start
             assert "haproxy" in names and "raylet" in names, names  # the default transport
             started = time.monotonic()
             os.killpg(proc.pid, sig)
-            code = proc.wait(timeout=60)
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"scaledl serve still runs 60 s after {sig.name} to its "
+                    "process group:\n" + "".join(lines[-20:])
+                ) from None
             took = time.monotonic() - started
         finally:
             if proc.poll() is None:
