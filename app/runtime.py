@@ -37,6 +37,14 @@ class RayInfo:
 # connection after the window is refused and retried elsewhere by HAProxy. Ray's
 # default window, 30 s, is for balancers outside Ray; 5 s here cuts 25 s from every
 # stop and replacement of an ingress replica.
+# HAProxy replays a request on the other ingress replica when the one it sent it to
+# closed the connection with no answer or a garbled one (a crash), not only when it could
+# not connect: Ray's default, conn-failure, turned such a request into a closed
+# connection or a 500 (HAProxy's 502, which Ray maps to 500). A prediction is
+# idempotent, and a replica that closes without answering did not finish the request.
+# SIGKILL of an ingress replica under load lost 4 and 4 requests before, 1, 2 and 1 with
+# this (tests/chaos, 2026-12-07); it does not replay the requests it sent over a pooled
+# connection in the instant before it marked the replica down.
 FAST_TRANSPORT = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -44,7 +52,16 @@ FAST_TRANSPORT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
 }
+
+
+def export_lines(variables: dict[str, str]) -> str:
+    """``export NAME=value`` lines, quoted for a POSIX shell (a value may hold spaces):
+    `eval "$(scaledl serve transport)"` sets them."""
+    import shlex
+
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in variables.items())
 
 
 def transport_env(settings: Settings) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from app.keys import ApiKey
+from app.runtime import export_lines
 from app.settings import Settings
 from app.workloads import get_workload
 
@@ -79,6 +80,6 @@ def to_yaml(config: dict[str, Any], transport: dict[str, str] | None = None) -> 
         header += (
             "# Transport measured fastest (bench/serve.py): set on every Ray node before\n"
             "# `ray start` (KubeRay: the pods' env; see cluster/README.md):\n"
-            + "".join(f"#   {name}={value}\n" for name, value in transport.items())
+            + "".join(f"#   {line}\n" for line in export_lines(transport).splitlines())
         )
     return header + yaml.safe_dump(config, sort_keys=False)

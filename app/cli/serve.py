@@ -153,12 +153,11 @@ def deployable_config(settings: Settings, workload: str) -> dict:
 
 @serve_cli.command("transport")
 def serve_transport_cmd(ctx: typer.Context) -> None:
-    """Print the transport variables (serve.fast_transport) as NAME=value lines.
+    """Print the transport variables (serve.fast_transport) as `export NAME=value` lines.
 
     Every process of a cluster reads them as it starts, so a cluster you join needs them
-    in the environment of each `ray start`: `export $(scaledl serve transport)` first.
+    in the environment of each `ray start`: `eval "$(scaledl serve transport)"` first.
     Prints nothing with serve.fast_transport=false (Ray's stock proxy)."""
-    from app.runtime import transport_env
+    from app.runtime import export_lines, transport_env
 
-    variables = transport_env(ctx.obj.settings())
-    typer.echo("".join(f"{name}={value}\n" for name, value in variables.items()), nl=False)
+    typer.echo(export_lines(transport_env(ctx.obj.settings())), nl=False)

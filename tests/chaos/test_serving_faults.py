@@ -38,10 +38,11 @@ def test_a_killed_replica_loses_no_request(
     calls in flight are retried on its twin (serve_graphs/decide/tier_calls.py), and
     Serve starts a replacement.
 
-    An ingress replica holds the HTTP requests themselves: those it was serving when it
-    died, and any HAProxy sent it on a pooled connection in the instant before marking
-    it down, get their connection closed without an answer (HAProxy does not replay a
-    request it has sent), and no other is lost. That is the one documented loss here
+    An ingress replica holds the HTTP requests themselves. HAProxy replays on its twin
+    those the dead replica closed without an answer (RAY_SERVE_HAPROXY_RETRY_ON in the
+    transport), but not those it sent over a pooled connection in the instant before it
+    marked the replica down: they get their connection closed without an answer, and no
+    other is lost, nor answered with a 500. That is the one documented loss here
     (README, "Faults")."""
     x, _ = test_rows
     with Load(service.predict_url, x) as load:

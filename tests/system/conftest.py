@@ -50,17 +50,17 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     nodes. On one host Serve's per-node HAProxy of every node but the first fails to
     bind the same ports (9101, 8404, the HTTP port) and restarts; requests go through
     the first. A real cluster has a host per node. Started
-    as the README starts a cluster to join, after `export $(scaledl serve transport)`:
+    as the README starts a cluster to join, after `eval "$(scaledl serve transport)"`:
     with the transport variables users get (serve.fast_transport). On one host, every
     node shares the storage root, as the nodes of a real cluster share a volume."""
     temp_dir = Path(f"/tmp/scaledl-ray-{os.getpid()}")
     dashboard_port, gcs_port = free_port(), free_port()
     transport = subprocess.run(
-        [str(BIN / "scaledl"), "serve", "transport"],
+        ["bash", "-c", f'eval "$({BIN / "scaledl"} serve transport)" && env -0'],
         env=clean_env(), capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.split()  # fmt: skip
-    assert transport, "serve.fast_transport is on by default: its variables are printed"
-    env = clean_env(**dict(line.split("=", 1) for line in transport))
+    ).stdout  # fmt: skip
+    env = dict(kv.split("=", 1) for kv in transport.split("\0")[:-1])
+    assert "RAY_SERVE_ENABLE_HA_PROXY" in env, "serve.fast_transport is on by default"
     # On SIGTERM a node drains, up to 30 s, until no worker holds a lease. After the jobs
     # of test_ray_job it waited the whole 30 s, even with the Serve app removed first
     # (the actors the jobs leave behind keep theirs). The tests are over: stop at once.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -59,7 +60,9 @@ def test_the_generated_config_is_valid_and_carries_the_settings(
     assert secret not in text and "an-env-key-of-16+chars" not in text
     assert key_sha256(secret) not in text  # the file is named, not copied: it is re-read
     assert "re-read by the service when it changes" in text
-    assert "#   RAY_SERVE_ENABLE_HA_PROXY=1\n" in text  # the transport, recorded for ray start
+    assert (
+        "#   export RAY_SERVE_ENABLE_HA_PROXY=1\n" in text
+    )  # the transport, recorded for ray start
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = config.applications
     assert (app.import_path, app.route_prefix) == (BUILDER, "/")
@@ -116,13 +119,21 @@ def test_a_new_cascade_or_key_changes_only_user_configs_so_serve_swaps_in_place(
 def test_serve_transport_prints_the_variables_a_joined_clusters_ray_start_needs(
     tmp_path: Path,
 ) -> None:
-    """`export $(scaledl serve transport)` before `ray start` (README): NAME=value lines,
-    none when serve.fast_transport is off."""
+    """`eval "$(scaledl serve transport)"` before `ray start` (README), in a real shell,
+    sets every transport variable to its value, spaces and all; nothing is printed when
+    serve.fast_transport is off."""
     from tests.unit.test_cli_errors import scaledl
 
     on = scaledl("serve", "transport", cwd=tmp_path)
     assert on.returncode == 0, on.stderr
-    assert dict(line.split("=", 1) for line in on.stdout.splitlines()) == FAST_TRANSPORT
+    names = " ".join(FAST_TRANSPORT)
+    shell = subprocess.run(
+        ["bash", "-c", f'eval "$1"; for n in {names}; do printf "%s=%s\\0" "$n" "${{!n}}"; done',
+         "bash", on.stdout],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert dict(kv.split("=", 1) for kv in shell.stdout.split("\0")[:-1]) == FAST_TRANSPORT
+    assert any(" " in value for value in FAST_TRANSPORT.values())  # what `export $(…)` broke
     off = scaledl(
         "serve", "transport", cwd=tmp_path, env={"SCALEDL_SERVE__FAST_TRANSPORT": "false"}
     )
