@@ -9,6 +9,9 @@ fast transport), on one local cluster:
    CSV row per response (status and latency), so the figures are exact: the share of
    each status, the slowest 503 and its p99, and every 5xx that is not a 503 (a 504 or a
    500 here is a defect: overload must be shed at once with 503 + Retry-After).
+3. **polite burst**: as many connections for as long, from ``bench.polite``: clients that
+   wait the Retry-After of a 503 or 429 before their next request, as well-behaved ones
+   do. hey sends the next request at once, so each fast 503 becomes more load.
 
 The burst's size is given two ways: its connections over the capacity run's, and the
 requests it made per second over the capacity (both clients are closed loops, so a fast
@@ -33,10 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app.runtime import FAST_TRANSPORT
 from bench import wrk
+from bench.polite import summary
 from bench.serve import add_report_only, deploy_setup, run_child, store_with_cascade
 from bench.serve_models import DIGITS, request_bodies
 
@@ -95,15 +100,6 @@ def burst(url: str, body: str, key: str, connections: int, seconds: float) -> di
     }
 
 
-def summary(ms: list[float]) -> dict[str, float]:
-    ordered = sorted(ms)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 1)}
-
-
 def cluster(plan: dict) -> dict:
     """The graph on one local cluster (the env gives the transport): capacity, then burst."""
     import ray
@@ -117,9 +113,9 @@ def cluster(plan: dict) -> dict:
         capacity = wrk.measure(
             url, plan["bodies"], plan["key"], [plan["capacity"]], plan["seconds"], plan["warmup"]
         )[plan["capacity"]][0]
-        before = wrk.cpu_seconds()
-        result = burst(url, plan["bodies"][0], plan["key"], plan["burst"], plan["seconds"])
-        result["cpu"] = wrk.cpu_split(before, wrk.cpu_seconds(), result["seconds"])
+        args = (url, plan["bodies"][0], plan["key"], plan["burst"], plan["seconds"])
+        result = with_cpu(burst, *args, client="hey")
+        polite = with_cpu(polite_burst, *args, client="bench.polite")
         serve.delete(DIGITS)
     finally:
         serve.shutdown()
@@ -132,15 +128,62 @@ def cluster(plan: dict) -> dict:
             "errors": capacity.errors,
         },
         "burst": result,
+        "polite": polite,
     }
 
 
-def report(result: dict, elapsed_s: float) -> tuple[str, bool]:
-    cap, b = result["capacity"], result["burst"]
+def with_cpu(run: Callable[..., dict], *args: object, client: str) -> dict:
+    """``run(*args)``'s result, with the cores each process used meanwhile; the client's,
+    a child that has exited by then, from this process's children's CPU times."""
+    before, children = wrk.cpu_seconds(), os.times()
+    result = run(*args)
+    after, done = wrk.cpu_seconds(), os.times()
+    cpu = wrk.cpu_split(before, after, result["seconds"])
+    used = done.children_user + done.children_system
+    used -= children.children_user + children.children_system
+    cpu[f"client ({client})"] = round(used / result["seconds"], 2)
+    result["cpu"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
+    return result
+
+
+def polite_burst(url: str, body: str, key: str, connections: int, seconds: float) -> dict:
+    """The same burst from clients that honour Retry-After (``bench.polite``, a process
+    of its own)."""
+    plan = {"url": url, "body": body, "key": key, "connections": connections,
+            "seconds": seconds}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.polite", json.dumps(plan)],
+        capture_output=True, text=True, timeout=seconds + 120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.polite failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def burst_row(name: str, b: dict) -> str:
     ok = b["statuses"].get("200", 0)
     shed = b["statuses"].get("503", 0) + b["statuses"].get("429", 0)
-    wrong = {s: n for s, n in b["statuses"].items() if s not in ("200", "429", "503")}
-    offered = b["responses"] / b["seconds"]
+    answered = max(b["responses"], 1)
+    return (
+        f"| {name} | {b['connections']} | {b['responses'] / b['seconds']:.0f} made, "
+        f"{ok / b['seconds']:.0f} answered | {ok / answered:.3f} | {shed / answered:.3f} | "
+        f"{unexpected(b) or 'none'} | {b['ms'].get('200', {}).get('p99', 0)} | "
+        f"{b['ms'].get('503', {}).get('p99', '-')} | "
+        f"{b['ms'].get('503', {}).get('max', '-')} |"
+    )
+
+
+def unexpected(b: dict) -> dict[str, int]:
+    """Statuses that are neither an answer nor shedding (a request with no answer too)."""
+    return {s: n for s, n in b["statuses"].items() if s not in ("200", "429", "503")}
+
+
+def report(result: dict, elapsed_s: float) -> tuple[str, bool]:
+    cap, b, p = result["capacity"], result["burst"], result["polite"]
+
+    def goodput(run: dict) -> float:
+        return run["statuses"].get("200", 0) / run["seconds"] / cap["rate"]
+
     slow_503 = b["ms"].get("503", {}).get("max", 0.0)
     lines = [
         "| run | connections | req/s | 200 share | 503+429 share | other | p99 200 ms "
@@ -148,22 +191,29 @@ def report(result: dict, elapsed_s: float) -> tuple[str, bool]:
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
         f"| capacity (wrk) | {cap['connections']} | {cap['rate']:.0f} answered | - | - "
         f"| {cap['errors']} errors | {cap['p99_ms']:.1f} (all) | - | - |",
-        f"| burst (hey) | {b['connections']} | {offered:.0f} made, {ok / b['seconds']:.0f} "
-        f"answered | {ok / b['responses']:.3f} | {shed / b['responses']:.3f} | "
-        f"{wrong or 'none'} | {b['ms'].get('200', {}).get('p99', 0)} | "
-        f"{b['ms'].get('503', {}).get('p99', '-')} | {slow_503 or '-'} |",
+        burst_row("burst (hey)", b),
+        burst_row("burst honouring Retry-After (bench.polite)", p),
         "",
         "| ratio | value |",
         "|---|---:|",
         f"| burst connections / capacity's | {b['connections'] / cap['connections']:.1f}x |",
-        f"| burst requests made per s / capacity | {offered / cap['rate']:.2f}x |",
-        f"| goodput: burst 200s per s / capacity | {ok / b['seconds'] / cap['rate']:.2f}x |",
+        f"| burst requests made per s / capacity | "
+        f"{b['responses'] / b['seconds'] / cap['rate']:.2f}x |",
+        f"| goodput: burst 200s per s / capacity | {goodput(b):.2f}x |",
+        f"| goodput, clients honouring Retry-After / capacity | {goodput(p):.2f}x |",
         "",
         f"burst statuses: {b['statuses']}; latency ms by status: {json.dumps(b['ms'])}",
         f"CPU in the burst (cores): {b['cpu']}",
+        f"honouring Retry-After: statuses {p['statuses']}; latency ms by status: "
+        f"{json.dumps(p['ms'])}; {p['waited_s']} s waited in all",
+        f"CPU in that burst (cores): {p['cpu']}",
     ]
     checks = [
-        (not wrong, f"no status but 200/429/503 in the burst: {wrong or 'none'}"),
+        (not unexpected(b), f"no status but 200/429/503 in the burst: {unexpected(b) or 'none'}"),
+        (
+            not unexpected(p),
+            f"none either from clients honouring Retry-After: {unexpected(p) or 'none'}",
+        ),
         (slow_503 <= SLOW_503_MS, f"slowest 503 <= {SLOW_503_MS} ms: {slow_503} ms"),
     ]
     lines += [f"{'PASS' if c else 'FAIL'} {text}" for c, text in checks]
