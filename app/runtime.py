@@ -44,7 +44,10 @@ class RayInfo:
 # idempotent, and a replica that closes without answering did not finish the request.
 # SIGKILL of an ingress replica under load lost 4 and 4 requests before, 1, 2 and 1 with
 # this (tests/chaos, 2026-12-07); it does not replay the requests it sent over a pooled
-# connection in the instant before it marked the replica down.
+# connection in the instant before it marked the replica down. It applies to every route
+# (Ray writes it in HAProxy's defaults): an admin POST whose replica died before
+# answering is replayed too. HAProxy keeps a copy only of a request that fits its buffer
+# (Ray sets tune.bufsize 16384): a larger one is not replayed.
 FAST_TRANSPORT = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -160,12 +163,8 @@ class Sigterm:
 def sigterm_as_interrupt(stop: Sigterm | None = None) -> Iterator[None]:
     """While it lasts, SIGTERM (systemd, Kubernetes, `kill`) stops the process as Ctrl-C
     does, with a KeyboardInterrupt, and is noted in ``stop``. It replaces the handler
-    ``ray.init`` sets, which exits the same way (SystemExit) but leaves no note.
-
-    Ctrl-C (SIGINT) raises KeyboardInterrupt too, even where the process inherited it
-    ignored: a command started in the background of a shell script does, and Python then
-    keeps it so. `kill -INT` to its process group left `scaledl serve` serving, and its
-    cluster running. Main thread only: Python runs handlers there."""
+    ``ray.init`` sets, which exits the same way (SystemExit) but leaves no note. Main
+    thread only: Python runs handlers there. (Ctrl-C itself: :func:`take_back_sigint`.)"""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -178,12 +177,19 @@ def sigterm_as_interrupt(stop: Sigterm | None = None) -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+
+
+def take_back_sigint() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt, even where the process inherited it
+    ignored: a command started with `&` in a shell script does, and Python then keeps
+    it so. `kill -INT` to the process group of such a `scaledl serve` left it serving,
+    and its cluster running. The CLI calls it first thing, for every command."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -21,6 +21,7 @@ from app.cli.rollouts import rollout_cli
 from app.cli.routes import route_cli
 from app.cli.serve import keys_cli, serve_cli
 from app.errors import ConfigError, find_scaledl_error
+from app.runtime import take_back_sigint
 
 cli = typer.Typer(
     name="scaledl",
@@ -350,6 +351,7 @@ def demo(
 
 
 def main() -> None:
+    take_back_sigint()
     try:
         cli()
     except Exception as exc:  # the one place errors become exit codes

@@ -13,6 +13,7 @@ serving after SIGINT to its group.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -41,12 +42,11 @@ def running(proc: psutil.Process) -> bool:
 
 def start_serving(store: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
     """`scaledl serve` in a session of its own, until it says it serves."""
-    proc = subprocess.Popen(
-        [str(BIN / "scaledl"), "serve", "--workload", "digits"],
+    proc = subprocess.Popen(  # with SIGINT ignored, as `scaledl serve &` in a script
+        ["sh", "-c", f"trap '' INT; exec {shlex.quote(str(BIN / 'scaledl'))} serve -w digits"],
         env=clean_env(SCALEDL_STORAGE_ROOT=str(store), SCALEDL_SERVE__PORT=str(port),
                       SCALEDL_API_KEY=KEY),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # `scaledl serve &`
     )  # fmt: skip
     lines: list[str] = []
     ready = threading.Event()
