@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.runtime import FAST_TRANSPORT
 from tests.chaos.conftest import pytest_terminal_summary  # noqa: F401 - the chaos table
 from tests.conftest import free_port
 
@@ -55,12 +56,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     node shares the storage root, as the nodes of a real cluster share a volume."""
     temp_dir = Path(f"/tmp/scaledl-ray-{os.getpid()}")
     dashboard_port, gcs_port = free_port(), free_port()
+    bare = {k: v for k, v in clean_env().items() if k not in FAST_TRANSPORT}
     transport = subprocess.run(
-        ["bash", "-c", f'eval "$({BIN / "scaledl"} serve transport)" && env -0'],
-        env=clean_env(), capture_output=True, text=True, timeout=60, check=True,
+        ["bash", "-c", f'out=$({BIN / "scaledl"} serve transport) && eval "$out" && env -0'],
+        env=bare, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     env = dict(kv.split("=", 1) for kv in transport.split("\0")[:-1])
-    assert "RAY_SERVE_ENABLE_HA_PROXY" in env, "serve.fast_transport is on by default"
+    assert FAST_TRANSPORT.items() <= env.items(), "serve.fast_transport is on by default"
     # On SIGTERM a node drains, up to 30 s, until no worker holds a lease. After the jobs
     # of test_ray_job it waited the whole 30 s, even with the Serve app removed first
     # (the actors the jobs leave behind keep theirs). The tests are over: stop at once.

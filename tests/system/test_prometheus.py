@@ -13,7 +13,6 @@ reporting every second. The fault is serve.faults (dev only), applied in place.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -118,7 +117,7 @@ class Prometheus:
 
 
 def test_prometheus_agrees_with_the_client_and_the_p99_alert_fires_and_clears(
-    trained_store: Path, tmp_path: Path
+    trained_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
 
@@ -127,8 +126,8 @@ def test_prometheus_agrees_with_the_client_and_the_p99_alert_fires_and_clears(
     from app.serving import deploy
     from app.settings import load_settings
 
-    os.environ.update(FAST_TRANSPORT)
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    for name, value in {**FAST_TRANSPORT, "RAY_metrics_report_interval_ms": "1000"}.items():
+        monkeypatch.setenv(name, value)  # the cluster's processes inherit them; later tests not
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False)  # fmt: skip
     port = free_port()
