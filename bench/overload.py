@@ -47,6 +47,7 @@ from bench.serve_models import DIGITS, request_bodies
 
 # Overload must be shed within about a batch time; a 503 slower than this is a finding.
 SLOW_503_MS = 250
+SETTLE_S = 5.0
 
 
 def require_hey() -> str:
@@ -59,8 +60,8 @@ def require_hey() -> str:
 def burst(url: str, body: str, key: str, connections: int, seconds: float) -> dict:
     """hey at ``connections`` for ``seconds``: per-status counts and 503 latencies (ms).
 
-    hey writes a CSV row for every response; requests that got none (a socket error or
-    hey's own timeout) have no row, so they are counted from its summary run instead."""
+    hey writes a CSV row for every response; a request that got none (a socket error or
+    hey's own timeout) has no row, so this burst cannot count those: bench.polite's can."""
     cmd = [
         require_hey(),
         "-z",
@@ -115,6 +116,8 @@ def cluster(plan: dict) -> dict:
         )[plan["capacity"]][0]
         args = (url, plan["bodies"][0], plan["key"], plan["burst"], plan["seconds"])
         result = with_cpu(burst, *args, client="hey")
+        time.sleep(SETTLE_S)  # hey's backlog drains before the second burst starts
+        wrk.probe(url, plan["bodies"][0], plan["key"])
         polite = with_cpu(polite_burst, *args, client="bench.polite")
         serve.delete(DIGITS)
     finally:

@@ -29,17 +29,25 @@ TIMEOUT_S = 20.0  # as hey's -t 20: far past the graph's request timeout
 def request_bytes(url: str, body: str, key: str) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     payload = body.encode()
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     head = (
-        f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n"
     )
     return parts.hostname or "127.0.0.1", parts.port or 80, head.encode() + payload
 
 
+class ClosedIdle(ConnectionError):
+    """The server had closed the kept-alive connection before this request: not an
+    answer missing, a connection to open again (as HTTP clients do)."""
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bool]:
     """Status, headers (lower-case names) and whether the server keeps the connection."""
     status_line = await reader.readline()
+    if not status_line:
+        raise ClosedIdle
     parts = status_line.split()
     if len(parts) < 2 or not parts[1].isdigit():
         raise ConnectionError(f"no status line: {status_line[:40]!r}")
@@ -47,46 +55,65 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
+    keep = parts[0] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
     if headers.get("transfer-encoding", "").lower() == "chunked":
         while size := int((await reader.readline()).split(b";")[0], 16):
             await reader.readexactly(size + 2)  # the chunk and its CRLF
         while (await reader.readline()) not in (b"\r\n", b"\n", b""):
             pass  # trailers, up to the blank line
-    else:
-        await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(parts[1]), headers, headers.get("connection", "").lower() != "close"
+    elif "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    else:  # the body ends with the connection
+        await reader.read()
+        keep = False
+    return int(parts[1]), headers, keep
 
 
 async def one_connection(
     target: tuple[str, int, bytes], deadline: float, seen: dict[str, list[float]], waits: list
 ) -> None:
     host, port, request = target
-    reader = writer = None
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def exchange() -> tuple[int, dict[str, str], bool]:
+        nonlocal connection
+        for fresh in (connection is None, True):  # a closed idle connection: once more
+            if fresh:
+                connection = await asyncio.open_connection(host, port)
+            reader, writer = connection
+            writer.write(request)
+            await writer.drain()
+            try:
+                return await read_response(reader)
+            except ClosedIdle:
+                writer.close()
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")
+
     while time.monotonic() < deadline:
         started = time.monotonic()
         try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection(host, port)
-            writer.write(request)
-            status, headers, keep = await asyncio.wait_for(read_response(reader), TIMEOUT_S)
+            status, headers, keep = await asyncio.wait_for(exchange(), TIMEOUT_S)
         except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
             seen.setdefault("no answer", []).append(time.monotonic() - started)
-            if writer is not None:
-                writer.close()
-            reader = writer = None
+            if connection is not None:
+                connection[1].close()
+            connection = None
+            await asyncio.sleep(0.1)  # not a tight loop against a refusing server
             continue
         seen.setdefault(str(status), []).append(time.monotonic() - started)
-        if not keep:
-            writer.close()
-            reader = writer = None
+        if not keep and connection is not None:
+            connection[1].close()
+            connection = None
         retry_after = headers.get("retry-after")
         if status in (429, 503) and retry_after and retry_after.isdigit():
             wait = min(int(retry_after) * random.uniform(1.0, 1.1), deadline - time.monotonic())
             if wait > 0:
                 waits.append(wait)
                 await asyncio.sleep(wait)
-    if writer is not None:
-        writer.close()
+    if connection is not None:
+        connection[1].close()
 
 
 def summary(ms: list[float]) -> dict[str, float]:
