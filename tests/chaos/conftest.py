@@ -52,6 +52,10 @@ class Answer:
     degraded: bool = False
     expensive: bool = False  # the expensive tier answered it
     error: str = ""  # what the client raised, when no answer came
+    # Who answered a non-200: "haproxy" for HAProxy's own error file (no Server header;
+    # Ray 2.60's HAProxy answers its 502, 503 and 504 with a plain 500), else the
+    # replica's server (uvicorn).
+    via: str = ""
 
     @property
     def outcome(self) -> str:
@@ -105,7 +109,8 @@ class Load:
                 )
                 answer = Answer(started, self.now(), resp.status_code,
                                 "retry-after" in resp.headers, any(d for _, d in tiers),
-                                any(t == "expensive" for t, _ in tiers))  # fmt: skip
+                                any(t == "expensive" for t, _ in tiers),
+                                via=resp.headers.get("server", "haproxy"))  # fmt: skip
             except (httpx.HTTPError, ValueError) as exc:
                 answer = Answer(started, self.now(), 0, False, error=f"{type(exc).__name__}: {exc}")
             self.answers.append(answer)
@@ -188,11 +193,11 @@ def record(scenario: str, load: Load, fault_at: float, baseline: float, note: st
     )
     ROWS.append(row)
     lost = Counter(
-        (a.status, a.retry_after, a.error, round(a.started - fault_at, 1))
+        (a.status, a.via, a.retry_after, a.error, round(a.started - fault_at, 1))
         for a in answers
         if a.outcome == "lost"
     )
-    print(f"{row}; lost (status, retry-after, error, sent at): {dict(lost)}; "
+    print(f"{row}; lost (status, via, retry-after, error, sent at): {dict(lost)}; "
           f"baseline {baseline:.0f}/s")  # fmt: skip
     return row
 

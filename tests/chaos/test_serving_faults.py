@@ -40,10 +40,11 @@ def test_a_killed_replica_loses_no_request(
 
     An ingress replica holds the HTTP requests themselves. HAProxy replays on its twin
     those the dead replica closed without an answer (RAY_SERVE_HAPROXY_RETRY_ON in the
-    transport), but not those it sent over a pooled connection in the instant before it
-    marked the replica down: they get their connection closed without an answer, and no
-    other is lost, nor answered with a 500. That is the one documented loss here
-    (README, "Faults")."""
+    transport), but not all: those it sent over a pooled connection in the instant before
+    it marked the replica down get their connection closed without an answer, or, now
+    and then, HAProxy's own error answer, which Ray 2.60's HAProxy makes a plain 500
+    (its error file: no Server header). Only in that instant, and no other is lost. That
+    is the one documented loss here (README, "Faults")."""
     x, _ = test_rows
     with Load(service.predict_url, x) as load:
         fault_at, baseline = warmed(load)
@@ -63,7 +64,10 @@ def test_a_killed_replica_loses_no_request(
         # connection before marking it down (~0.1 s), each closed at once
         assert len(lost) <= load.clients
         assert all(a.started <= died + 0.5 and a.ended < died + 2 for a in lost), (died, lost)
-        assert {a.error.split(":")[0] for a in lost} <= {"RemoteProtocolError"}, lost
+        closed = {a.error.split(":")[0] for a in lost if a.status == 0}
+        assert closed <= {"RemoteProtocolError"}, lost
+        answered = [a for a in lost if a.status != 0]
+        assert all(a.status == 500 and a.via == "haproxy" for a in answered), answered
 
 
 def test_a_killed_serve_controller_loses_no_request(
