@@ -5,7 +5,9 @@ does: after a 429 or 503 that carries it, that connection waits that long (plus 
 ``hey`` and ``wrk`` send the next request at once, so a fast 503 turns into more load.
 This one shows what a burst of polite clients gets. Keep-alive connections, one request
 at a time on each; a connection the server closes is opened again. Run as a process of
-its own, so that its CPU shows apart from the servers'::
+its own, so that its CPU shows apart from the servers'. Raw asyncio streams, not httpx:
+the same burst through one httpx.AsyncClient (512 pooled connections) made 76 requests a
+second on a full core, against 950-1,005 on 0.2 of a core with this (2026-12-07)::
 
     python -m bench.polite '{"url": ..., "body": ..., "key": ..., "connections": 512,
                              "seconds": 15}'
