@@ -42,10 +42,8 @@ class RayInfo:
 # not connect: Ray's default, conn-failure, turned such a request into a closed
 # connection or a 500 (HAProxy's 502, which Ray maps to 500). A prediction is
 # idempotent, and a replica that closes without answering did not finish the request.
-# SIGKILL of an ingress replica under load lost 4 and 4 requests before, 1, 2, 1, 3, 2 and
-# (in CI) 4 with this (tests/chaos, 2026-12-07): it does not replay the requests it sent
-# over a pooled connection in the instant before it marked the replica down, and one of
-# those can still get HAProxy's own error answer, a 500. It applies to every route
+# What it does not replay, and the counts measured, are in README.md, "Faults"; the
+# chaos test asserts its bounds. It applies to every route
 # (Ray writes it in HAProxy's defaults): an admin POST whose replica died before
 # answering is replayed too. HAProxy keeps a copy only of a request that fits its buffer
 # (Ray sets tune.bufsize 16384): a larger one is not replayed.
