@@ -6,6 +6,7 @@ writes them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.errors import DataContractError
@@ -24,26 +25,63 @@ def load_preprocessor(settings: Settings, manifest: DatasetManifest) -> Preproce
 
 def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
     """A lazy Ray Dataset of one split's feature and label columns (streamed, never pulled)."""
-    workload = get_workload(manifest.workload)
-    path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
+    return read_parquet_v1(str(_split_path(settings, manifest, split)), _columns(manifest))
+
+
+def load_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
+    """One split's feature and label columns as a pandas frame, read in this process: for
+    a split known to fit in memory (no Ray Data executor to start)."""
+    path = _split_path(settings, manifest, split)
+    return rows_of_split(path, _columns(manifest), 0, manifest.splits[split])
+
+
+def _split_path(settings: Settings, manifest: DatasetManifest, split: str) -> Path:
     if not manifest.splits.get(split):
         raise DataContractError(
             f"split {split!r} of dataset {manifest.workload} {manifest.version} has no rows: "
             "ingest more data or change ingest.split_fractions"
         )
-    return read_parquet_v1(str(path), [*workload.feature_columns, workload.label_column])
+    return DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
+
+
+def _columns(manifest: DatasetManifest) -> list[str]:
+    workload = get_workload(manifest.workload)
+    return [*workload.feature_columns, workload.label_column]
 
 
 def head_of_split(settings: Settings, manifest: DatasetManifest, split: str, rows: int) -> Any:
     """The first ``rows`` rows of a split's feature columns, as a pandas frame, read in
-    this process: only the row groups that hold them are read, so it costs the same on
-    a split of any size (no Ray Data executor to start for a few thousand rows)."""
-    import pyarrow.dataset
-
+    this process (:func:`rows_of_split`: no Ray Data executor to start for a few
+    thousand rows)."""
     workload = get_workload(manifest.workload)
     path = DatasetStore(settings.datasets_dir).split_dir(manifest.workload, manifest.version, split)
-    dataset = pyarrow.dataset.dataset(path, format="parquet")
-    return dataset.head(rows, columns=list(workload.feature_columns)).to_pandas()
+    return rows_of_split(path, list(workload.feature_columns), 0, rows)
+
+
+def rows_of_split(path: str | Path, columns: list[str], start: int, stop: int) -> Any:
+    """Rows ``start`` to ``stop`` (excluded) of a split, in its stored order (its files by
+    name, then their row groups), as a pandas frame, read in this process. Only the row
+    groups that hold them are read, so a slice costs the same on a split of any size."""
+    import pyarrow as pa
+    import pyarrow.dataset
+
+    dataset = pyarrow.dataset.dataset(str(path), format="parquet")
+    groups = (
+        (fragment, group)
+        for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path)
+        for group in fragment.row_groups
+    )
+    pieces, offset = [], 0
+    for fragment, group in groups:
+        if offset >= stop:
+            break
+        first, end = max(start, offset), min(stop, offset + group.num_rows)
+        if first < end:
+            table = fragment.subset(row_group_ids=[group.id]).to_table(columns=columns)
+            pieces.append(table.slice(first - offset, end - first))
+        offset += group.num_rows
+    empty = dataset.schema.empty_table().select(columns)
+    return pa.concat_tables(pieces or [empty]).to_pandas()
 
 
 def read_parquet_v1(path: str, columns: list[str]) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -18,8 +17,7 @@ from app.errors import ConfigError
 from app.registry import ModelRef, Registry
 from app.settings import Settings
 from app.workloads import Workload
-from data.splits import read_split
-from data.versions import DatasetStore
+from data.versions import DatasetManifest, DatasetStore
 from train.evaluate import score
 
 
@@ -66,9 +64,11 @@ def choose_threshold(scores: PairScores, margin: float) -> float:
     return float(conf[k]) if k < n else ALWAYS_ESCALATE
 
 
-def score_pair(dataset: Any, cheap_dir: Path, expensive_dir: Path) -> PairScores:
-    """Both tiers on every row of ``dataset`` in one Ray Data pass, so rows stay aligned."""
-    scores = score(dataset, {"cheap": cheap_dir, "expensive": expensive_dir})
+def score_pair(
+    settings: Settings, manifest: DatasetManifest, split: str, cheap_dir: Path, expensive_dir: Path
+) -> PairScores:
+    """Both tiers on every row of a split in one pass, so rows stay aligned."""
+    scores = score(settings, manifest, split, {"cheap": cheap_dir, "expensive": expensive_dir})
     cheap, expensive = scores["cheap"], scores["expensive"]
     return PairScores(cheap.label, cheap.pred, cheap.confidence, expensive.pred)
 
@@ -91,9 +91,9 @@ def calibrate(
     manifest = DatasetStore(settings.datasets_dir).get(workload.name, versions.pop())
     cheap_dir, expensive_dir = registry.download(cheap_ref), registry.download(expensive_ref)
     margin = settings.calibrate.margin
-    val = score_pair(read_split(settings, manifest, "val"), cheap_dir, expensive_dir)
+    val = score_pair(settings, manifest, "val", cheap_dir, expensive_dir)
     threshold = choose_threshold(val, margin)
-    test = score_pair(read_split(settings, manifest, "test"), cheap_dir, expensive_dir)
+    test = score_pair(settings, manifest, "test", cheap_dir, expensive_dir)
     spec = CascadeSpec(
         workload=workload.name,
         cheap_version=cheap_ref.version,

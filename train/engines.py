@@ -1,14 +1,14 @@
 """DeepSpeed engines for the two layouts a run can take.
 
-- ``DataParallel``: every worker holds the model (ZeRO 0-3 shards its state); Ray splits
-  the training data between workers.
+- ``DataParallel``: every worker holds the model (ZeRO 0-3 shards its state) and reads
+  its share of the training data.
 - ``Pipeline``: the model's layers are split into stages (DeepSpeed ``PipelineModule``),
   and stages x data-parallel groups = workers. Every stage of a pipe must see the same
   batches, so each worker reads the whole split in a fixed order and keeps the batches
   of its data-parallel group.
 
-Both read their splits through a ``Feed`` and expose ``train_epoch``, ``evaluate`` and
-``full_state_dict`` to the loop.
+Both read their splits through a ``Feed`` (train/feeds.py) and expose ``train_epoch``,
+``evaluate`` and ``full_state_dict`` to the loop.
 ``train_epoch`` logs to MLflow every ``train.log_every_steps`` and counts every
 micro-batch into the run's live figures (train/metrics.py).
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.workloads import get_workload
+from train.feeds import Feed
 from train.job import TrainJob, micro_batches_per_group
 from train.metrics import LiveFigures
 
@@ -116,74 +117,6 @@ def _sum_over_workers(values: list[float]) -> list[float]:
 def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, float]:
     loss_sum, correct, rows = _sum_over_workers([loss_sum, correct, rows])
     return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
-
-
-def open_feeds(job: TrainJob) -> tuple[Feed, Feed]:
-    """The run's train and val splits as this worker reads them: Ray gives a
-    data-parallel worker its share of each, a pipeline's workers all of it."""
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    salt = 0 if job.train.pipeline_stages > 1 else rank  # a pipe's stages shuffle alike
-    return (
-        Feed(ray.train.get_dataset_shard("train"), job.train_rows, job, salt=salt),
-        Feed(ray.train.get_dataset_shard("val"), job.val_rows, job, salt=salt),
-    )
-
-
-class Feed:
-    """One split's (x, y) batches as this worker reads them, epoch after epoch.
-
-    A split under the cache limit (``train.cache_inputs_below_mb``: a share of the
-    node's memory by default) is streamed once and kept in the worker as tensors: Ray
-    Data's per-batch iteration and collation cost ~20 % of a worker's core on small
-    models. A larger one streams every epoch, through Ray Data's seeded local shuffle
-    buffer, sized by the cache limit (``job.shuffle_rows``), so memory stays bounded
-    by the limit either way.
-
-    The order is a function of the seed and the epoch alone (Ray hands shards out in
-    order, see ``run._fit``), so a seeded run is reproducible. ``salt`` tells apart
-    workers that hold different rows and may shuffle differently; workers that must
-    see the same batches (a pipeline's stages) pass the same salt.
-    """
-
-    def __init__(self, shard: Any, rows: int, job: TrainJob, *, salt: int = 0) -> None:
-        self.shard, self.rows, self.job, self.salt = shard, rows, job, salt
-        self.keep = job.caches(rows)
-        self.kind = "cached" if self.keep else "streamed"
-        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def batches(
-        self, size: int, *, epoch: int | None, drop_last: bool
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``size`` rows, shuffled for ``epoch``, or in stored order (None)."""
-        import torch
-
-        if not self.keep:
-            shuffled = epoch is not None
-            stream = self.shard.iter_torch_batches(
-                batch_size=size,
-                drop_last=drop_last,
-                local_shuffle_buffer_size=max(self.job.shuffle_rows, size * 8)
-                if shuffled
-                else None,
-                local_shuffle_seed=self.job.seed + epoch if shuffled else None,
-            )
-            yield from ((b["x"], b["y"]) for b in stream)
-            return
-        if self.cached is None:
-            parts = list(self.shard.iter_torch_batches(batch_size=4096))
-            self.cached = (torch.cat([p["x"] for p in parts]), torch.cat([p["y"] for p in parts]))
-        x, y = self.cached
-        if epoch is None:
-            order = torch.arange(len(y))
-        else:
-            shuffle = torch.Generator().manual_seed(hash((self.job.seed, epoch, self.salt)))
-            order = torch.randperm(len(y), generator=shuffle)
-        end = len(order) - len(order) % size if drop_last else len(order)
-        for start in range(0, end, size):
-            idx = order[start : start + size]
-            yield x[idx], y[idx]
 
 
 class DataParallel:

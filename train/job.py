@@ -8,6 +8,7 @@ scheduler's step count, the engines' loops, the run's sample counts and the test
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +34,12 @@ class TrainJob(BaseModel):
     mlflow_run_id: str
     preprocessor: dict[str, Any] | None = None  # fitted with the dataset version, if any
     shuffle_rows: int = 0  # a streamed split's shuffle window (shuffle_window); 0: 8 batches
+    split_dirs: dict[str, str] = {}  # split -> its folder, set for the run (run._fit)
+
+    @property
+    def preprocessor_json(self) -> str | None:
+        """The fitted preprocessor as the feature transform takes it (cached per process)."""
+        return json.dumps(self.preprocessor) if self.preprocessor else None
 
     @property
     def steps_per_epoch(self) -> int:

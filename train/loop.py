@@ -8,8 +8,6 @@ Rank 0 publishes the run's live series meanwhile (train/metrics.py).
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import shutil
 import tempfile
@@ -18,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from app.errors import CheckpointError
 from app.logs import event as log_event
 from app.logs import events
 from app.model_artifact import ModelMeta, save_weights
 from app.registry import Registry
-from app.workloads import Workload, get_workload
-from train.engines import DataParallel, Pipeline, build_engine, open_feeds
+from train.engines import DataParallel, Pipeline, build_engine
+from train.feeds import open_feeds
 from train.job import TrainJob
 from train.metrics import LiveFigures, published
 
@@ -63,24 +58,6 @@ class Progress:
     best_val_accuracy: float = -1.0
     epochs_without_improvement: int = 0
     resumed_from_step: int = -1
-
-
-def to_model_inputs(
-    batch: pd.DataFrame, *, workload_name: str, preprocessor: str | None = None
-) -> dict[str, np.ndarray]:
-    """Raw rows -> model inputs ``x`` and labels ``y`` (a Ray Data batch transform);
-    ``preprocessor`` is the fitted one's JSON, for workloads that have one."""
-    workload = _bound_workload(workload_name, preprocessor)
-    return {
-        "x": workload.features(batch),
-        "y": batch[workload.label_column].to_numpy(dtype=np.int64),
-    }
-
-
-@functools.cache
-def _bound_workload(workload_name: str, preprocessor: str | None) -> Workload:
-    """Built once per worker process, not per batch."""
-    return get_workload(workload_name, json.loads(preprocessor) if preprocessor else None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:

@@ -25,8 +25,9 @@ from data.splits import head_of_split, load_preprocessor, read_split
 from data.versions import DatasetManifest, DatasetStore
 from train.deepspeed_config import build_deepspeed_config
 from train.evaluate import score
+from train.feeds import SPLITS, to_model_inputs
 from train.job import TrainJob, shuffle_window, steps_per_epoch
-from train.loop import MODEL_DIR, to_model_inputs, train_loop_per_worker
+from train.loop import MODEL_DIR, train_loop_per_worker
 from train.quantize import CALIBRATION_ROWS, int8_variant
 
 # Ray Data needs a CPU beside the trainers to stream shards, or training stalls.
@@ -271,9 +272,15 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
 
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_S_ENV_VAR, CONTROLLER_POLL_S)
     cfg = job.train
-    datasets = {split: _model_inputs(settings, manifest, split, job) for split in ("train", "val")}
-    # Blocks reach the workers in the dataset's order, and a split's are dealt out in
-    # that order, so a seeded run reads the same rows in the same order every time.
+    # Where the workers read a cached split themselves (train/feeds.py): the version's
+    # folders, on the storage root every node shares. Taken now, not from the job file:
+    # a resumed run reads the root it is given.
+    store = DatasetStore(settings.datasets_dir)
+    folders = {s: str(store.split_dir(job.workload, job.dataset_version, s)) for s in SPLITS}
+    job = job.model_copy(update={"split_dirs": folders})
+    datasets = {split: _model_inputs(settings, manifest, split, job) for split in SPLITS}
+    # A streamed split's blocks reach the workers in the dataset's order, and are dealt
+    # out in that order, so a seeded run reads the same rows in the same order every time.
     # (Locality hints, which would deal by where blocks live, are off with it.)
     ordered = ExecutionOptions(preserve_order=True)
     # Every stage of a pipe reads the whole split (see engines.Pipeline).
@@ -311,7 +318,7 @@ def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job
         to_model_inputs,
         fn_kwargs={
             "workload_name": manifest.workload,
-            "preprocessor": json.dumps(job.preprocessor) if job.preprocessor else None,
+            "preprocessor": job.preprocessor_json,
         },
         batch_format="pandas",
     )
@@ -329,7 +336,6 @@ def _evaluate_and_register(
     """Score the best checkpoint and its INT8 twin on the test split; register both."""
     best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
     final = result.metrics
-    test = read_split(settings, manifest, "test")
     name = get_workload(job.workload).registered_model_name(job.tier)
     tags = {"dataset_version": job.dataset_version, "workload": job.workload, "tier": job.tier}
     with tempfile.TemporaryDirectory(prefix="scaledl-model-") as tmp:
@@ -340,7 +346,7 @@ def _evaluate_and_register(
         calibration = head_of_split(settings, manifest, "val", CALIBRATION_ROWS)
         int8 = int8_variant(model_dir, Path(tmp) / "int8", calibration)
         phases.mark("int8")
-        both = score(test, {"fp32": model_dir, "int8": int8.directory})
+        both = score(settings, manifest, "test", {"fp32": model_dir, "int8": int8.directory})
         phases.mark("test")
         scores, int8_scores = both["fp32"], both["int8"]
         metrics = {

@@ -419,7 +419,7 @@ def test_a_new_run_may_not_reuse_an_existing_runs_name(platform: Platform) -> No
 def test_a_seeded_run_is_reproducible(ray_cluster: None, tmp_path: Path) -> None:
     """Two runs of one config with one seed on one version give the same figures, down to
     every logged step: Ray deals a split's blocks to the workers in order (run._fit),
-    and every shuffle is seeded (engines.Feed). The version is ingested from four
+    and every shuffle is seeded (feeds.Feed). The version is ingested from four
     files, so that each split has several blocks to deal out."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -138,3 +138,32 @@ def test_an_unreadable_file_is_copied_whole_unless_the_workload_holds_pii(tmp_pa
     assert digits.kept == f"quarantine_files/{'ab' * 32}.csv"
     pii = _kept(source, unreadable, tmp_path / "v2", get_workload("transactions"))
     assert pii.kept is None and not (tmp_path / "v2").exists()  # named, never copied
+
+
+def test_workers_read_equal_slices_of_a_split_in_stored_order(tmp_path: Path) -> None:
+    """rows_of_split: what a worker that keeps its share of a split reads (train/feeds.py)
+    and the head a calibration takes. Files in name order, then their row groups; the
+    shares of any number of workers cover every row once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.splits import rows_of_split
+
+    def write(name: str, ids: range, row_group_size: int) -> None:
+        table = pa.table({"id": list(ids), "x": [float(i) for i in ids]})
+        pq.write_table(table, tmp_path / name, row_group_size=row_group_size)
+
+    write("part-b.parquet", range(10, 17), 4)  # listed after part-a whatever its content
+    write("part-a.parquet", range(10), 3)
+    whole = rows_of_split(tmp_path, ["id"], 0, 100)
+    assert whole["id"].tolist() == list(range(17)) and list(whole.columns) == ["id"]
+    assert rows_of_split(tmp_path, ["id", "x"], 2, 12)["id"].tolist() == list(range(2, 12))
+    for workers in (1, 2, 3, 5):
+        shares = [
+            rows_of_split(tmp_path, ["id"], i * 17 // workers, (i + 1) * 17 // workers)
+            for i in range(workers)
+        ]
+        assert pd.concat(shares)["id"].tolist() == list(range(17))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    empty = rows_of_split(tmp_path, ["id", "x"], 5, 5)
+    assert empty.empty and list(empty.columns) == ["id", "x"]
