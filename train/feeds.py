@@ -46,39 +46,61 @@ def _bound_workload(workload_name: str, preprocessor: str | None) -> Workload:
 
 def open_feeds(job: TrainJob) -> tuple[Feed, Feed]:
     """The run's train and val splits as this worker reads them: a data-parallel worker
-    its share of each, a pipeline's workers all of it."""
+    its share of each, a pipeline's workers all of it.
+
+    Every worker asks whether a split fits the cache limit of its own node, and the
+    split is kept in memory only where all of them say so: one worker on a smaller node
+    makes the run stream it. Workers that disagreed would read different rows (slices
+    of the files beside Ray's shards), a pipe's stages would see different batches, and
+    a streaming worker would wait forever at Ray's epoch barrier for a worker that no
+    longer reads its shard."""
     import ray.train
 
     context = ray.train.get_context()
+    keep = _on_every_worker([job.caches(job.train_rows), job.caches(job.val_rows)])
     if job.train.pipeline_stages > 1:  # a pipe's stages read alike and shuffle alike
-        return Feed("train", job, share=(0, 1)), Feed("val", job, share=(0, 1))
-    share = (context.get_world_rank(), context.get_world_size())
-    return Feed("train", job, share=share), Feed("val", job, share=share)
+        share = (0, 1)
+    else:
+        share = (context.get_world_rank(), context.get_world_size())
+    return (
+        Feed("train", job, share=share, keep=keep[0]),
+        Feed("val", job, share=share, keep=keep[1]),
+    )
+
+
+def _on_every_worker(answers: list[bool]) -> list[bool]:
+    """Each answer, True only where every worker of the run's process group gave True."""
+    import torch
+    import torch.distributed as dist
+
+    agreed = torch.tensor(answers, dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return [bool(a) for a in agreed.tolist()]
 
 
 class Feed:
     """One split's (x, y) batches as this worker reads them, epoch after epoch.
 
     A split under the cache limit (``train.cache_inputs_below_mb``: a share of the
-    node's memory by default) is read once and kept in the worker as tensors: its
-    ``share`` (index, count) of the split's rows in their stored order, only the row
-    groups that hold them, read in the worker itself. Ray Data would start an executor,
-    a coordinator and map tasks for it; on digits that first read took 2.9 s against
-    0.2 s, and its per-batch collation costs ~20 % of a worker's core on small models.
-    A larger split streams every epoch, as the shard Ray Train hands out (equal shares,
-    in order, see ``run._fit``), through Ray Data's seeded local shuffle buffer, sized
-    by the cache limit (``job.shuffle_rows``), so memory stays bounded by the limit
-    either way.
+    node's memory by default, agreed by every worker, :func:`open_feeds`) is read once
+    and kept in the worker as tensors: its ``share`` (index, count) of the split's rows
+    in their stored order, only the row groups that hold them, read in the worker. Ray
+    Data would start an executor, a coordinator and map tasks for it: on digits that
+    first read took 2.9 s against 0.2 s; and its per-batch collation costs ~20 % of a
+    worker's core on small models. A larger split streams every epoch, as the shard
+    Ray Train hands out (equal shares, in order, see ``run._fit``), through Ray Data's
+    seeded local shuffle buffer, sized by the cache limit (``job.shuffle_rows``), so
+    memory stays bounded by the limit either way.
 
     The order is a function of the seed and the epoch alone, so a seeded run is
     reproducible. Workers with different shares shuffle differently; a pipeline's
     stages, which must see the same batches, share one.
     """
 
-    def __init__(self, split: str, job: TrainJob, *, share: tuple[int, int]) -> None:
-        self.split, self.job, self.share = split, job, share
+    def __init__(self, split: str, job: TrainJob, *, share: tuple[int, int], keep: bool) -> None:
+        self.split, self.job, self.share, self.keep = split, job, share, keep
         self.rows = job.train_rows if split == "train" else job.val_rows
-        self.keep = job.caches(self.rows)
         self.kind = "cached" if self.keep else "streamed"
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -84,7 +84,8 @@ CACHE_SHARE_OF_NODE_MEMORY = 0.05
 def keeps_in_memory(workload: str, rows: int, cfg: TrainConfig) -> bool:
     """Whether what a worker reads of a split of ``rows`` is small enough to keep as
     tensors instead of streaming it every epoch: its share under data parallelism, the
-    whole split on a pipeline's stages. Asked on the worker, of its own node."""
+    whole split on a pipeline's stages. Asked on each worker, of its own node; the run
+    keeps a split only where all of them can (train/feeds.py, ``open_feeds``)."""
     share = rows if cfg.pipeline_stages > 1 else rows / cfg.data_parallel
     return share < rows_in_cache_limit(workload, cfg)
 
