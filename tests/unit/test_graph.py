@@ -167,4 +167,7 @@ def test_predictions_leave_no_garbage_for_the_cyclic_collector() -> None:
         finally:
             gc.enable()
 
-    assert asyncio.run(predictions()) < 20  # with tenacity: ~4,500
+    # Fewer than one object per two predictions (with tenacity: ~4,500). The collector
+    # also counts what other threads of the test process left meanwhile: once, in a
+    # full xdist run, 24 (this file alone: under 20).
+    assert asyncio.run(predictions()) < 100
