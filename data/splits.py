@@ -1,11 +1,14 @@
-"""Reading a published dataset version: its splits as Ray Datasets, and its preprocessor.
+"""Reading a published dataset version: its splits, and its preprocessor.
 
-Training, evaluation and calibration read versions through here; data/pipeline.py
-writes them.
+A split is read as a lazy Ray Dataset where it is large (training streams it, scoring
+maps over it), and in the reading process where it fits the cache limit (a training
+worker's slice, a test split scored in the driver, a calibration sample). Training,
+evaluation and calibration read versions through here; data/pipeline.py writes them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,11 @@ def read_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any
     return read_parquet_v1(str(_split_path(settings, manifest, split)), _columns(manifest))
 
 
-def load_split(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
-    """One split's feature and label columns as a pandas frame, read in this process: for
-    a split known to fit in memory (no Ray Data executor to start)."""
+def split_in_row_groups(settings: Settings, manifest: DatasetManifest, split: str) -> Any:
+    """One split's feature and label columns, read in this process a row group at a time
+    (pandas frames; :func:`row_groups_of_split`): no Ray Data executor to start."""
     path = _split_path(settings, manifest, split)
-    return rows_of_split(path, _columns(manifest), 0, manifest.splits[split])
+    return row_groups_of_split(path, _columns(manifest), 0, manifest.splits[split])
 
 
 def _split_path(settings: Settings, manifest: DatasetManifest, split: str) -> Path:
@@ -59,10 +62,21 @@ def head_of_split(settings: Settings, manifest: DatasetManifest, split: str, row
 
 
 def rows_of_split(path: str | Path, columns: list[str], start: int, stop: int) -> Any:
+    """Rows ``start`` to ``stop`` (excluded) of a split as one pandas frame (see
+    :func:`row_groups_of_split`)."""
+    import pandas as pd
+
+    pieces = list(row_groups_of_split(path, columns, start, stop))
+    return pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=columns)
+
+
+def row_groups_of_split(
+    path: str | Path, columns: list[str], start: int, stop: int
+) -> Iterator[Any]:
     """Rows ``start`` to ``stop`` (excluded) of a split, in its stored order (its files by
-    name, then their row groups), as a pandas frame, read in this process. Only the row
-    groups that hold them are read, so a slice costs the same on a split of any size."""
-    import pyarrow as pa
+    name, then their row groups), read in this process one row group at a time: a pandas
+    frame for each row group that holds some of them. Only those row groups are read, so
+    a slice costs the same on a split of any size."""
     import pyarrow.dataset
 
     dataset = pyarrow.dataset.dataset(str(path), format="parquet")
@@ -71,17 +85,15 @@ def rows_of_split(path: str | Path, columns: list[str], start: int, stop: int) -
         for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path)
         for group in fragment.row_groups
     )
-    pieces, offset = [], 0
+    offset = 0
     for fragment, group in groups:
         if offset >= stop:
-            break
+            return
         first, end = max(start, offset), min(stop, offset + group.num_rows)
         if first < end:
             table = fragment.subset(row_group_ids=[group.id]).to_table(columns=columns)
-            pieces.append(table.slice(first - offset, end - first))
+            yield table.slice(first - offset, end - first).to_pandas()
         offset += group.num_rows
-    empty = dataset.schema.empty_table().select(columns)
-    return pa.concat_tables(pieces or [empty]).to_pandas()
 
 
 def read_parquet_v1(path: str, columns: list[str]) -> Any:
@@ -90,9 +102,10 @@ def read_parquet_v1(path: str, columns: list[str]) -> Any:
     Ray 2.60 reads Parquet with DataSourceV2 by default, whose listing starts a pool of
     32 footer-reading actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) for every read,
     however few the files. On the 2-core machine a split of one file took 4.2 s to read
-    that way and 0.19 s with V1 (bench/read_split.py). A training run reads four splits,
-    a calibration two. The switch is ``DataContext.use_datasource_v2``, read when the
-    read is planned: it is turned off for this call only.
+    that way and 0.19 s with V1 (bench/read_split.py). A training run that streams reads
+    two splits this way, a scoring pass above the cache limit one. The switch is
+    ``DataContext.use_datasource_v2``, read when the read is planned: it is turned off
+    for this call only.
     """
     import ray.data
 

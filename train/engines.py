@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.workloads import get_workload
-from train.feeds import Feed
 from train.job import TrainJob, micro_batches_per_group
 from train.metrics import LiveFigures
 
 if TYPE_CHECKING:
     import torch
+
+    from train.feeds import Feed
 
 StepLog = Callable[[int, dict[str, float]], None]
 
@@ -104,18 +105,25 @@ class _StepMeter:
         }
 
 
-def _sum_over_workers(values: list[float]) -> list[float]:
+def over_workers(values: list[float], op: str = "sum") -> list[float]:
+    """``values`` reduced over every worker of the run (``op``: sum, min or max), on the
+    device the run's process group runs its collectives on (NCCL takes GPU tensors
+    only). Alone, outside a process group: the values themselves."""
     import torch
     import torch.distributed as dist
 
-    totals = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return totals.tolist()
+    reduced = torch.tensor(values, dtype=torch.float64)
+    if not dist.is_initialized():
+        return reduced.tolist()
+    if dist.get_backend() == "nccl":
+        reduced = reduced.cuda()
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    dist.all_reduce(reduced, op=ops[op])
+    return reduced.cpu().tolist()
 
 
 def _val_metrics(loss_sum: float, correct: float, rows: float) -> dict[str, float]:
-    loss_sum, correct, rows = _sum_over_workers([loss_sum, correct, rows])
+    loss_sum, correct, rows = over_workers([loss_sum, correct, rows])
     return {"val_loss": loss_sum / max(rows, 1), "val_accuracy": correct / max(rows, 1)}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from app.workloads import Workload, get_workload
-from data.splits import rows_of_split
+from data.splits import row_groups_of_split
 from train.job import TrainJob
 
 if TYPE_CHECKING:
@@ -69,14 +69,10 @@ def open_feeds(job: TrainJob) -> tuple[Feed, Feed]:
 
 
 def _on_every_worker(answers: list[bool]) -> list[bool]:
-    """Each answer, True only where every worker of the run's process group gave True."""
-    import torch
-    import torch.distributed as dist
+    """Each answer, True only where every worker of the run gave True."""
+    from train.engines import over_workers
 
-    agreed = torch.tensor(answers, dtype=torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return [bool(a) for a in agreed.tolist()]
+    return [bool(a) for a in over_workers([float(a) for a in answers], "min")]
 
 
 class Feed:
@@ -84,8 +80,9 @@ class Feed:
 
     A split under the cache limit (``train.cache_inputs_below_mb``: a share of the
     node's memory by default, agreed by every worker, :func:`open_feeds`) is read once
-    and kept in the worker as tensors: its ``share`` (index, count) of the split's rows
-    in their stored order, only the row groups that hold them, read in the worker. Ray
+    and kept in the worker as tensors: an equal slice (``share``: index, count) of the
+    split's rows in their stored order, only the row groups that hold them, read in the
+    worker. Ray
     Data would start an executor, a coordinator and map tasks for it: on digits that
     first read took 2.9 s against 0.2 s; and its per-batch collation costs ~20 % of a
     worker's core on small models. A larger split streams every epoch, as the shard
@@ -128,21 +125,33 @@ class Feed:
             yield x[idx], y[idx]
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This worker's share of the split, as tensors."""
+        """This worker's share of the split, as tensors: filled one row group at a time,
+        so that reading holds little more than the share's model inputs. Every worker
+        gets ``rows // workers`` rows and the remainder is dropped, as Ray's equal split
+        does: ranks that ran different numbers of batches would stall each other's
+        collectives (ZeRO-3 gathers parameters in every forward pass)."""
         import torch
 
         index, count = self.share
-        workload = get_workload(self.job.workload)
-        frame = rows_of_split(
+        share = self.rows // count
+        workload = _bound_workload(self.job.workload, self.job.preprocessor_json)
+        x = np.empty((share, workload.input_width), np.float32)
+        y = np.empty(share, np.int64)
+        filled = 0
+        pieces = row_groups_of_split(
             self.job.split_dirs[self.split],
             [*workload.feature_columns, workload.label_column],
-            index * self.rows // count,
-            (index + 1) * self.rows // count,
+            index * share,
+            (index + 1) * share,
         )
-        inputs = to_model_inputs(
-            frame, workload_name=self.job.workload, preprocessor=self.job.preprocessor_json
-        )
-        return torch.from_numpy(inputs["x"]), torch.from_numpy(inputs["y"])
+        for frame in pieces:
+            inputs = to_model_inputs(
+                frame, workload_name=self.job.workload, preprocessor=self.job.preprocessor_json
+            )
+            x[filled : filled + len(frame)] = inputs["x"]
+            y[filled : filled + len(frame)] = inputs["y"]
+            filled += len(frame)
+        return torch.from_numpy(x[:filled]), torch.from_numpy(y[:filled])
 
     def _streamed(
         self, size: int, *, epoch: int | None, drop_last: bool

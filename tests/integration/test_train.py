@@ -419,8 +419,10 @@ def test_a_new_run_may_not_reuse_an_existing_runs_name(platform: Platform) -> No
 def test_a_seeded_run_is_reproducible(ray_cluster: None, tmp_path: Path) -> None:
     """Two runs of one config with one seed on one version give the same figures, down to
     every logged step: Ray deals a split's blocks to the workers in order (run._fit),
-    and every shuffle is seeded (feeds.Feed). The version is ingested from four
-    files, so that each split has several blocks to deal out."""
+    and every shuffle is seeded (feeds.Feed). The runs stream (cache 0), and the version
+    is ingested from four files, so that each split has several blocks to deal out: the
+    dealing is Ray's, and what could change under us. A slice a worker keeps, and its
+    shuffles, are checked without Ray (tests/unit/test_feeds.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -432,7 +434,9 @@ def test_a_seeded_run_is_reproducible(ray_cluster: None, tmp_path: Path) -> None
         path = tmp_path / "raw" / f"part-{i}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pandas(frame.iloc[part], preserve_index=False), path)
-    settings = load_settings(storage_root=tmp_path / "store", train={"epochs": 2}, seed=7)
+    settings = load_settings(
+        storage_root=tmp_path / "store", train={"epochs": 2, "cache_inputs_below_mb": 0}, seed=7
+    )
     version = ingest(settings, DIGITS, open_source(tmp_path / "raw")).manifest.version
     train_dir = DatasetStore(settings.datasets_dir).split_dir("digits", version, "train")
     assert len(list(train_dir.glob("*.parquet"))) == 4
