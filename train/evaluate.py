@@ -24,11 +24,12 @@ import pandas as pd
 
 from app.model_artifact import LoadedModel, load_model
 from app.settings import Settings
-from data.splits import load_split, read_split
+from data.splits import read_split, split_in_row_groups
 from data.versions import DatasetManifest
 from train.job import rows_in_cache_limit
 
 CALIBRATION_BINS = 15
+BATCH_ROWS = 1024  # rows a model scores at once
 
 ModelDirs = tuple[tuple[str, str], ...]  # (name, model directory), hashable
 
@@ -86,7 +87,14 @@ def score(
     """Every model's predictions on every row of a dataset version's split."""
     if manifest.splits.get(split, 0) < rows_in_cache_limit(manifest.workload, settings.train):
         models = {name: load_model(Path(d)) for name, d in model_dirs.items()}
-        out = _predict(load_split(settings, manifest, split), models)
+        # In batches, as Ray Data's tasks score: a CNN's activations are many times
+        # the size of its inputs, which alone are held to the limit.
+        parts = [
+            _predict(rows.iloc[start : start + BATCH_ROWS], models)
+            for rows in split_in_row_groups(settings, manifest, split)
+            for start in range(0, len(rows), BATCH_ROWS)
+        ]
+        out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     else:
         out = (
             read_split(settings, manifest, split)
