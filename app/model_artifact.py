@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -150,20 +151,25 @@ def quantize_static(module: nn.Module, calibration: torch.Tensor) -> nn.Module:
         return convert_fx(prepared)
 
 
+_FX_CONFIG = threading.Lock()  # replicas load models in threads (serve_graphs/tier_model.py)
+
+
 @contextlib.contextmanager
 def _no_node_stack_traces() -> Iterator[None]:
     """FX tracing without a Python stack trace on every node (``torch.fx.config``): the
     first trace of a process symbolized them for 1.3 s (the INT8 twin of digits-cheap,
     2.6 s -> 1.2 s), after every training run and at every cold start of an INT8
-    replica. Only an error inside tracing loses them."""
+    replica. Only an error inside tracing loses them. The flag is the process's: the
+    lock keeps two loads from leaving it set for good."""
     import torch.fx.config
 
-    saved = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
-    try:
-        yield
-    finally:
-        torch.fx.config.do_not_emit_stack_traces = saved
+    with _FX_CONFIG:
+        saved = torch.fx.config.do_not_emit_stack_traces
+        torch.fx.config.do_not_emit_stack_traces = True
+        try:
+            yield
+        finally:
+            torch.fx.config.do_not_emit_stack_traces = saved
 
 
 def quantize_dynamic(module: nn.Module) -> nn.Module:
