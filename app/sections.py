@@ -119,9 +119,11 @@ class TrainConfig(_Section):
         None,
         ge=0,
         description="A worker keeps what it reads of a split (its share; on a pipeline's "
-        "stages the whole split) as tensors when under this many MB of model inputs, and "
-        "streams it every epoch otherwise (0: always stream). Unset: 5 % of the memory of "
-        "the worker's node (its container's limit where it has one).",
+        "stages the whole split) as tensors when under this many MB of model inputs on "
+        "every worker, and streams it every epoch otherwise (0: always stream). A test or "
+        "calibration split under it is scored in the driver, above it with Ray Data "
+        "tasks. Unset: 5 % of the memory of the worker's node (its container's limit "
+        "where it has one).",
     )
     max_failures: int = Field(
         1, ge=0, description="Worker failures to recover from (resuming from the last checkpoint)."

@@ -312,8 +312,8 @@ def _fit(settings: Settings, manifest: DatasetManifest, job: TrainJob, run_name:
 
 
 def _model_inputs(settings: Settings, manifest: DatasetManifest, split: str, job: TrainJob) -> Any:
-    """The split as model inputs, lazily: the workers stream it, and keep what is small
-    enough as tensors (engines.Feed)."""
+    """The split as model inputs, lazily, for workers that stream it; workers that keep
+    their slice read it from the files themselves (feeds.Feed) and never start it."""
     return read_split(settings, manifest, split).map_batches(
         to_model_inputs,
         fn_kwargs={
