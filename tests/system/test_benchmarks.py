@@ -51,6 +51,8 @@ TABLES = {
     "train": r"^\| mb\s+\| setup\s+\| cores \| samples/s \|"  # and then its fixed costs:
     r"(?s:.*)^\| setup\s+\| run s \| steps s \|",
     "train_gpu": r"^(no CUDA device: skipped|\| batch \| samples/s)",
+    "train_memory": r"^\| rows in \| train rows \| feed \|"  # and a run that streamed:
+    r"(?s:.*)^\| 20,000 \| [\d,]+ \| streamed \|",
 }
 
 
