@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -95,6 +96,28 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def communicate_sampling(
+    proc: subprocess.Popen, probes: dict[str, Callable[[int], int]]
+) -> tuple[str, dict[str, int]]:
+    """``proc.communicate()``, while every 50 ms each probe measures the process (by
+    pid): its stdout, and each probe's largest reading."""
+    peaks = dict.fromkeys(probes, 0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for name, probe in probes.items():
+                peaks[name] = max(peaks[name], probe(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    return out, peaks
+
+
 def measure(engine: str, source: Path, store: Path) -> dict:
     """Run one ingest in a child process; its result plus the tree's peak RSS."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
@@ -106,26 +129,13 @@ def measure(engine: str, source: Path, store: Path) -> dict:
         text=True,
         env=env,
     )
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
+    out, peaks = communicate_sampling(proc, {"tree": tree_rss})
     if proc.returncode != 0:
         raise SystemExit(
             f"{engine} ingest failed (exit {proc.returncode}): {out[-1000:]}\n"
             f"{log.read_text()[-3000:]}"
         )
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peak}
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peaks["tree"]}
 
 
 def main() -> None:

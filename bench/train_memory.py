@@ -28,12 +28,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from datetime import date
 from pathlib import Path
 
-from bench.data_pipeline import PII_KEY, tree_rss
+from bench.data_pipeline import PII_KEY, communicate_sampling, tree_rss
 
 FEEDS = ("streamed", "cached")
 LIMIT_MB = 1.0  # the streamed runs' cache limit: 5,140 rows; a window of 8 micro batches
@@ -122,20 +120,7 @@ def run_child(*args: str, log: Path) -> dict:
         text=True,
         env=env,
     )
-    peaks = {"workers": 0, "tree": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peaks["workers"] = max(peaks["workers"], workers_rss(proc.pid))
-            peaks["tree"] = max(peaks["tree"], tree_rss(proc.pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
+    out, peaks = communicate_sampling(proc, {"workers": workers_rss, "tree": tree_rss})
     if proc.returncode != 0:
         raise ChildFailed(
             f"{' '.join(args)} failed (exit {proc.returncode}): {out[-1000:]}\n"
